@@ -1,0 +1,77 @@
+"""aiokafka producer and consumer factories tuned for the embedded (Tansu) broker and real Kafka.
+
+DESIGN.md: consumer-group joins wait ``session_timeout_ms / 2`` on Tansu, fetch latency follows
+``fetch_max_wait_ms``, large frames need ``max_request_size`` above 1 MiB, and idempotent or
+transactional producers fail, so none of them is used here.
+"""
+
+from __future__ import annotations
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from core.settings import Settings
+
+
+def create_producer(settings: Settings, *, client_id: str = "lookout") -> AIOKafkaProducer:
+    """A producer for keyed, at-least-once publishing (acks from all in-sync replicas)."""
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        client_id=client_id,
+        acks="all",
+        enable_idempotence=False,
+        max_request_size=settings.kafka_max_request_size,
+        linger_ms=0,
+        request_timeout_ms=15000,
+    )
+
+
+def create_consumer(
+    settings: Settings,
+    *topics: str,
+    group_id: str,
+    client_id: str = "lookout",
+    max_records_bytes: int | None = None,
+) -> AIOKafkaConsumer:
+    """A consumer-group member that starts from ``earliest`` and commits offsets explicitly."""
+    return AIOKafkaConsumer(
+        *topics,
+        bootstrap_servers=settings.kafka_bootstrap,
+        client_id=client_id,
+        group_id=group_id,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        session_timeout_ms=settings.kafka_session_timeout_ms,
+        heartbeat_interval_ms=settings.kafka_heartbeat_ms,
+        fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
+        max_partition_fetch_bytes=max_records_bytes or settings.kafka_max_request_size,
+        fetch_max_bytes=max(max_records_bytes or 0, settings.kafka_max_request_size) * 2,
+    )
+
+
+def lookout_topics(settings: Settings) -> list[str]:
+    return [
+        settings.topic_commands,
+        settings.topic_frames,
+        settings.topic_states,
+        settings.topic_dead_letter,
+    ]
+
+
+async def ensure_topics(settings: Settings, topics: list[str] | None = None, partitions: int = 3) -> None:
+    """Create Lookout's topics when they are missing (keyed by stream id, so order holds per stream)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="lookout-admin")
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [t for t in (topics or lookout_topics(settings)) if t not in existing]
+        if wanted:
+            try:
+                await admin.create_topics(
+                    [NewTopic(name=t, num_partitions=partitions, replication_factor=1) for t in wanted]
+                )
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        await admin.close()

