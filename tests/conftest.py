@@ -1,0 +1,130 @@
+"""Session-scoped throw-away servers on free ports, so the suite never touches a developer's stack.
+
+Each server starts only when a test asks for it: ``pg_url`` (a fresh migrated database on the
+machine's Postgres, or on a private cluster when none answers), ``kafka_bootstrap`` (memory-mode
+Tansu), ``s3_endpoint`` (juicefs gateway in a temp folder), ``temporal_address`` (dev server with a
+temp database). ``settings`` points a ``Settings`` at all four.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import psycopg
+import pytest
+
+from core.db import create_pool, migrate
+from core.kafka import ensure_topics
+from core.settings import Settings
+from core.temporal import SEARCH_ATTRIBUTES
+from deploy import servers
+
+S3_ACCESS_KEY = "lookout-test"
+S3_SECRET_KEY = "lookout-test-secret"
+ADMIN_PG_URL = os.environ.get("LOOKOUT_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(scope="session")
+def servers_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("servers")
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(servers_dir: Path) -> Iterator[str]:
+    """The machine's Postgres when it answers, else a private cluster for this session."""
+    if servers.postgres_ok(ADMIN_PG_URL):
+        yield ADMIN_PG_URL
+        return
+    pg_dir = Path("/tmp") / f"lookout-test-pg-{uuid.uuid4().hex[:8]}"  # runuser postgres must reach it
+    spec = servers.postgres_cluster(pg_dir / "pg", servers.free_port())
+    proc = spec.start()
+    try:
+        yield spec.address
+    finally:
+        servers.stop_process_group(proc.pid)
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_admin_url: str) -> Iterator[str]:
+    """A fresh database with the migrated schema, dropped at the end of the session."""
+    name = f"lookout_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = pg_admin_url.rsplit("/", 1)[0] + "/" + name
+    try:
+        migrate(url)
+        yield url
+    finally:
+        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(servers_dir: Path) -> Iterator[str]:
+    """A juicefs S3 gateway (MinIO server code) in a temp folder; yields ``host:port``."""
+    port = servers.free_port()
+    proc = servers.s3_gateway(servers_dir / "s3", port, S3_ACCESS_KEY, S3_SECRET_KEY).start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        servers.stop_process_group(proc.pid)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(servers_dir: Path) -> Iterator[str]:
+    """A memory-mode Tansu broker; yields its bootstrap address."""
+    spec = servers.kafka_broker(servers_dir / "logs", servers.free_port())
+    proc = spec.start()
+    try:
+        yield spec.address
+    finally:
+        servers.stop_process_group(proc.pid)
+
+
+@pytest.fixture(scope="session")
+def temporal_address(servers_dir: Path) -> Iterator[str]:
+    """A Temporal dev server (headless) with the lifecycle's search attributes registered."""
+    spec = servers.temporal_dev_server(servers_dir / "temporal", servers.free_port(), None, SEARCH_ATTRIBUTES)
+    proc = spec.start()
+    try:
+        yield spec.address
+    finally:
+        servers.stop_process_group(proc.pid)
+
+
+def make_settings(**overrides: object) -> Settings:
+    """Settings that ignore the developer's ``.env`` and environment defaults for the stack."""
+    base: dict[str, object] = {
+        "s3_access_key": S3_ACCESS_KEY,
+        "s3_secret_key": S3_SECRET_KEY,
+        "startup_deadline_s": 20.0,
+        "ack_deadline_s": 5.0,
+    }
+    return Settings(_env_file=None, **(base | overrides))  # type: ignore[call-arg]
+
+
+@pytest.fixture(scope="session")
+async def settings(
+    pg_url: str, kafka_bootstrap: str, s3_endpoint: str, temporal_address: str, servers_dir: Path
+) -> Settings:
+    """Settings pointing at every throw-away server, with Lookout's topics created."""
+    result = make_settings(
+        database_url=pg_url,
+        kafka_bootstrap=kafka_bootstrap,
+        s3_endpoint=s3_endpoint,
+        temporal_address=temporal_address,
+        data_dir=servers_dir / "data",
+    )
+    await ensure_topics(result)
+    return result
+
+
+@pytest.fixture(scope="session")
+async def db_pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    pool = await create_pool(settings)
+    yield pool
+    await pool.close()
