@@ -12,7 +12,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     """Configuration shared by the API, the workers and the local stack."""
 
-    model_config = SettingsConfigDict(env_prefix="LOOKOUT_", env_file=".env", extra="ignore")
+    # .lookout/stack.env is written by `lookout stack up` with the addresses it started; .env wins
+    model_config = SettingsConfigDict(
+        env_prefix="LOOKOUT_", env_file=(".lookout/stack.env", ".env"), extra="ignore"
+    )
 
     # Postgres
     database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/lookout")

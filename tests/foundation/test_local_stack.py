@@ -1,0 +1,125 @@
+"""``lookout stack``: real servers that come up, report their health, and keep data across restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from core.kafka import create_consumer, create_producer
+from core.storage import create_s3_client, ensure_bucket
+from deploy import servers
+from tests.conftest import make_settings
+
+pytestmark = pytest.mark.integration
+
+LOOKOUT = str(Path(sys.executable).parent / "lookout")
+
+
+@pytest.fixture
+def stack_env(tmp_path: Path, pg_admin_url: str) -> Iterator[dict[str, str]]:
+    """Environment for a private stack: its own data folder, free ports and a throw-away database."""
+    database = f"lookout_stack_{uuid.uuid4().hex[:8]}"
+    env = {
+        **os.environ,
+        "LOOKOUT_DATA_DIR": str(tmp_path / "stack"),
+        "LOOKOUT_DATABASE_URL": pg_admin_url.rsplit("/", 1)[0] + "/" + database,
+        "LOOKOUT_STACK_PG_PORT": str(servers.free_port()),
+        "LOOKOUT_STACK_S3_PORT": str(servers.free_port()),
+        "LOOKOUT_STACK_KAFKA_PORT": str(servers.free_port()),
+        "LOOKOUT_STACK_TEMPORAL_PORT": str(servers.free_port()),
+        "LOOKOUT_STACK_TEMPORAL_UI_PORT": str(servers.free_port()),
+    }
+    yield env
+    subprocess.run([LOOKOUT, "stack", "down"], env=env, capture_output=True, timeout=120)
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+def lookout(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([LOOKOUT, *args], env=env, capture_output=True, text=True, timeout=300, cwd=env["LOOKOUT_DATA_DIR"].rsplit("/", 1)[0])
+
+
+def notes(table: str, note: str) -> list[str]:
+    """Names of the parts whose NOTE column in a ``lookout stack`` table is exactly ``note``."""
+    return [line.split()[0] for line in table.splitlines()[1:] if line.endswith(f"  {note}")]
+
+
+def stack_settings(env: dict[str, str]):  # type: ignore[no-untyped-def]
+    return make_settings(
+        kafka_bootstrap=f"127.0.0.1:{env['LOOKOUT_STACK_KAFKA_PORT']}",
+        s3_endpoint=f"127.0.0.1:{env['LOOKOUT_STACK_S3_PORT']}",
+        s3_access_key="lookout",
+        s3_secret_key="lookout-secret-key",
+    )
+
+
+async def test_stack_up_is_idempotent_reports_health_and_down_stops_only_what_it_started(
+    stack_env: dict[str, str],
+) -> None:
+    first = lookout(stack_env, "stack", "up")
+    assert first.returncode == 0, first.stderr
+    assert notes(first.stdout, "started") == ["s3", "kafka", "temporal"], first.stdout  # Postgres: the machine's
+
+    again = lookout(stack_env, "stack", "up")
+    assert again.returncode == 0, again.stderr
+    assert notes(again.stdout, "already running") == ["s3", "kafka", "temporal"], again.stdout
+
+    status = lookout(stack_env, "stack", "status")
+    assert status.returncode == 0, status.stdout
+    for part in ("postgres", "s3", "kafka", "temporal", "temporal-ui"):
+        assert part in status.stdout
+    assert "down" not in status.stdout
+
+    env_file = Path(stack_env["LOOKOUT_DATA_DIR"]) / "stack.env"
+    assert f"LOOKOUT_KAFKA_BOOTSTRAP=127.0.0.1:{stack_env['LOOKOUT_STACK_KAFKA_PORT']}" in env_file.read_text()
+    with psycopg.connect(stack_env["LOOKOUT_DATABASE_URL"]) as conn:
+        assert conn.execute("SELECT count(*) FROM streams").fetchone() == (0,)
+
+    down = lookout(stack_env, "stack", "down")
+    assert down.returncode == 0, down.stderr
+    assert notes(down.stdout, "stopped") == ["temporal", "kafka", "s3"], down.stdout
+    assert not servers.port_open(int(stack_env["LOOKOUT_STACK_KAFKA_PORT"]))
+    assert lookout(stack_env, "stack", "status").returncode == 1
+    assert servers.postgres_ok(stack_env["LOOKOUT_DATABASE_URL"]), "the machine's Postgres is not ours to stop"
+
+
+async def test_kafka_message_and_s3_object_survive_stack_down_and_up(stack_env: dict[str, str]) -> None:
+    assert lookout(stack_env, "stack", "up").returncode == 0
+    settings = stack_settings(stack_env)
+    topic = settings.topic_states
+    key = uuid.uuid4().hex.encode()
+    producer = create_producer(settings)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, b"durable event", key=key)
+    finally:
+        await producer.stop()
+    s3 = create_s3_client(settings)
+    ensure_bucket(s3, "durability")
+    s3.put_object("durability", "proof.txt", io.BytesIO(b"still here"), 10)
+
+    assert lookout(stack_env, "stack", "down").returncode == 0
+    assert not servers.port_open(int(stack_env["LOOKOUT_STACK_S3_PORT"]))
+    assert lookout(stack_env, "stack", "up").returncode == 0
+
+    assert s3.get_object("durability", "proof.txt").read() == b"still here"
+    consumer = create_consumer(settings, topic, group_id=f"durability-{key.decode()}")
+    await consumer.start()
+    try:
+        found = None
+        async with asyncio.timeout(60):
+            while found is None:
+                batch = await consumer.getmany(timeout_ms=1000)
+                found = next((r for records in batch.values() for r in records if r.key == key), None)
+        assert found.value == b"durable event"
+    finally:
+        await consumer.stop()
