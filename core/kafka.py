@@ -7,6 +7,8 @@ transactional producers fail, so none of them is used here.
 
 from __future__ import annotations
 
+import contextlib
+
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
@@ -67,11 +69,9 @@ async def ensure_topics(settings: Settings, topics: list[str] | None = None, par
         existing = set(await admin.list_topics())
         wanted = [t for t in (topics or lookout_topics(settings)) if t not in existing]
         if wanted:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(
                     [NewTopic(name=t, num_partitions=partitions, replication_factor=1) for t in wanted]
                 )
-            except TopicAlreadyExistsError:
-                pass
     finally:
         await admin.close()

@@ -16,7 +16,9 @@ def _print_table(parts: list[PartStatus]) -> None:
     rows += [(p.name, p.address, "ok" if p.healthy else "down", str(p.pid or "-"), p.note) for p in parts]
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for row in rows:
-        sys.stdout.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n")
+        sys.stdout.write(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n"
+        )
 
 
 def _stack(args: argparse.Namespace) -> int:
@@ -42,7 +44,9 @@ def _db(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lookout", description="Lookout: object detection on live RTSP streams")
+    parser = argparse.ArgumentParser(
+        prog="lookout", description="Lookout: object detection on live RTSP streams"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     stack = sub.add_parser("stack", help="the embedded local stack (Postgres, S3, Kafka broker, Temporal)")

@@ -98,13 +98,17 @@ class LocalStack:
         if private:
             report.append(self._start(self._private_postgres()))
         else:
-            report.append(PartStatus("postgres", _redact_db(db_url), True, None, "machine's server, not started"))
+            report.append(
+                PartStatus("postgres", _redact_db(db_url), True, None, "machine's server, not started")
+            )
         asyncio.run(ensure_database(db_url))
         migrate(db_url)
 
         s3_spec, kafka_spec, temporal_spec = self._specs()
         report.append(self._start(s3_spec))
-        s3 = create_s3_client(self.settings.model_copy(update={"s3_endpoint": f"127.0.0.1:{self.settings.stack_s3_port}"}))
+        s3 = create_s3_client(
+            self.settings.model_copy(update={"s3_endpoint": f"127.0.0.1:{self.settings.stack_s3_port}"})
+        )
         ensure_bucket(s3, KAFKA_BUCKET)  # the broker keeps its log segments here
         ensure_bucket(s3, self.settings.s3_bucket_frames)
         report.append(self._start(kafka_spec))
@@ -120,7 +124,9 @@ class LocalStack:
         if pid is not None and spec.ready():
             return PartStatus(spec.name, spec.address, True, pid, "already running")
         if pid is None and spec.ready():
-            return PartStatus(spec.name, spec.address, True, None, "already running, not started by this stack")
+            return PartStatus(
+                spec.name, spec.address, True, None, "already running, not started by this stack"
+            )
         log.info("starting %s", spec.name, extra={"address": spec.address, "log": str(spec.log_path)})
         proc = spec.start(timeout=120)
         self._pid_file(spec.name).write_text(str(proc.pid))

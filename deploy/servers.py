@@ -7,6 +7,7 @@ each part.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -163,10 +164,8 @@ def stop_process_group(pid: int, timeout: float = 15.0) -> None:
             return
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            try:
+            with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
             if not pid_alive(pid):
                 return
             time.sleep(0.1)
@@ -184,16 +183,36 @@ def s3_gateway(data_dir: Path, port: int, access_key: str, secret_key: str) -> S
         data_dir.mkdir(parents=True, exist_ok=True)
         if not (data_dir / "meta.db").exists():
             subprocess.run(
-                [juicefs, "format", "--storage", "file", "--bucket", f"{data_dir}/blob/",
-                 "--trash-days", "0", "--no-update", meta, "lookout"],
+                [
+                    juicefs,
+                    "format",
+                    "--storage",
+                    "file",
+                    "--bucket",
+                    f"{data_dir}/blob/",
+                    "--trash-days",
+                    "0",
+                    "--no-update",
+                    meta,
+                    "lookout",
+                ],
                 check=True,
                 capture_output=True,
             )
 
     return ServerSpec(
         name="s3",
-        argv=[juicefs, "gateway", meta, f"127.0.0.1:{port}", "--multi-buckets", "--keep-etag",
-              "--no-usage-report", "--cache-dir", f"{data_dir}/cache"],
+        argv=[
+            juicefs,
+            "gateway",
+            meta,
+            f"127.0.0.1:{port}",
+            "--multi-buckets",
+            "--keep-etag",
+            "--no-usage-report",
+            "--cache-dir",
+            f"{data_dir}/cache",
+        ],
         address=f"http://127.0.0.1:{port}",
         ready=lambda: http_ok(f"http://127.0.0.1:{port}/minio/health/live"),
         log_path=data_dir.parent / "logs" / "s3.log",
@@ -225,8 +244,16 @@ def kafka_broker(
     listener = f"tcp://127.0.0.1:{port}"
     return ServerSpec(
         name="kafka",
-        argv=[tansu_bin(), "broker", "--listener-url", listener, "--advertised-listener-url", listener,
-              "--storage-engine", storage],
+        argv=[
+            tansu_bin(),
+            "broker",
+            "--listener-url",
+            listener,
+            "--advertised-listener-url",
+            listener,
+            "--storage-engine",
+            storage,
+        ],
         address=f"127.0.0.1:{port}",
         ready=lambda: port_open(port),
         log_path=log_dir / "kafka.log",
@@ -239,8 +266,19 @@ def temporal_dev_server(
 ) -> ServerSpec:
     """``temporal server start-dev`` with a SQLite file, its Web UI (unless ``ui_port`` is None)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    argv = [venv_bin("temporal"), "server", "start-dev", "--ip", "127.0.0.1", "--port", str(port),
-            "--db-filename", str(data_dir / "temporal.db"), "--log-level", "warn"]
+    argv = [
+        venv_bin("temporal"),
+        "server",
+        "start-dev",
+        "--ip",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--db-filename",
+        str(data_dir / "temporal.db"),
+        "--log-level",
+        "warn",
+    ]
     argv += ["--ui-port", str(ui_port)] if ui_port else ["--headless"]
     for name, kind in search_attributes.items():
         argv += ["--search-attribute", f"{name}={kind}"]
@@ -267,8 +305,15 @@ def postgres_cluster(data_dir: Path, port: int) -> ServerSpec:
         if user:
             shutil.chown(data_dir, user)
         if not (pgdata / "PG_VERSION").exists():
-            cmd = [str(bindir / "initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust",
-                   "--encoding=UTF8"]
+            cmd = [
+                str(bindir / "initdb"),
+                "-D",
+                str(pgdata),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+            ]
             if user:
                 cmd = ["runuser", "-u", user, "--", *cmd]
             subprocess.run(cmd, check=True, capture_output=True)
@@ -276,8 +321,19 @@ def postgres_cluster(data_dir: Path, port: int) -> ServerSpec:
     url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
     return ServerSpec(
         name="postgres",
-        argv=[str(bindir / "postgres"), "-D", str(pgdata), "-p", str(port), "-c", "listen_addresses=127.0.0.1",
-              "-c", f"unix_socket_directories={data_dir}", "-c", "fsync=off"],
+        argv=[
+            str(bindir / "postgres"),
+            "-D",
+            str(pgdata),
+            "-p",
+            str(port),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            f"unix_socket_directories={data_dir}",
+            "-c",
+            "fsync=off",
+        ],
         address=url,
         ready=lambda: postgres_ok(url),
         log_path=data_dir.parent / "logs" / "postgres.log",

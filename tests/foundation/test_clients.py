@@ -24,7 +24,8 @@ pytestmark = pytest.mark.integration
 
 async def test_migrated_schema_has_every_table_and_the_frame_uniqueness(db_pool: asyncpg.Pool) -> None:
     tables = {
-        r["tablename"] for r in await db_pool.fetch("SELECT tablename FROM pg_tables WHERE schemaname='public'")
+        r["tablename"]
+        for r in await db_pool.fetch("SELECT tablename FROM pg_tables WHERE schemaname='public'")
     }
     assert {"streams", "outbox", "stream_events", "detections", "alembic_version"} <= tables
     assert await db_pool.fetchval("SELECT version_num FROM alembic_version") == "0001"
@@ -151,12 +152,17 @@ class CounterWorkflow:
         return self.total
 
 
-async def test_temporal_workflow_is_started_signalled_and_queried_on_the_dev_server(settings: Settings) -> None:
+async def test_temporal_workflow_is_started_signalled_and_queried_on_the_dev_server(
+    settings: Settings,
+) -> None:
     client: Client = await connect_temporal(settings)
     queue = f"test-clients-{uuid.uuid4().hex[:8]}"
     async with Worker(client, task_queue=queue, workflows=[CounterWorkflow]):
         handle = await client.start_workflow(
-            CounterWorkflow.run, 40, id=f"counter-{uuid.uuid4().hex}", task_queue=queue,
+            CounterWorkflow.run,
+            40,
+            id=f"counter-{uuid.uuid4().hex}",
+            task_queue=queue,
             execution_timeout=timedelta(minutes=1),
         )
         await handle.signal(CounterWorkflow.add, 2)

@@ -45,7 +45,14 @@ def stack_env(tmp_path: Path, pg_admin_url: str) -> Iterator[dict[str, str]]:
 
 
 def lookout(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([LOOKOUT, *args], env=env, capture_output=True, text=True, timeout=300, cwd=env["LOOKOUT_DATA_DIR"].rsplit("/", 1)[0])
+    return subprocess.run(
+        [LOOKOUT, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=env["LOOKOUT_DATA_DIR"].rsplit("/", 1)[0],
+    )
 
 
 def notes(table: str, note: str) -> list[str]:
@@ -67,7 +74,9 @@ async def test_stack_up_is_idempotent_reports_health_and_down_stops_only_what_it
 ) -> None:
     first = lookout(stack_env, "stack", "up")
     assert first.returncode == 0, first.stderr
-    assert notes(first.stdout, "started") == ["s3", "kafka", "temporal"], first.stdout  # Postgres: the machine's
+    assert notes(first.stdout, "started") == ["s3", "kafka", "temporal"], (
+        first.stdout
+    )  # Postgres: the machine's
 
     again = lookout(stack_env, "stack", "up")
     assert again.returncode == 0, again.stderr
@@ -80,7 +89,9 @@ async def test_stack_up_is_idempotent_reports_health_and_down_stops_only_what_it
     assert "down" not in status.stdout
 
     env_file = Path(stack_env["LOOKOUT_DATA_DIR"]) / "stack.env"
-    assert f"LOOKOUT_KAFKA_BOOTSTRAP=127.0.0.1:{stack_env['LOOKOUT_STACK_KAFKA_PORT']}" in env_file.read_text()
+    assert (
+        f"LOOKOUT_KAFKA_BOOTSTRAP=127.0.0.1:{stack_env['LOOKOUT_STACK_KAFKA_PORT']}" in env_file.read_text()
+    )
     with psycopg.connect(stack_env["LOOKOUT_DATABASE_URL"]) as conn:
         assert conn.execute("SELECT count(*) FROM streams").fetchone() == (0,)
 
@@ -89,7 +100,9 @@ async def test_stack_up_is_idempotent_reports_health_and_down_stops_only_what_it
     assert notes(down.stdout, "stopped") == ["temporal", "kafka", "s3"], down.stdout
     assert not servers.port_open(int(stack_env["LOOKOUT_STACK_KAFKA_PORT"]))
     assert lookout(stack_env, "stack", "status").returncode == 1
-    assert servers.postgres_ok(stack_env["LOOKOUT_DATABASE_URL"]), "the machine's Postgres is not ours to stop"
+    assert servers.postgres_ok(stack_env["LOOKOUT_DATABASE_URL"]), (
+        "the machine's Postgres is not ours to stop"
+    )
 
 
 async def test_kafka_message_and_s3_object_survive_stack_down_and_up(stack_env: dict[str, str]) -> None:
