@@ -104,7 +104,7 @@ def make_settings(**overrides: object) -> Settings:
         "startup_deadline_s": 20.0,
         "ack_deadline_s": 5.0,
     }
-    return Settings(_env_file=None, **(base | overrides))  # type: ignore[call-arg]
+    return Settings(_env_file=None, **(base | overrides))  # type: ignore[call-arg, arg-type]
 
 
 @pytest.fixture(scope="session")
