@@ -81,6 +81,7 @@ class Settings(BaseSettings):
     stack_kafka_port: int = 19092
     stack_temporal_port: int = 7233
     stack_temporal_ui_port: int = 8233
+    demo_camera_port: int = 8554
 
 
 @lru_cache(maxsize=1)

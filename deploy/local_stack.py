@@ -78,6 +78,10 @@ class LocalStack:
         pid = int(path.read_text().strip() or 0)
         return pid if pid and servers.pid_alive(pid) else None
 
+    def database_url(self) -> str:
+        """The database URL services should use with this stack."""
+        return self._database_url()[0]
+
     def _database_url(self) -> tuple[str, bool]:
         """The database URL to use and whether it lives on a private cluster of this stack."""
         configured = self.settings.database_url.get_secret_value()
@@ -132,10 +136,12 @@ class LocalStack:
         self._pid_file(spec.name).write_text(str(proc.pid))
         return PartStatus(spec.name, spec.address, True, proc.pid, "started")
 
-    def down(self) -> list[PartStatus]:
-        """Stop, in reverse order, only the parts this stack started (those with a pid file)."""
+    def down(self, only: list[str] | None = None) -> list[PartStatus]:
+        """Stop, in reverse order, the parts this stack started (those with a pid file), or ``only`` those."""
         report: list[PartStatus] = []
         for name in ("temporal", "kafka", "s3", "postgres"):
+            if only is not None and name not in only:
+                continue
             path = self._pid_file(name)
             if not path.exists():
                 continue

@@ -62,10 +62,14 @@ class ServiceSupervisor:
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def for_lookout(cls, log_dir: Path, names: tuple[str, ...] = SERVICES) -> ServiceSupervisor:
+    def for_lookout(
+        cls, log_dir: Path, env: dict[str, str] | None = None, names: tuple[str, ...] = SERVICES
+    ) -> ServiceSupervisor:
         """The Lookout services, each run from the venv's console script with its log in ``log_dir``."""
         bindir = Path(sys.executable).parent
-        return cls([SupervisedService(n, [str(bindir / n)], log_dir / f"{n}.log") for n in names])
+        return cls(
+            [SupervisedService(n, [str(bindir / n)], log_dir / f"{n}.log", dict(env or {})) for n in names]
+        )
 
     def start(self) -> None:
         for service in self.services:

@@ -1,0 +1,63 @@
+"""A small HTTP client of Lookout's API, used by the ``lookout`` CLI and the demo."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+
+class ApiError(RuntimeError):
+    """The API answered with an error; the message carries its status and reason."""
+
+    def __init__(self, status: int, detail: object) -> None:
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+class LookoutClient:
+    """Calls the API at ``base_url`` (e.g. ``http://127.0.0.1:8000``) and returns the JSON bodies."""
+
+    def __init__(self, base_url: str, timeout: float = 10.0) -> None:
+        self._http = httpx.Client(base_url=base_url, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self._http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            raise ApiError(response.status_code, detail)
+        return response.json()
+
+    def init(
+        self, url: str, options: dict[str, Any] | None = None, idempotency_key: str | None = None
+    ) -> Any:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._call("POST", "/init", json={"url": url, "options": options or {}}, headers=headers)
+
+    def shutdown(self, stream_id: str) -> Any:
+        return self._call("POST", "/shutdown", json={"id": stream_id})
+
+    def state(self, stream_id: str) -> Any:
+        return self._call("GET", f"/state/{stream_id}")
+
+    def streams(self) -> Any:
+        return self._call("GET", "/streams")
+
+    def results(self, stream_id: str, limit: int = 10, cursor: str | None = None) -> Any:
+        params: dict[str, Any] = {"id": stream_id, "limit": limit}
+        if cursor:
+            params["cursor"] = cursor
+        return self._call("GET", "/detection_result", params=params)
+
+    def ready(self) -> bool:
+        try:
+            return self._http.get("/readyz").status_code == 200
+        except httpx.HTTPError:
+            return False
