@@ -1,0 +1,260 @@
+"""Inside one stream's capture process: keep a camera connection alive and publish its sampled frames.
+
+A ``CameraReader`` thread owns the OpenCV connection; this module's asyncio side watches it and
+decides: a connection that does not open within the open timeout, or that delivers no frame for
+the read timeout (a frozen camera), is abandoned and replaced, with exponential backoff, until the
+reconnect budget since the stream was lost is spent; then the failure is reported to the runner and
+the process exits. Frames go to the frames topic as raw JPEG with ``FrameHeaders``; the runner is told
+once the first frame is out. The child also stops when the runner dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event as ProcessEvent
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from core.kafka import create_producer
+from core.logs import configure_logging
+from core.messages import FrameHeaders
+from core.redact import redact_url
+from workers.runner.frames import EncodedFrame
+from workers.runner.process import (
+    EXIT_FAILED,
+    EXIT_STOPPED,
+    CaptureFailed,
+    CaptureSpec,
+    FirstFramePublished,
+)
+from workers.runner.reader import CameraReader, configure_ffmpeg_capture
+from workers.runner.sampler import FrameSampler
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.05  # how often the watchdog looks at the reader and the stop event
+OPEN_GRACE_S = 1.0  # beyond the open timeout before an open that OpenCV does not end is abandoned
+BACKOFF_INITIAL_S = 0.5
+BACKOFF_MAX_S = 5.0
+FRAME_QUEUE_SIZE = 8  # frames waiting for Kafka; the oldest is dropped beyond this
+PRODUCER_CLOSE_S = 2.0
+
+
+def run_capture_process(spec: CaptureSpec, stop: ProcessEvent, reports: Connection) -> None:
+    """Process entry: run the capture session until stopped or lost, then exit with its code."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the runner decides
+    configure_logging("runner")
+    configure_ffmpeg_capture()
+    parent = multiprocessing.parent_process()
+
+    def should_stop() -> bool:
+        return stop.is_set() or (parent is not None and not parent.is_alive())
+
+    def report(message: object) -> None:
+        try:
+            reports.send(message)
+        except OSError:
+            log.warning("runner gone; report dropped", extra={"stream_id": spec.stream_id})
+
+    code = EXIT_FAILED
+    try:
+        code = asyncio.run(CaptureSession(spec, should_stop=should_stop, report=report).run())
+    except BaseException:
+        log.exception("capture process crashed", extra={"stream_id": spec.stream_id})
+        code = 1
+    finally:
+        logging.shutdown()
+        reports.close()
+        # A reader abandoned inside a blocking OpenCV call must not hold up or crash interpreter teardown.
+        os._exit(code)
+
+
+class CaptureSession:
+    """The asyncio side of one capture process: watchdog, reconnects, frame publishing."""
+
+    def __init__(
+        self, spec: CaptureSpec, *, should_stop: Callable[[], bool], report: Callable[[object], None]
+    ) -> None:
+        self.spec = spec
+        self._settings = spec.settings
+        self._should_stop = should_stop
+        self._report = report
+        self._sampler = FrameSampler(spec.fps)
+        self._queue: asyncio.Queue[EncodedFrame] = asyncio.Queue(maxsize=FRAME_QUEUE_SIZE)
+        self._reader: CameraReader | None = None
+        self._seq = 0
+        self._first_reported = False
+        self.frames_dropped = 0
+        self._log_extra = {"stream_id": spec.stream_id, "url": redact_url(spec.url)}
+
+    async def run(self) -> int:
+        """Capture until stopped (``EXIT_STOPPED``) or lost for good (``EXIT_FAILED``, reason reported)."""
+        self._loop = asyncio.get_running_loop()
+        producer = create_producer(self._settings, client_id=f"lookout-runner-{self.spec.stream_id}")
+        try:
+            await asyncio.wait_for(producer.start(), timeout=self._settings.runner_reconnect_budget_s)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            return self._fail(f"cannot reach Kafka: {exc!r}")
+        stop = asyncio.create_task(self._wait_for_stop())
+        tasks = {
+            stop,
+            asyncio.create_task(self._supervise()),
+            asyncio.create_task(self._publish_frames(producer)),
+        }
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if stop in done:
+                log.info("capture stopping on request", extra=self._log_extra)
+                return EXIT_STOPPED
+            finished = done.pop()
+            error = finished.exception()
+            reason = f"capture failed: {error!r}" if error is not None else str(finished.result())
+            return self._fail(reason)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self._reader is not None:
+                self._reader.abandon()
+            try:
+                await asyncio.wait_for(producer.stop(), PRODUCER_CLOSE_S)
+            except (KafkaError, OSError, TimeoutError):
+                log.warning("frames producer did not close cleanly", extra=self._log_extra)
+
+    def _fail(self, reason: str) -> int:
+        log.error("stream lost", extra={**self._log_extra, "reason": reason})
+        self._report(CaptureFailed(reason))
+        return EXIT_FAILED
+
+    async def _wait_for_stop(self) -> None:
+        # The stop event belongs to multiprocessing, and the runner's liveness has no event: poll both.
+        while not self._should_stop():  # noqa: ASYNC110
+            await asyncio.sleep(TICK_S)
+
+    # --- camera connection ------------------------------------------------------------------------
+
+    async def _supervise(self) -> str:
+        """Keep a reader connected; returns the reason once the reconnect budget is spent."""
+        settings = self._settings
+        open_timeout_s = settings.runner_open_timeout_ms / 1000
+        # The budget always leaves room for one full open attempt.
+        budget_s = max(settings.runner_reconnect_budget_s, open_timeout_s + OPEN_GRACE_S)
+        lost_since = time.monotonic()  # not streaming yet counts as lost since the start
+        backoff = BACKOFF_INITIAL_S
+        attempts = 0
+        cause: str | None = None  # why the stream was lost (or why it never came up)
+        while True:
+            attempts += 1
+            reader = self._start_reader()
+            reason = await self._watch(reader, give_up_at=lost_since + budget_s)
+            now = time.monotonic()
+            if reader.frames_grabbed:
+                # It streamed: this is a fresh loss, with a fresh budget.
+                lost_since, backoff, attempts, cause = now, BACKOFF_INITIAL_S, 0, reason
+            elif cause is None:
+                cause = reason
+            log.warning("camera connection ended", extra={**self._log_extra, "reason": reason})
+            give_up_at = lost_since + budget_s
+            if now >= give_up_at:
+                last = f" (last attempt: {reason})" if reason != cause else ""
+                spent = now - lost_since
+                return f"{cause}; gave up after {attempts} connection attempt(s) in {spent:.1f}s{last}"
+            await asyncio.sleep(min(backoff, give_up_at - now))
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+            log.info("reconnecting", extra={**self._log_extra, "attempt": attempts + 1})
+
+    def _start_reader(self) -> CameraReader:
+        settings = self._settings
+        reader = CameraReader(
+            url=self.spec.url,
+            open_timeout_ms=settings.runner_open_timeout_ms,
+            read_timeout_ms=settings.runner_read_timeout_ms,
+            sampler=self._sampler,
+            max_side=settings.runner_max_side,
+            jpeg_quality=settings.runner_jpeg_quality,
+            deliver=self._deliver_from_thread,
+        )
+        self._reader = reader
+        reader.start()
+        return reader
+
+    async def _watch(self, reader: CameraReader, *, give_up_at: float) -> str:
+        """Wait until ``reader`` ends or is judged dead (abandoning it); returns why.
+
+        ``give_up_at`` applies only until the reader delivers its first frame.
+        """
+        open_timeout_s = self._settings.runner_open_timeout_ms / 1000
+        read_timeout_s = self._settings.runner_read_timeout_ms / 1000
+        connected = False
+        while True:
+            await asyncio.sleep(TICK_S)
+            if reader.ended.is_set():
+                return reader.end_reason
+            now = time.monotonic()
+            if reader.frames_grabbed and not connected:
+                connected = True
+                log.info("camera connected", extra=self._log_extra)
+            last_frame_at = reader.last_frame_at
+            reason = None
+            if last_frame_at is None:
+                if now - reader.started_at > open_timeout_s + OPEN_GRACE_S:
+                    reason = f"open did not finish within {open_timeout_s:.1f}s"
+            elif now - last_frame_at > read_timeout_s:
+                what = "camera frozen" if connected else "camera opened but sent nothing"
+                reason = f"{what}: no frame for {now - last_frame_at:.1f}s"
+            if reason is None and not connected and now >= give_up_at:
+                reason = "still connecting when the reconnect budget ran out"
+            if reason is not None:
+                reader.abandon()
+                return reason
+
+    def _deliver_from_thread(self, frame: EncodedFrame) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the session is over
+            self._loop.call_soon_threadsafe(self._enqueue, frame)
+
+    def _enqueue(self, frame: EncodedFrame) -> None:
+        if self._queue.full():
+            self._queue.get_nowait()  # Kafka is slow: the newest frame matters more than the oldest
+            self.frames_dropped += 1
+            log.warning("frame dropped", extra={**self._log_extra, "dropped": self.frames_dropped})
+        self._queue.put_nowait(frame)
+
+    # --- publishing -------------------------------------------------------------------------------
+
+    async def _publish_frames(self, producer: AIOKafkaProducer) -> None:
+        """Publish queued frames in order; raises when Kafka refuses them for longer than the budget."""
+        settings = self._settings
+        key = self.spec.stream_id.encode()
+        last_ok = time.monotonic()
+        while True:
+            frame = await self._queue.get()
+            self._seq += 1
+            headers = FrameHeaders(
+                stream_id=self.spec.stream_id,
+                frame_seq=self._seq,
+                capture_ts=frame.capture_ts,
+                width=frame.width,
+                height=frame.height,
+            )
+            try:
+                await producer.send_and_wait(
+                    settings.topic_frames, value=frame.jpeg, key=key, headers=headers.to_kafka()
+                )
+            except KafkaError as exc:
+                if time.monotonic() - last_ok > settings.runner_reconnect_budget_s:
+                    raise
+                log.warning("frame not published", extra={**self._log_extra, "error": repr(exc)})
+                continue
+            last_ok = time.monotonic()
+            if not self._first_reported:
+                self._first_reported = True
+                self._report(FirstFramePublished())
