@@ -11,13 +11,20 @@ import contextlib
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from aiokafka.errors import TopicAlreadyExistsError
 
 from core.settings import Settings
 
 
-def create_producer(settings: Settings, *, client_id: str = "lookout") -> AIOKafkaProducer:
-    """A producer for keyed, at-least-once publishing (acks from all in-sync replicas)."""
+def create_producer(
+    settings: Settings, *, client_id: str = "lookout", request_timeout_ms: int = 15000
+) -> AIOKafkaProducer:
+    """A producer for keyed, at-least-once publishing (acks from all in-sync replicas).
+
+    ``request_timeout_ms`` also bounds how long a send waits while the broker is unreachable.
+    """
     return AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap,
         client_id=client_id,
@@ -25,7 +32,7 @@ def create_producer(settings: Settings, *, client_id: str = "lookout") -> AIOKaf
         enable_idempotence=False,
         max_request_size=settings.kafka_max_request_size,
         linger_ms=0,
-        request_timeout_ms=15000,
+        request_timeout_ms=request_timeout_ms,
     )
 
 
@@ -35,8 +42,13 @@ def create_consumer(
     group_id: str,
     client_id: str = "lookout",
     max_records_bytes: int | None = None,
+    assignors: tuple[type[AbstractPartitionAssignor], ...] = (RoundRobinPartitionAssignor,),
 ) -> AIOKafkaConsumer:
-    """A consumer-group member that starts from ``earliest`` and commits offsets explicitly."""
+    """A consumer-group member that starts from ``earliest`` and commits offsets explicitly.
+
+    ``assignors``: pass ``(RangePartitionAssignor,)`` to a member subscribed to several topics keyed
+    alike when one instance must own the same stream ids on all of them (co-partitioning).
+    """
     return AIOKafkaConsumer(
         *topics,
         bootstrap_servers=settings.kafka_bootstrap,
@@ -49,6 +61,7 @@ def create_consumer(
         fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
         max_partition_fetch_bytes=max_records_bytes or settings.kafka_max_request_size,
         fetch_max_bytes=max(max_records_bytes or 0, settings.kafka_max_request_size) * 2,
+        partition_assignment_strategy=assignors,
     )
 
 

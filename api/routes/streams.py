@@ -1,0 +1,168 @@
+"""Start, stop and inspect streams: POST /init, POST /shutdown, GET /state, GET /streams."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from fastapi.exceptions import RequestValidationError
+
+from api import metrics
+from api.deps import DbDep, SettingsDep
+from api.schemas import (
+    MAX_IDEMPOTENCY_KEY_LENGTH,
+    InitRequest,
+    ShutdownRequest,
+    StreamList,
+    StreamView,
+    stream_url_problem,
+)
+from api.stream_store import (
+    IdempotencyConflict,
+    StoredStream,
+    create_stream,
+    get_stream,
+    list_streams,
+    request_shutdown,
+)
+from core.messages import StreamOptions
+from core.settings import Settings
+from core.states import StreamState
+from core.temporal import workflow_id
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["streams"])
+
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No stream has this id"}}
+
+
+def to_view(stream: StoredStream, settings: Settings) -> StreamView:
+    wid = workflow_id(str(stream.id))
+    return StreamView(
+        id=stream.id,
+        state=stream.state,
+        error_reason=stream.error_reason,
+        url_redacted=stream.url_redacted,
+        options=StreamOptions.model_validate(stream.options),
+        version=stream.version,
+        created_at=stream.created_at,
+        updated_at=stream.updated_at,
+        workflow_id=wid,
+        workflow_url=f"{settings.temporal_ui_url}/namespaces/{settings.temporal_namespace}/workflows/{wid}",
+    )
+
+
+def _not_found(stream_id: uuid.UUID) -> HTTPException:
+    return HTTPException(status.HTTP_404_NOT_FOUND, detail=f"stream {stream_id} not found")
+
+
+@router.post(
+    "/init",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses={409: {"description": "Idempotency-Key reused with a different request"}},
+)
+async def init_stream(
+    body: InitRequest,
+    db: DbDep,
+    settings: SettingsDep,
+    response: Response,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            min_length=1,
+            max_length=MAX_IDEMPOTENCY_KEY_LENGTH,
+            description="Retrying /init with the same key returns the same stream",
+        ),
+    ] = None,
+) -> StreamView:
+    """Accept a stream: it starts in ``init_startup`` and moves on as the services pick it up."""
+    problem = stream_url_problem(body.url, max_length=settings.max_url_length)
+    if problem is not None:
+        raise RequestValidationError([{"type": "value_error", "loc": ("body", "url"), "msg": problem}])
+    try:
+        outcome = await create_stream(
+            db, settings=settings, url=body.url, options=body.options, idempotency_key=idempotency_key
+        )
+    except IdempotencyConflict:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, detail="Idempotency-Key was already used for a different request"
+        ) from None
+    stream = outcome.stream
+    if outcome.created:
+        metrics.STREAMS_STARTED.inc()
+        log.info("stream accepted", extra={"stream_id": str(stream.id), "url": stream.url_redacted})
+    else:
+        metrics.STREAMS_REPLAYED.inc()
+        response.headers["Idempotent-Replayed"] = "true"
+        log.info("stream init replayed", extra={"stream_id": str(stream.id)})
+    return to_view(stream, settings)
+
+
+@router.post(
+    "/shutdown",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses={200: {"description": "Already shutting down or inactive: nothing new was sent"}, **NOT_FOUND},
+)
+async def shutdown_stream(
+    db: DbDep,
+    settings: SettingsDep,
+    response: Response,
+    body: ShutdownRequest | None = None,
+    stream_id: Annotated[uuid.UUID | None, Query(alias="id", description="Instead of the body")] = None,
+) -> StreamView:
+    """Ask a stream to stop (the id in the JSON body or as ``?id=``); 202 and ``init_shutdown``."""
+    target = body.id if body is not None else stream_id
+    if target is None:
+        raise RequestValidationError(
+            [{"type": "missing", "loc": ("body", "id"), "msg": "the stream id is required"}]
+        )
+    outcome = await request_shutdown(db, settings=settings, stream_id=target)
+    if outcome is None:
+        raise _not_found(target)
+    if outcome.accepted:
+        metrics.SHUTDOWNS_ACCEPTED.inc()
+        log.info("shutdown accepted", extra={"stream_id": str(target)})
+    else:
+        response.status_code = status.HTTP_200_OK
+        log.info(
+            "shutdown already under way", extra={"stream_id": str(target), "state": outcome.stream.state}
+        )
+    return to_view(outcome.stream, settings)
+
+
+@router.get("/state", responses=NOT_FOUND)
+async def stream_state(
+    db: DbDep,
+    settings: SettingsDep,
+    stream_id: Annotated[uuid.UUID, Query(alias="id", description="The stream id")],
+) -> StreamView:
+    """The stream's state, error reason, timestamps and redacted URL."""
+    return await _view_or_404(db, settings, stream_id)
+
+
+@router.get("/state/{stream_id}", responses=NOT_FOUND)
+async def stream_state_by_path(db: DbDep, settings: SettingsDep, stream_id: uuid.UUID) -> StreamView:
+    """Same as ``GET /state?id=``."""
+    return await _view_or_404(db, settings, stream_id)
+
+
+@router.get("/streams")
+async def streams(
+    db: DbDep,
+    settings: SettingsDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    state: StreamState | None = None,
+) -> StreamList:
+    """Streams with their states, newest first."""
+    found = await list_streams(db, limit=limit, state=state)
+    return StreamList(streams=[to_view(stream, settings) for stream in found])
+
+
+async def _view_or_404(db: DbDep, settings: Settings, stream_id: uuid.UUID) -> StreamView:
+    stream = await get_stream(db, stream_id=stream_id)
+    if stream is None:
+        raise _not_found(stream_id)
+    return to_view(stream, settings)

@@ -1,0 +1,57 @@
+"""Watching what the services do, for assertions: records on a topic, conditions that become true."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+
+from aiokafka import ConsumerRecord
+
+from core.kafka import create_consumer
+from core.settings import Settings
+
+
+async def consume(
+    settings: Settings,
+    topic: str,
+    *,
+    until: Callable[[list[ConsumerRecord[bytes, bytes]]], bool],
+    timeout_s: float = 30.0,
+    linger_s: float = 0.0,
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """Records of ``topic`` from the start, read until ``until(records)`` holds, then ``linger_s`` more."""
+    consumer = create_consumer(settings, topic, group_id=f"test-reader-{uuid.uuid4().hex[:8]}")
+    await consumer.start()
+    records: list[ConsumerRecord[bytes, bytes]] = []
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not until(records):
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{topic}: condition not met after {timeout_s}s with {len(records)} records"
+                )
+            for batch in (await consumer.getmany(timeout_ms=200)).values():
+                records.extend(batch)
+        linger_end = time.monotonic() + linger_s
+        while time.monotonic() < linger_end:
+            for batch in (await consumer.getmany(timeout_ms=100)).values():
+                records.extend(batch)
+    finally:
+        await consumer.stop()
+    return records
+
+
+async def eventually(check: Callable[[], object], timeout_s: float = 20.0, interval_s: float = 0.1) -> None:
+    """Wait until ``check()`` (sync or async) returns a truthy value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met after {timeout_s}s")
+        await asyncio.sleep(interval_s)

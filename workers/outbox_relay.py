@@ -1,0 +1,318 @@
+"""The outbox relay (lookout-outbox-relay): publishes the outbox's rows to Kafka, keyed by stream id.
+
+It claims a batch of unsent rows with ``FOR UPDATE SKIP LOCKED``, publishes them and marks them sent
+in the same transaction, so the row locks keep a second relay off them until they are marked: two
+relays never publish a row twice unless a relay dies between publishing and committing (then the
+row goes out again: delivery is at-least-once and every consumer is idempotent). A stream's rows go
+out in order, also with several relays: a per-stream advisory lock gives each stream to one relay
+at a time, and a row that fails holds back the later rows of its stream, so a ``stop`` never
+overtakes its ``start``. A failed row stays unsent with ``attempts`` and ``last_error``; the relay
+backs off while nothing goes out and retries. It wakes on ``LISTEN lookout_outbox`` and polls
+slowly as a safety net.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+
+import asyncpg
+from aiokafka import AIOKafkaProducer
+from prometheus_client import Counter
+
+from core.db import create_pool
+from core.kafka import create_producer
+from core.logs import configure_logging
+from core.outbox import NOTIFY_CHANNEL
+from core.settings import Settings, get_settings
+from workers.backoff import Backoff, wait_any
+
+log = logging.getLogger(__name__)
+
+# First key of the per-stream advisory locks ("look" in ASCII), apart from any other lock user.
+STREAM_LOCK_SPACE = 0x6C6F6F6B
+CONTENDED_RETRY_S = 0.5
+STREAM_CANDIDATES_PER_ROW = 4  # streams looked at per batch row, so a second relay finds free ones
+
+PUBLISHED = Counter("lookout_outbox_published", "Outbox rows published to Kafka")
+PUBLISH_FAILURES = Counter("lookout_outbox_publish_failures", "Outbox rows whose publish failed")
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    claimed: int
+    sent: int
+    failed: int
+    contended: bool = False  # streams with unsent rows were held by another relay
+
+
+class OutboxRelay:
+    """Moves outbox rows to Kafka until ``run``'s stop event is set."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        *,
+        batch_size: int = 100,
+        poll_interval_s: float = 5.0,
+        publish_timeout_s: float = 10.0,
+        max_backoff_s: float = 30.0,
+    ) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._batch_size = batch_size
+        self._poll_interval_s = poll_interval_s
+        self._publish_timeout_s = publish_timeout_s
+        self._max_backoff_s = max_backoff_s
+        self._producer: AIOKafkaProducer | None = None
+        self._wake = asyncio.Event()
+        self.listening = asyncio.Event()  # set while the LISTEN connection is up (tests wait on it)
+        self.sent_total = 0  # rows this relay published
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Relay until ``stop`` is set; Kafka or Postgres being down only delays the rows."""
+        listener = asyncio.create_task(self._listen(stop), name="outbox-listen")
+        backoff = Backoff(max_s=self._max_backoff_s)
+        log.info("outbox relay started", extra={"batch_size": self._batch_size})
+        try:
+            while not stop.is_set():
+                self._wake.clear()  # before claiming: a row inserted meanwhile wakes the next wait
+                try:
+                    result = await self.relay_batch()
+                except Exception as err:
+                    log.warning("outbox relay batch failed", extra={"error": repr(err)})
+                    result = None
+                # back off only when nothing goes out: a single refused row must not slow the others
+                if result is None or (result.failed and not result.sent):
+                    await wait_any(stop, None, backoff.next_delay())
+                    continue
+                backoff.reset()
+                if result.contended:  # no notification tells when the other relay is done with them
+                    await wait_any(stop, self._wake, min(CONTENDED_RETRY_S, self._poll_interval_s))
+                elif result.claimed < self._batch_size:
+                    await wait_any(stop, self._wake, self._poll_interval_s)
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+            await self._close_producer()
+            log.info("outbox relay stopped")
+
+    async def relay_batch(self) -> BatchResult:
+        """Claim up to one batch of unsent rows, publish them, mark what went out; one transaction."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows, contended = await self._claim(conn)
+            if not rows:
+                return BatchResult(claimed=0, sent=0, failed=0, contended=contended)
+            try:
+                producer = await self._started_producer()
+            except Exception as err:  # broker unreachable: the rows stay, with the reason
+                errors: list[BaseException | None] = [err] * len(rows)
+            else:
+                errors = await self._publish(producer, rows)
+            sent = [row["id"] for row, error in zip(rows, errors, strict=True) if error is None]
+            failed = [(row, error) for row, error in zip(rows, errors, strict=True) if error is not None]
+            if sent:
+                await conn.execute(
+                    "UPDATE outbox SET sent_at = now(), attempts = attempts + 1 WHERE id = ANY($1::bigint[])",
+                    sent,
+                )
+            if failed:
+                await conn.executemany(
+                    "UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE id = $1",
+                    [(row["id"], _describe(error)) for row, error in failed],
+                )
+        PUBLISHED.inc(len(sent))
+        self.sent_total += len(sent)
+        PUBLISH_FAILURES.inc(len(failed))
+        if failed:
+            log.warning(
+                "outbox publish failed",
+                extra={
+                    "count": len(failed),
+                    "stream_ids": sorted({row["key"] for row, _error in failed})[:50],
+                    "error": _describe(failed[0][1]),
+                },
+            )
+        if sent:
+            stream_ids = sorted(
+                {row["key"] for row, error in zip(rows, errors, strict=True) if error is None}
+            )
+            log.info("outbox rows published", extra={"count": len(sent), "stream_ids": stream_ids[:50]})
+        return BatchResult(claimed=len(rows), sent=len(sent), failed=len(failed), contended=contended)
+
+    async def _claim(self, conn: asyncpg.Connection) -> tuple[list[asyncpg.Record], bool]:
+        """Lock the streams with the oldest unsent rows that no other relay holds, then claim their rows.
+
+        The per-stream advisory lock gives a stream to one relay at a time, so its rows go out in order
+        while other relays take other streams; the row locks and the advisory locks end with the
+        transaction. Also says whether another relay held some of those streams.
+        """
+        oldest_streams = await conn.fetch(
+            "SELECT key FROM outbox WHERE sent_at IS NULL GROUP BY key ORDER BY min(id) LIMIT $1",
+            self._batch_size * STREAM_CANDIDATES_PER_ROW,
+        )
+        if not oldest_streams:
+            return [], False
+        # The filter runs on the candidates as the LIMIT pulls them, so at most a batch of streams is
+        # locked, skipping those another relay holds.
+        mine = await conn.fetchval(
+            """
+            SELECT coalesce(array_agg(k), '{}') FROM (
+                SELECT k FROM unnest($1::text[]) AS k
+                 WHERE pg_try_advisory_xact_lock($2, hashtext(k))
+                 LIMIT $3
+            ) AS locked
+            """,
+            [row["key"] for row in oldest_streams],
+            STREAM_LOCK_SPACE,
+            self._batch_size,
+        )
+        contended = len(mine) < min(len(oldest_streams), self._batch_size)
+        if not mine:
+            return [], contended
+        rows: list[asyncpg.Record] = await conn.fetch(
+            """
+            SELECT id, topic, key, payload FROM outbox
+             WHERE sent_at IS NULL AND key = ANY($1::text[])
+             ORDER BY id
+             LIMIT $2
+               FOR UPDATE SKIP LOCKED
+            """,
+            mine,
+            self._batch_size,
+        )
+        return rows, contended
+
+    async def _publish(
+        self, producer: AIOKafkaProducer, rows: list[asyncpg.Record]
+    ) -> list[BaseException | None]:
+        """Publish the rows, each stream's in order and streams side by side; None where a row went out.
+
+        After a failure the stream's later rows are not sent, so a stream's messages never overtake
+        each other (a ``stop`` never arrives before its ``start``).
+        """
+        results: dict[int, BaseException | None] = {}
+        by_stream: dict[str, list[asyncpg.Record]] = {}
+        for row in rows:
+            by_stream.setdefault(row["key"], []).append(row)
+
+        async def publish_in_order(stream_rows: list[asyncpg.Record]) -> None:
+            for row in stream_rows:
+                try:
+                    await producer.send_and_wait(row["topic"], bytes(row["payload"]), key=row["key"].encode())
+                except Exception as err:
+                    results[row["id"]] = err
+                    return
+                results[row["id"]] = None
+
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(publish_in_order(stream_rows) for stream_rows in by_stream.values())),
+                self._publish_timeout_s,
+            )
+        except TimeoutError:
+            # what the producer still holds may go out later: at-least-once, consumers dedupe
+            await self._close_producer()
+        timed_out = TimeoutError(f"no acknowledgement within {self._publish_timeout_s:g}s")
+        held_back = _HeldBack("not sent: an earlier message of the stream was not published")
+        for stream_rows in by_stream.values():
+            failed = False
+            for row in stream_rows:
+                result = held_back if failed else results.get(row["id"], timed_out)
+                results[row["id"]] = result
+                failed = result is not None
+        return [results[row["id"]] for row in rows]
+
+    async def _started_producer(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            producer = create_producer(
+                self._settings,
+                client_id="lookout-outbox-relay",
+                request_timeout_ms=int(self._publish_timeout_s * 1000 * 0.8),
+            )
+            try:
+                await producer.start()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await producer.stop()
+                raise
+            self._producer = producer
+        return self._producer
+
+    async def _close_producer(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(producer.stop(), 5)
+
+    async def _listen(self, stop: asyncio.Event) -> None:
+        """Keep a LISTEN connection open and wake the relay on every notification; reconnect on loss."""
+        backoff = Backoff(max_s=self._max_backoff_s)
+        while not stop.is_set():
+            try:
+                await self._listen_until_lost(stop, backoff)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as err:
+                log.warning("outbox listen connection failed", extra={"error": repr(err)})
+            await wait_any(stop, None, backoff.next_delay())
+
+    async def _listen_until_lost(self, stop: asyncio.Event, backoff: Backoff) -> None:
+        conn = await asyncpg.connect(self._settings.database_url.get_secret_value(), timeout=10)
+        lost = asyncio.Event()
+        try:
+            conn.add_termination_listener(lambda _conn: lost.set())
+            await conn.add_listener(NOTIFY_CHANNEL, lambda *_args: self._wake.set())
+            self.listening.set()
+            self._wake.set()  # rows inserted while nobody listened
+            backoff.reset()
+            while not stop.is_set() and not lost.is_set() and not conn.is_closed():
+                await wait_any(stop, lost, self._poll_interval_s)
+        finally:
+            self.listening.clear()
+            with contextlib.suppress(Exception):
+                await conn.close(timeout=2)
+
+
+class _HeldBack(Exception):
+    """A row kept back because an earlier row of its stream failed in the same batch."""
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"[:500]
+
+
+async def serve(settings: Settings) -> None:
+    """Run one relay until SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    pool = await _connect_pool(settings, stop)
+    if pool is None:
+        return
+    try:
+        await OutboxRelay(settings, pool).run(stop)
+    finally:
+        await pool.close()
+
+
+async def _connect_pool(settings: Settings, stop: asyncio.Event) -> asyncpg.Pool | None:
+    """The Postgres pool, retried with backoff while Postgres is unreachable; None when stopped first."""
+    backoff = Backoff()
+    while not stop.is_set():
+        try:
+            return await create_pool(settings)
+        except (OSError, asyncpg.PostgresError, TimeoutError) as err:
+            log.warning("postgres unreachable", extra={"error": repr(err)})
+            await wait_any(stop, None, backoff.next_delay())
+    return None
+
+
+def main() -> None:
+    configure_logging("outbox-relay")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(get_settings()))

@@ -1,0 +1,301 @@
+"""The state-manager bridge (lookout-state-bridge): states topic → StreamLifecycle signals.
+
+Every state event becomes a signal-with-start of its stream's workflow (id ``stream-<id>``); the
+offset is committed only after Temporal accepted the signal, so an event is never lost, only
+possibly delivered twice (the workflow dedupes by event id). While Temporal is unavailable the
+bridge retries the same event with backoff and commits nothing. A message that is not a state
+event is logged, counted, copied to the dead-letter topic and skipped, so one bad record can never
+stop the partition or crash-loop the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import uuid
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import TypeVar
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from prometheus_client import Counter
+from pydantic import ValidationError
+from temporalio.service import RPCError, RPCStatusCode
+
+from core.kafka import create_consumer, create_producer
+from core.logs import configure_logging
+from core.messages import StateEvent
+from core.settings import Settings, get_settings
+from core.temporal import connect_temporal
+from workers.backoff import Backoff, wait_any
+from workflows.starter import signal_with_start
+
+log = logging.getLogger(__name__)
+
+GROUP_ID = "lookout-state-manager"
+# Statuses that say "try again later"; any other error of a signal is about the event itself.
+TRANSIENT_STATUSES = frozenset(
+    {
+        RPCStatusCode.UNAVAILABLE,
+        RPCStatusCode.DEADLINE_EXCEEDED,
+        RPCStatusCode.RESOURCE_EXHAUSTED,
+        RPCStatusCode.ABORTED,
+        RPCStatusCode.INTERNAL,
+        RPCStatusCode.UNKNOWN,
+        RPCStatusCode.CANCELLED,
+    }
+)
+
+SIGNALLED = Counter("lookout_bridge_events_signalled", "State events signalled to their lifecycle workflow")
+MALFORMED = Counter("lookout_bridge_events_malformed", "Messages on the states topic that are no state event")
+DEAD_LETTERED = Counter("lookout_bridge_events_dead_lettered", "Messages sent to the dead-letter topic")
+SIGNAL_RETRIES = Counter("lookout_bridge_signal_retries", "Signals retried because Temporal was unavailable")
+
+Signaller = Callable[[StateEvent], Awaitable[object]]
+_KafkaClient = TypeVar("_KafkaClient", AIOKafkaConsumer, AIOKafkaProducer)
+
+
+class MalformedEvent(ValueError):
+    """A states-topic message that is not a usable state event; the message says why."""
+
+
+class _Stopped(Exception):
+    """The bridge was asked to stop while it retried an event (its offset stays uncommitted)."""
+
+
+def parse_state_event(value: bytes | None) -> StateEvent:
+    """The state event in a record's value; raises ``MalformedEvent`` with a reason that never quotes it."""
+    if not value:
+        raise MalformedEvent("empty value")
+    try:
+        event = StateEvent.model_validate_json(value)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in e['loc']) or 'value'}: {e['msg']}"
+            for e in err.errors(include_input=False, include_url=False)
+        )
+        raise MalformedEvent(problems[:500]) from None
+    try:
+        uuid.UUID(event.stream_id)
+    except ValueError:
+        raise MalformedEvent("stream_id: not a UUID") from None
+    return event
+
+
+class StateBridge:
+    """Consumes the states topic as one member of ``group_id`` and signals every event."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        signal_event: Signaller,
+        *,
+        group_id: str = GROUP_ID,
+        max_backoff_s: float = 30.0,
+        max_unexpected_failures: int = 5,
+    ) -> None:
+        self._settings = settings
+        self._signal_event = signal_event
+        self._group_id = group_id
+        self._max_backoff_s = max_backoff_s
+        self._max_unexpected_failures = max_unexpected_failures
+        self.assigned = asyncio.Event()  # set once the consumer has joined and owns partitions
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Bridge events until ``stop`` is set; a broker or Temporal outage only delays them."""
+        producer: AIOKafkaProducer | None = None
+        consumer: AIOKafkaConsumer | None = None
+        try:
+            producer = await self._started(
+                lambda: create_producer(self._settings, client_id="lookout-state-bridge"), stop
+            )
+            consumer = await self._started(
+                lambda: create_consumer(
+                    self._settings,
+                    self._settings.topic_states,
+                    group_id=self._group_id,
+                    client_id="lookout-state-bridge",
+                ),
+                stop,
+            )
+            if producer is None or consumer is None:
+                return
+            log.info("state bridge started", extra={"group_id": self._group_id})
+            fetch_backoff = Backoff(max_s=self._max_backoff_s)
+            while not stop.is_set():
+                try:
+                    batch = await consumer.getmany(timeout_ms=500, max_records=200)
+                except Exception as err:  # the consumer recovers by itself; never let it end the loop
+                    log.warning("states fetch failed", extra={"error": repr(err)})
+                    await wait_any(stop, None, fetch_backoff.next_delay())
+                    continue
+                fetch_backoff.reset()
+                if consumer.assignment():
+                    self.assigned.set()
+                for tp, records in batch.items():
+                    await self._handle_partition(consumer, producer, tp, records, stop)
+        except _Stopped:
+            pass
+        finally:
+            for client in (consumer, producer):
+                if client is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(client.stop(), 10)
+            log.info("state bridge stopped")
+
+    async def _started(self, make: Callable[[], _KafkaClient], stop: asyncio.Event) -> _KafkaClient | None:
+        """A started Kafka client, made anew after each failed start while the broker is unreachable;
+        None when stopped first."""
+        backoff = Backoff(max_s=self._max_backoff_s)
+        while not stop.is_set():
+            client = make()
+            try:
+                await client.start()
+            except Exception as err:
+                log.warning("kafka unreachable", extra={"error": repr(err)})
+                with contextlib.suppress(Exception):
+                    await client.stop()
+                await wait_any(stop, None, backoff.next_delay())
+            else:
+                return client
+        return None
+
+    async def _handle_partition(
+        self,
+        consumer: AIOKafkaConsumer,
+        producer: AIOKafkaProducer,
+        tp: TopicPartition,
+        records: list[ConsumerRecord[bytes, bytes]],
+        stop: asyncio.Event,
+    ) -> None:
+        done: int | None = None
+        try:
+            for record in records:
+                await self._handle(producer, record, stop)
+                done = record.offset
+        finally:
+            if done is not None:
+                await self._commit(consumer, tp, done + 1)
+
+    async def _handle(
+        self, producer: AIOKafkaProducer, record: ConsumerRecord[bytes, bytes], stop: asyncio.Event
+    ) -> None:
+        """Return once the record is signalled or dead-lettered; raise ``_Stopped`` if stopped first."""
+        try:
+            event = parse_state_event(record.value)
+        except MalformedEvent as err:
+            MALFORMED.inc()
+            log.warning(
+                "malformed state event skipped",
+                extra={
+                    "key": _key_text(record.key),
+                    "partition": record.partition,
+                    "offset": record.offset,
+                    "reason": str(err),
+                },
+            )
+            await self._dead_letter(producer, record, f"malformed: {err}", stop)
+            return
+        failure = await self._signal(event, stop)
+        if failure is not None:
+            await self._dead_letter(producer, record, failure, stop)
+
+    async def _signal(self, event: StateEvent, stop: asyncio.Event) -> str | None:
+        """Signal ``event`` until Temporal accepts it; the reason when it never can (to dead-letter)."""
+        context = {
+            "stream_id": event.stream_id,
+            "event_id": event.event_id,
+            "service": event.service.value,
+            "kind": event.kind.value,
+            "state": event.state.value if event.state else None,
+        }
+        backoff = Backoff(max_s=self._max_backoff_s)
+        unexpected = 0
+        while True:
+            if stop.is_set():
+                raise _Stopped
+            try:
+                await self._signal_event(event)
+            except RPCError as err:
+                if err.status not in TRANSIENT_STATUSES:
+                    log.error("signal rejected", extra={**context, "error": repr(err)})
+                    return f"signal rejected: {err.status.name}: {err.message}"[:500]
+                SIGNAL_RETRIES.inc()
+                log.warning("temporal unavailable, signal retried", extra={**context, "error": repr(err)})
+            except Exception as err:
+                unexpected += 1
+                log.exception("signal failed", extra={**context, "attempt": unexpected})
+                if unexpected >= self._max_unexpected_failures:
+                    return f"signal failed {unexpected} times: {type(err).__name__}: {err}"[:500]
+            else:
+                SIGNALLED.inc()
+                log.info("state event signalled", extra=context)
+                return None
+            await wait_any(stop, None, backoff.next_delay())
+
+    async def _dead_letter(
+        self,
+        producer: AIOKafkaProducer,
+        record: ConsumerRecord[bytes, bytes],
+        reason: str,
+        stop: asyncio.Event,
+    ) -> None:
+        """Copy the record to the dead-letter topic with why and where from; retried while Kafka is down."""
+        headers = [
+            ("error", reason.encode()),
+            ("source_topic", record.topic.encode()),
+            ("source_partition", str(record.partition).encode()),
+            ("source_offset", str(record.offset).encode()),
+            ("consumer_group", self._group_id.encode()),
+        ]
+        backoff = Backoff(max_s=self._max_backoff_s)
+        while True:
+            if stop.is_set():
+                raise _Stopped
+            try:
+                await producer.send_and_wait(
+                    self._settings.topic_dead_letter, record.value or b"", key=record.key, headers=headers
+                )
+            except Exception as err:
+                log.warning("dead-letter publish failed", extra={"error": repr(err), "offset": record.offset})
+                await wait_any(stop, None, backoff.next_delay())
+                continue
+            DEAD_LETTERED.inc()
+            return
+
+    async def _commit(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
+        try:
+            await consumer.commit({tp: offset})
+        except Exception as err:  # e.g. a rebalance: the events come again and the workflow dedupes them
+            log.warning("offset commit failed", extra={"partition": tp.partition, "error": repr(err)})
+
+
+def _key_text(key: bytes | None) -> str | None:
+    return key.decode(errors="replace")[:100] if key is not None else None
+
+
+async def serve(settings: Settings) -> None:
+    """Connect to Temporal (retrying while it is down) and bridge until SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    backoff = Backoff()
+    while not stop.is_set():
+        try:
+            client = await connect_temporal(settings)
+            break
+        except Exception as err:
+            log.warning("temporal unreachable", extra={"error": repr(err)})
+            await wait_any(stop, None, backoff.next_delay())
+    else:
+        return
+    await StateBridge(settings, partial(signal_with_start, client, settings)).run(stop)
+
+
+def main() -> None:
+    configure_logging("state-bridge")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(get_settings()))
