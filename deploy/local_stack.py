@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.db import ensure_database, migrate
-from core.kafka import ensure_topics
+from core.kafka import ensure_topics, load_partition_logs
 from core.redact import redact_url
 from core.settings import Settings
 from core.storage import create_s3_client, ensure_bucket
@@ -120,6 +120,7 @@ class LocalStack:
 
         runtime = self.runtime_settings(db_url)
         asyncio.run(ensure_topics(runtime))
+        asyncio.run(load_partition_logs(runtime))
         self._write_env(db_url)
         return report
 
