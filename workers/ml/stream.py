@@ -1,0 +1,330 @@
+"""The ML service's side of one stream: its bounded frame queue and its detection process.
+
+Everything here runs on the service's event loop and never blocks it for long: the process's pipe
+and exit are watched with ``add_reader``, and a frame is written to the pipe only when the process
+has asked for one (so it is reading).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.context import SpawnContext, SpawnProcess
+from typing import Generic, Protocol, TypeVar
+
+from core.messages import FrameHeaders, StreamOptions
+from core.settings import Settings
+from workers.ml.process import (
+    FrameDone,
+    FrameToDetect,
+    ProcessFailed,
+    ProcessMessage,
+    ReadyForFrames,
+    StopProcess,
+    StreamClosed,
+    UpdateOptions,
+    run_detection_process,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class FrameQueue(Generic[T]):
+    """A bounded FIFO that drops its oldest item to make room, counting what it dropped."""
+
+    def __init__(self, maxsize: int) -> None:
+        if maxsize < 1:
+            raise ValueError("a frame queue holds at least one frame")
+        self.maxsize = maxsize
+        self._items: deque[T] = deque()
+        self.dropped = 0
+        self.high_water = 0
+
+    def offer(self, item: T) -> T | None:
+        """Append ``item``; returns the oldest item when it had to be dropped to stay bounded."""
+        evicted = None
+        if len(self._items) >= self.maxsize:
+            evicted = self._items.popleft()
+            self.dropped += 1
+        self._items.append(item)
+        self.high_water = max(self.high_water, len(self._items))
+        return evicted
+
+    def take(self) -> T | None:
+        return self._items.popleft() if self._items else None
+
+    def drain(self) -> list[T]:
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass
+class QueuedFrame:
+    """A frame waiting for its stream's process; ``token`` is settled once the frame is done with."""
+
+    token: Hashable
+    headers: FrameHeaders
+    jpeg: bytes
+
+
+class StreamListener(Protocol):
+    """What the service hears from a stream: settled frames, the first processed frame, a failure."""
+
+    def frame_settled(self, token: Hashable) -> None: ...
+
+    def first_frame_processed(self, stream_id: str) -> None: ...
+
+    def stream_failed(self, stream_id: str, reason: str) -> None: ...
+
+    def stream_closed(self, stream_id: str) -> None: ...
+
+
+@dataclass
+class StreamStats:
+    """Counters of one stream in this service."""
+
+    received: int = 0
+    handed: int = 0  # frames given to the process
+    processed: int = 0  # frames the process finished (stored, empty, duplicate or failed)
+    stored: int = 0
+    dropped: int = 0  # dropped by the bounded queue under overload
+    discarded: int = 0  # still queued when the stream stopped
+    queue_high_water: int = 0
+    busy_at_stop: bool = False  # a frame was in hand when the stop came (and was let finish)
+    inference_s: float = 0.0  # model time of the processed frames, summed
+
+
+class StreamProcess:
+    """One stream's detection process (spawned), fed from a bounded drop-oldest queue."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        stream_id: str,
+        options: StreamOptions | None,
+        listener: StreamListener,
+        *,
+        context: SpawnContext | None = None,
+    ) -> None:
+        self.stream_id = stream_id
+        self.queue: FrameQueue[QueuedFrame] = FrameQueue(settings.ml_queue_size)
+        self.stats = StreamStats()
+        self._listener = listener
+        self._context = context or multiprocessing.get_context("spawn")
+        parent_conn, child_conn = self._context.Pipe(duplex=True)
+        self._conn: Connection = parent_conn
+        self._child_conn: Connection = child_conn
+        self.process: SpawnProcess = self._context.Process(
+            target=run_detection_process,
+            args=(child_conn, settings, stream_id, options),
+            name=f"lookout-ml-{stream_id}",
+            daemon=True,
+        )
+        self.pid: int | None = None
+        self.exitcode: int | None = None
+        self._wants_frame = False
+        self._in_hand: tuple[int, QueuedFrame] | None = None
+        self._next_frame_id = 0
+        self._started_reported = False
+        self._ended = False  # failed, closed or stopping: no more frames go to the process
+        self._exited = asyncio.Event()
+        self._reaper: asyncio.Task[None] | None = None
+        self._loop = asyncio.get_running_loop()
+
+    def start(self) -> None:
+        """Spawn the process and watch its pipe and its exit from the event loop."""
+        try:
+            self.process.start()
+        except BaseException:
+            self._conn.close()
+            self._child_conn.close()
+            raise
+        self.pid = self.process.pid
+        self._child_conn.close()  # the child holds its own copy; ours would hide the child's exit
+        self._loop.add_reader(self._conn.fileno(), self._on_readable)
+        self._loop.add_reader(self.process.sentinel, self._on_exit)
+        log.info("detection process started", extra={"stream_id": self.stream_id, "pid": self.pid})
+
+    def offer(self, frame: QueuedFrame) -> None:
+        """Queue a frame for the process; under overload the oldest queued frame is dropped."""
+        self.stats.received += 1
+        if self._ended:
+            self._listener.frame_settled(frame.token)
+            return
+        evicted = self.queue.offer(frame)
+        self.stats.dropped = self.queue.dropped
+        self.stats.queue_high_water = self.queue.high_water
+        if evicted is not None:
+            self._listener.frame_settled(evicted.token)
+            if self.queue.dropped == 1 or self.queue.dropped % 100 == 0:
+                log.warning(
+                    "frames dropped under overload",
+                    extra={"stream_id": self.stream_id, "dropped": self.queue.dropped},
+                )
+        self._hand_over()
+
+    def update_options(self, options: StreamOptions) -> None:
+        if not self._ended:
+            self._send(UpdateOptions(options))
+
+    async def stop(self, grace_s: float, *, settle_unfinished: bool = True) -> str | None:
+        """Let the frame in hand finish, then end the process; returns an error text when forced.
+
+        Queued frames not yet handed over are discarded. A process still busy after ``grace_s``
+        (e.g. S3 down for longer) is terminated, and the frame it held is reported lost. With
+        ``settle_unfinished`` False (the service shutting down or handing the stream to another
+        member) discarded and lost frames stay unsettled, so their records are delivered again.
+        """
+        self._ended = True
+        self.stats.busy_at_stop = self._in_hand is not None
+        for frame in self.queue.drain():
+            self.stats.discarded += 1
+            if settle_unfinished:
+                self._listener.frame_settled(frame.token)
+        if self.process.is_alive():
+            self._send(StopProcess())
+        error = None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._exited.wait(), grace_s)
+        if not self._exited.is_set():
+            if self._in_hand is not None:
+                error = (
+                    f"frame {self._in_hand[1].headers.frame_seq} not finished within {grace_s:g}s "
+                    "of the stop; detection process terminated"
+                )
+            log.warning("detection process terminated", extra={"stream_id": self.stream_id, "error": error})
+            self.process.terminate()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._exited.wait(), 3)
+            if not self._exited.is_set():
+                self.process.kill()
+                await self._exited.wait()
+        if settle_unfinished:
+            self._release_in_hand()
+        self._close()
+        log.info(
+            "detection process stopped",
+            extra={"stream_id": self.stream_id, "exitcode": self.exitcode, **self._stats_fields()},
+        )
+        return error
+
+    # --- pipe ----------------------------------------------------------------------------------
+
+    def _hand_over(self) -> None:
+        if not self._wants_frame or self._ended:
+            return
+        frame = self.queue.take()
+        if frame is None:
+            return
+        frame_id = self._next_frame_id
+        self._next_frame_id += 1
+        self._in_hand = (frame_id, frame)
+        self._wants_frame = False
+        self.stats.handed += 1
+        self._send(FrameToDetect(frame_id=frame_id, headers=frame.headers, jpeg=frame.jpeg))
+
+    def _send(self, message: FrameToDetect | UpdateOptions | StopProcess) -> None:
+        with contextlib.suppress(OSError):  # the process is gone; its exit is reported by _on_exit
+            self._conn.send(message)
+
+    def _on_readable(self) -> None:
+        try:
+            while self._conn.poll():
+                self._on_message(self._conn.recv())
+        except (EOFError, OSError):
+            with contextlib.suppress(OSError, ValueError):
+                self._loop.remove_reader(self._conn.fileno())
+
+    def _on_message(self, message: ProcessMessage) -> None:
+        if isinstance(message, ReadyForFrames):
+            self._wants_frame = True
+            self._hand_over()
+        elif isinstance(message, FrameDone):
+            self._on_frame_done(message)
+        elif isinstance(message, ProcessFailed):
+            self._end()
+            self._listener.stream_failed(self.stream_id, message.reason)
+        elif isinstance(message, StreamClosed):
+            log.info(
+                "stream without a row or shutting down: nothing to detect",
+                extra={"stream_id": self.stream_id},
+            )
+            self._end()
+            self._listener.stream_closed(self.stream_id)
+
+    def _on_frame_done(self, done: FrameDone) -> None:
+        self.stats.processed += 1
+        self.stats.stored += int(done.stored)
+        self.stats.inference_s += done.inference_s
+        if self._in_hand is not None and self._in_hand[0] == done.frame_id:
+            self._listener.frame_settled(self._in_hand[1].token)
+            self._in_hand = None
+        if not self._started_reported:
+            self._started_reported = True
+            self._listener.first_frame_processed(self.stream_id)
+        self._wants_frame = True
+        self._hand_over()
+
+    def _on_exit(self) -> None:
+        self._loop.remove_reader(self.process.sentinel)
+        self._on_readable()  # messages sent just before exiting
+        self._reaper = self._loop.create_task(self._reap())
+
+    async def _reap(self) -> None:
+        # the sentinel closes as the process exits; the kernel may need a moment more to reap it
+        await asyncio.to_thread(self.process.join, 5)
+        self.exitcode = self.process.exitcode
+        self._exited.set()
+        if not self._ended:  # neither stopping nor failed: it died
+            self._end()
+            self._listener.stream_failed(
+                self.stream_id, f"detection process exited unexpectedly (exit code {self.exitcode})"
+            )
+
+    # --- end -----------------------------------------------------------------------------------
+
+    def _end(self) -> None:
+        """No more frames for this process: settle the queued ones (a failed stream keeps nothing)."""
+        self._ended = True
+        for frame in self.queue.drain():
+            self.stats.discarded += 1
+            self._listener.frame_settled(frame.token)
+
+    def _release_in_hand(self) -> None:
+        if self._in_hand is not None:
+            self._listener.frame_settled(self._in_hand[1].token)
+            self._in_hand = None
+
+    def _close(self) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(self._conn.fileno())
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(self.process.sentinel)
+        self._conn.close()
+        with contextlib.suppress(ValueError):
+            self.process.close()
+
+    def _stats_fields(self) -> dict[str, object]:
+        s = self.stats
+        return {
+            "received": s.received,
+            "handed": s.handed,
+            "processed": s.processed,
+            "stored": s.stored,
+            "dropped": s.dropped,
+            "discarded": s.discarded,
+            "queue_high_water": s.queue_high_water,
+            "busy_at_stop": s.busy_at_stop,
+        }
