@@ -1,0 +1,317 @@
+"""The web page at ``/`` in real headless Chromium (Playwright driving Debian's ``chromium``).
+
+The API is served over real HTTP by uvicorn in a thread, because a browser needs a socket. The fast
+tests need only Postgres; the end-to-end test runs the whole pipeline in-process on the session's
+servers: the test camera, the real runner and ML (YOLO) services, the lifecycle (outbox relay,
+state bridge, Temporal worker), S3 for the annotated frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import shutil
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import uvicorn
+from playwright.async_api import Browser, ConsoleMessage, Page, Request, async_playwright, expect
+
+from api.main import create_app
+from core.settings import Settings
+from deploy.camera.control import TestCamera, free_port
+from tests.conftest import make_settings
+from tests.running_services import (
+    LifecycleStack,
+    isolated_settings,
+    running_api,
+    running_lifecycle,
+    wait_for_state,
+)
+from workers.ml.service import MLService
+from workers.runner.service import RunnerService
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+CAMERA_PASSWORD = "page-must-not-show-this"
+
+log = logging.getLogger(__name__)
+
+
+# --- serving the API over HTTP for the browser ----------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def served_api(settings: Settings) -> AsyncIterator[str]:
+    """``create_app(settings)`` behind uvicorn on a free port, in a thread with its own event loop."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    host, port = sock.getsockname()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), log_config=None, access_log=False, timeout_graceful_shutdown=5)
+    )
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="api-http", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the API did not start serving HTTP")
+            await asyncio.sleep(0.05)
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.to_thread(thread.join, 30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    """Debian's Chromium, headless; Playwright never downloads a browser of its own here."""
+    if shutil.which(CHROMIUM) is None:
+        pytest.fail(f"{CHROMIUM} is missing: run deploy/bootstrap.sh (Debian package chromium)")
+    async with async_playwright() as playwright:
+        chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        await chromium.close()
+
+
+class PageWatch:
+    """What a page did that it should not: console errors, failed loads, requests off this machine."""
+
+    def __init__(self, page: Page) -> None:
+        self.errors: list[str] = []
+        self.foreign_requests: list[str] = []
+        page.on("console", self._on_console)
+        page.on("pageerror", lambda error: self.errors.append(f"page error: {error}"))
+        page.on("request", self._on_request)
+
+    def _on_console(self, message: ConsoleMessage) -> None:
+        if message.type == "error":
+            self.errors.append(f"console: {message.text}")
+
+    def _on_request(self, request: Request) -> None:
+        host = urlsplit(request.url).hostname
+        if request.url.startswith(("http:", "https:")) and host != "127.0.0.1":
+            self.foreign_requests.append(request.url)
+
+
+@contextlib.asynccontextmanager
+async def open_page(browser: Browser, url: str) -> AsyncIterator[tuple[Page, PageWatch]]:
+    context = await browser.new_context(viewport={"width": 1280, "height": 1000})
+    try:
+        page = await context.new_page()
+        watch = PageWatch(page)
+        await page.goto(url)
+        yield page, watch
+    finally:
+        await context.close()
+
+
+@pytest.fixture(scope="module")
+def page_settings(pg_url: str) -> Settings:
+    """Enough for the API to start: /init's validation answers before anything else is reached."""
+    return make_settings(database_url=pg_url)
+
+
+# --- fast: the page is served and shows why /init refused a stream ------------------------------
+
+
+@pytest.mark.integration
+async def test_page_and_its_assets_are_served_with_their_content_types(page_settings: Settings) -> None:
+    async with running_api(page_settings) as api:
+        page = await api.get("/")
+        assert page.status_code == 200
+        assert page.headers["content-type"] == "text/html; charset=utf-8"
+        assert "script-src 'self'" in page.headers["content-security-policy"]
+        assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+        assert sorted(assets) == [
+            "#streams-title",
+            "/docs",
+            "/static/app.js",
+            "/static/favicon.svg",
+            "/static/favicon.svg",
+            "/static/style.css",
+        ], "the page loads only its own files"
+        expected = {
+            "/static/app.js": "text/javascript; charset=utf-8",
+            "/static/style.css": "text/css; charset=utf-8",
+            "/static/favicon.svg": "image/svg+xml",
+        }
+        for path, content_type in expected.items():
+            response = await api.get(path)
+            assert response.status_code == 200, path
+            assert response.headers["content-type"] == content_type, path
+            assert response.content, path
+        for path in ("/static/index.html", "/static/..%2Fui.py", "/static/nothing.js"):
+            assert (await api.get(path)).status_code == 404, path
+
+
+@pytest.mark.integration
+async def test_page_shows_why_init_refused_a_stream(
+    browser: Browser, page_settings: Settings, tmp_path: Path
+) -> None:
+    async with served_api(page_settings) as base_url, open_page(browser, base_url) as (page, watch):
+        url_input = page.get_by_label("Stream URL")
+        errors = page.get_by_role("alert").filter(has_text="The stream was not started")
+
+        await url_input.fill("http://camera.local/live")
+        await page.get_by_role("button", name="Start stream").click()
+        await expect(errors).to_contain_text("Stream URL: URL scheme must be rtsp or rtsps")
+        await expect(url_input).to_have_attribute("aria-invalid", "true")
+
+        await url_input.fill("rtsp://camera.local/live")
+        await page.get_by_label("Frames per second").fill("0")
+        await page.get_by_role("button", name="Start stream").click()
+        await expect(errors).to_contain_text("Frames per second: Input should be greater than 0")
+        await expect(page.get_by_label("Frames per second")).to_have_attribute("aria-invalid", "true")
+        await expect(url_input).not_to_have_attribute("aria-invalid", "true")
+        await page.screenshot(path=tmp_path / "web-page-422.png", full_page=True)
+
+    assert [e for e in watch.errors if "422" not in e] == []  # the browser logs the 422s themselves
+    assert watch.foreign_requests == []
+
+
+# --- end to end: the real pipeline behind the page --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def camera(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCamera]:
+    cam = TestCamera(log_dir=tmp_path_factory.mktemp("camera")).start(mounts=["cam1"])
+    yield cam
+    cam.stop()
+
+
+@contextlib.asynccontextmanager
+async def running_pipeline(settings: Settings) -> AsyncIterator[LifecycleStack]:
+    """Lifecycle, runner and ML on ``settings``, each in consumer groups of its own."""
+    tag = uuid.uuid4().hex[:8]
+    runner = asyncio.create_task(RunnerService(settings, group_id=f"web-runner-{tag}").run(), name="runner")
+    try:
+        async with (
+            MLService(settings, group_id=f"web-ml-{tag}"),
+            running_lifecycle(settings) as stack,
+        ):
+            yield stack
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+
+
+async def loaded_gallery_images(page: Page) -> list[dict[str, Any]]:
+    images: list[dict[str, Any]] = await page.eval_on_selector_all(
+        "#gallery img",
+        "imgs => imgs.map(i => ({src: i.src, complete: i.complete, width: i.naturalWidth, alt: i.alt}))",
+    )
+    return images
+
+
+@pytest.mark.e2e
+async def test_stream_started_from_the_page_runs_shows_annotated_frames_and_stops(
+    browser: Browser, settings: Settings, camera: TestCamera, tmp_path: Path
+) -> None:
+    pipeline_settings = await isolated_settings(
+        settings,
+        topic_frames=f"lookout.frames.{uuid.uuid4().hex[:8]}",
+        kafka_heartbeat_ms=500,
+        kafka_fetch_max_wait_ms=20,
+        runner_max_side=640,
+        runner_open_timeout_ms=2000,
+        runner_read_timeout_ms=2000,
+        runner_reconnect_budget_s=3.0,
+        ml_store_empty_frames=False,
+        # the model loads in a fresh process: on a busy 2-core machine that alone can take 20 s
+        startup_deadline_s=90.0,
+    )
+    camera_url = camera.url("cam1").replace("rtsp://", f"rtsp://viewer:{CAMERA_PASSWORD}@")
+    nobody_there = f"rtsp://127.0.0.1:{free_port()}/cam1"
+    async with (
+        running_pipeline(pipeline_settings) as stack,
+        served_api(pipeline_settings) as base_url,
+        open_page(browser, base_url) as (page, watch),
+    ):
+        # a stream whose camera does not answer: it ends in inactive_error, with the reason shown
+        async with page.expect_response(lambda r: r.url.endswith("/init")) as init:
+            await page.get_by_label("Stream URL").fill(nobody_there)
+            await page.get_by_role("button", name="Start stream").click()
+        broken = page.locator(f'tr[data-stream-id="{(await (await init.value).json())["id"]}"]')
+
+        started = time.monotonic()
+        await page.get_by_label("Stream URL").fill(camera_url)
+        await page.get_by_label("Frames per second").fill("2")
+        await page.get_by_label("Minimum confidence").fill("0.3")
+        await page.get_by_label("Classes to keep").fill("person")
+        await page.get_by_label("Model input size").fill("320")
+        async with page.expect_response(lambda r: r.url.endswith("/init")) as init:
+            await page.get_by_role("button", name="Start stream").click()
+        stream = await (await init.value).json()
+        stream_id, short = stream["id"], stream["id"][:8]
+        await expect(page.get_by_role("status").first).to_contain_text(f"Stream {short} accepted")
+        await expect(page.get_by_label("Stream URL")).to_have_value("")  # credentials leave the screen
+
+        row = page.locator(f'tr[data-stream-id="{stream_id}"]')
+        state = row.locator(".state")
+        await expect(state).to_have_text("ml_started", timeout=90_000)
+        running_after = time.monotonic() - started
+        await expect(row).to_contain_text("2 fps · confidence ≥ 0.3 · person · 320 px")
+        workflow = row.get_by_role("link", name=f"Workflow of stream {short}")
+        assert await workflow.get_attribute("href") == stream["workflow_url"]
+        assert stream["workflow_url"].startswith(pipeline_settings.temporal_ui_url)
+
+        # the stream was selected when it started: its newest annotated frames fill the gallery
+        await expect(page.locator("#frames-title")).to_have_text(f"Newest frames of stream {short}")
+        await page.wait_for_function(
+            "n => [...document.querySelectorAll('#gallery img')]"
+            ".filter(i => i.complete && i.naturalWidth > 0).length >= n",
+            arg=2,
+            timeout=30_000,
+        )
+        images = await loaded_gallery_images(page)
+        assert all(i["width"] > 0 for i in images if i["complete"]), images
+        s3_origin = f"http://{pipeline_settings.s3_endpoint}/"
+        assert all(i["src"].startswith(s3_origin) for i in images), images
+        first_caption = page.locator("#gallery figcaption").first
+        await expect(first_caption.get_by_role("list", name="Detected objects")).to_contain_text("person")
+        await page.screenshot(path=tmp_path / "web-page-running.png", full_page=True)
+
+        html = await page.content()
+        assert CAMERA_PASSWORD not in html
+        await expect(row.locator(".stream-url")).to_contain_text("***")
+
+        await row.get_by_role("button", name=f"Stop stream {short}").click()
+        stop_clicked = time.monotonic()
+        await expect(state).to_have_text("inactive", timeout=30_000)
+        stopped_after = time.monotonic() - stop_clicked
+        await expect(row.get_by_role("button", name=f"Stop stream {short}")).to_be_hidden()
+
+        await expect(broken.locator(".state")).to_have_text("inactive_error", timeout=30_000)
+        await expect(broken.locator(".reason")).to_contain_text("runner")
+        await expect(broken.get_by_role("button", name=re.compile("^Stop"))).to_be_hidden()
+        await page.screenshot(path=tmp_path / "web-page-stopped.png", full_page=True)
+
+        view = await wait_for_state(stack.api, stream_id, "inactive", timeout_s=5)
+        assert view["error_reason"] is None
+        assert CAMERA_PASSWORD not in json.dumps(view)
+
+    log.info("ml_started %.1fs after Start; inactive %.1fs after Stop", running_after, stopped_after)
+    assert watch.errors == []
+    assert watch.foreign_requests == []
