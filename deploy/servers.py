@@ -8,6 +8,7 @@ each part.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -104,8 +105,12 @@ class ServerSpec:
     prepare: Callable[[], None] | None = None
     user: str | None = None  # run as this OS user (Postgres refuses root)
 
-    def start(self, timeout: float = 60.0) -> subprocess.Popen[bytes]:
-        """Start detached (own session, output to the log file) and wait until ready."""
+    def start(self, timeout: float = 60.0, *, die_with_parent: bool = False) -> subprocess.Popen[bytes]:
+        """Start detached (own session, output to the log file) and wait until ready.
+
+        ``die_with_parent``: the kernel SIGTERMs the server when this process dies, so a test run
+        that is killed leaves no server behind (the stack's long-lived servers do not use it).
+        """
         if self.prepare is not None:
             self.prepare()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,6 +125,7 @@ class ServerSpec:
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, **self.env},
                 start_new_session=True,
+                preexec_fn=_terminate_with_parent if die_with_parent else None,
             )
         try:
             wait_ready(self, proc, timeout)
@@ -127,6 +133,12 @@ class ServerSpec:
             stop_process_group(proc.pid)
             raise
         return proc
+
+
+def _terminate_with_parent() -> None:
+    """In the child before exec: ask Linux for SIGTERM when the parent dies (PR_SET_PDEATHSIG)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def wait_ready(spec: ServerSpec, proc: subprocess.Popen[bytes], timeout: float) -> None:

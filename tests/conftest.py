@@ -41,7 +41,7 @@ def pg_admin_url(servers_dir: Path) -> Iterator[str]:
         return
     pg_dir = Path("/tmp") / f"lookout-test-pg-{uuid.uuid4().hex[:8]}"  # runuser postgres must reach it
     spec = servers.postgres_cluster(pg_dir / "pg", servers.free_port())
-    proc = spec.start()
+    proc = spec.start(die_with_parent=True)
     try:
         yield spec.address
     finally:
@@ -67,7 +67,7 @@ def pg_url(pg_admin_url: str) -> Iterator[str]:
 def s3_endpoint(servers_dir: Path) -> Iterator[str]:
     """A juicefs S3 gateway (MinIO server code) in a temp folder; yields ``host:port``."""
     port = servers.free_port()
-    proc = servers.s3_gateway(servers_dir / "s3", port, S3_ACCESS_KEY, S3_SECRET_KEY).start()
+    proc = servers.s3_gateway(servers_dir / "s3", port, S3_ACCESS_KEY, S3_SECRET_KEY).start(die_with_parent=True)
     try:
         yield f"127.0.0.1:{port}"
     finally:
@@ -78,7 +78,7 @@ def s3_endpoint(servers_dir: Path) -> Iterator[str]:
 def kafka_bootstrap(servers_dir: Path) -> Iterator[str]:
     """A memory-mode Tansu broker; yields its bootstrap address."""
     spec = servers.kafka_broker(servers_dir / "logs", servers.free_port())
-    proc = spec.start()
+    proc = spec.start(die_with_parent=True)
     try:
         yield spec.address
     finally:
@@ -89,7 +89,7 @@ def kafka_bootstrap(servers_dir: Path) -> Iterator[str]:
 def temporal_address(servers_dir: Path) -> Iterator[str]:
     """A Temporal dev server (headless) with the lifecycle's search attributes registered."""
     spec = servers.temporal_dev_server(servers_dir / "temporal", servers.free_port(), None, SEARCH_ATTRIBUTES)
-    proc = spec.start()
+    proc = spec.start(die_with_parent=True)
     try:
         yield spec.address
     finally:
