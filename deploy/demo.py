@@ -41,6 +41,7 @@ def service_env(runtime: Settings) -> dict[str, str]:
         "LOOKOUT_TEMPORAL_ADDRESS": runtime.temporal_address,
         "LOOKOUT_TEMPORAL_UI_URL": runtime.temporal_ui_url,
         "LOOKOUT_API_PORT": str(runtime.api_port),
+        "LOOKOUT_KAFKA_FETCH_MAX_WAIT_MS": str(runtime.kafka_fetch_max_wait_ms),
     }
 
 

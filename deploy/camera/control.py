@@ -93,9 +93,10 @@ class TestCamera:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"rtsp-server-{self.port}.log"
         with open(log_path, "ab") as log:
-            # Output goes to a file: a pipe nobody reads would fill up and stall the server.
+            # Output goes to a file: a pipe nobody reads would fill up and stall the server. Its own
+            # session: a Ctrl-C meant for the demo must not kill the camera before the stream stops.
             self._proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
             )
         self._frozen = False
         deadline = time.monotonic() + timeout
