@@ -1,0 +1,97 @@
+"""``lookout demo``, the README's main job, run as a user runs it: real stack, services, camera, model."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import psycopg
+import pytest
+
+from deploy import servers
+
+pytestmark = pytest.mark.e2e
+
+LOOKOUT = str(Path(sys.executable).parent / "lookout")
+PROGRESS = re.compile(r"state=(\w+)\s+frames stored=(\d+)\s+objects=(\d+)")
+
+
+def test_demo_shows_detections_within_a_minute_and_ctrl_c_stops_the_stream_and_everything_it_started(
+    tmp_path: Path, pg_admin_url: str
+) -> None:
+    database = f"lookout_demo_{uuid.uuid4().hex[:8]}"
+    ports = {
+        name: str(servers.free_port()) for name in ("S3", "KAFKA", "TEMPORAL", "TEMPORAL_UI", "API", "CAM")
+    }
+    env = {
+        **os.environ,
+        "LOOKOUT_DATA_DIR": str(tmp_path / "lookout"),
+        "LOOKOUT_DATABASE_URL": pg_admin_url.rsplit("/", 1)[0] + "/" + database,
+        "LOOKOUT_STACK_PG_PORT": str(servers.free_port()),
+        "LOOKOUT_STACK_S3_PORT": ports["S3"],
+        "LOOKOUT_STACK_KAFKA_PORT": ports["KAFKA"],
+        "LOOKOUT_STACK_TEMPORAL_PORT": ports["TEMPORAL"],
+        "LOOKOUT_STACK_TEMPORAL_UI_PORT": ports["TEMPORAL_UI"],
+        "LOOKOUT_API_PORT": ports["API"],
+        "LOOKOUT_DEMO_CAMERA_PORT": ports["CAM"],
+        # the metrics ports of the services: free ones, so a developer's running stack is no obstacle
+        **{
+            f"LOOKOUT_METRICS_PORT_{s}": str(servers.free_port())
+            for s in ("RUNNER", "ML", "RELAY", "BRIDGE", "WORKER")
+        },
+    }
+    log_path = tmp_path / "demo.out"
+    with open(log_path, "wb") as out:
+        demo = subprocess.Popen(
+            [LOOKOUT, "demo"], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path
+        )
+    descendants: set[int] = set()
+    try:
+        started = time.monotonic()
+        stack_up_at: float | None = None
+        first_rows_at: float | None = None
+        stored = 0
+        while time.monotonic() - started < 240 and stored < 5:
+            assert demo.poll() is None, log_path.read_text()[-3000:]
+            descendants |= {p.pid for p in psutil.Process(demo.pid).children(recursive=True)}
+            text = log_path.read_text()
+            if stack_up_at is None and "services running" in text:
+                stack_up_at = time.monotonic()
+            found = PROGRESS.findall(text)
+            stored = int(found[-1][1]) if found else 0
+            if stored and first_rows_at is None:
+                first_rows_at = time.monotonic()
+            time.sleep(0.5)
+        text = log_path.read_text()
+        assert stored >= 5, text[-3000:]
+        assert stack_up_at is not None and first_rows_at is not None
+        assert first_rows_at - stack_up_at < 60, "the main job must show detections within a minute"
+        first_ml = text.index("state=ml_started")
+        stack_ready = text.index("services running")
+        assert first_ml > stack_ready
+        assert f"http://127.0.0.1:{ports['API']}/docs" in text
+        assert f"http://127.0.0.1:{ports['TEMPORAL_UI']}" in text
+        descendants |= {p.pid for p in psutil.Process(demo.pid).children(recursive=True)}
+    finally:
+        demo.send_signal(signal.SIGINT)
+        code = demo.wait(120)
+    text = log_path.read_text()
+    assert code == 0, text[-3000:]
+    assert re.search(r"stream [0-9a-f-]+: inactive\n", text), text[-3000:]
+    assert "stopping what this run started: s3, kafka, temporal" in text
+    leftovers = [p for p in descendants if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert not leftovers, f"processes left behind: {leftovers}"
+    with psycopg.connect(env["LOOKOUT_DATABASE_URL"]) as conn:
+        rows = conn.execute(
+            "SELECT count(*) FROM detections, jsonb_array_elements(objects) o WHERE o->>'class' = 'person'"
+        ).fetchone()
+        assert rows is not None and rows[0] > 0
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
