@@ -9,10 +9,14 @@ from minio import Minio
 from core.settings import Settings
 
 
-def create_s3_client(settings: Settings) -> Minio:
-    """A blocking MinIO client; call it from a thread (``asyncio.to_thread``) in async code."""
+def create_s3_client(settings: Settings, *, public: bool = False) -> Minio:
+    """A blocking MinIO client; call it from a thread (``asyncio.to_thread``) in async code.
+
+    ``public``: a client for signing links at ``s3_public_endpoint`` (signing makes no request).
+    """
+    endpoint = (settings.s3_public_endpoint or settings.s3_endpoint) if public else settings.s3_endpoint
     return Minio(
-        settings.s3_endpoint,
+        endpoint,
         access_key=settings.s3_access_key,
         secret_key=settings.s3_secret_key.get_secret_value(),
         secure=settings.s3_secure,

@@ -31,7 +31,7 @@ def get_s3(request: Request, settings: SettingsDep) -> Minio:
     """One S3 client per app, made on first use (signing links needs no request to S3)."""
     client = getattr(request.app.state, "s3", None)
     if client is None:
-        client = create_s3_client(settings)
+        client = create_s3_client(settings, public=True)
         request.app.state.s3 = client
     return cast(Minio, client)
 
