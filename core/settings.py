@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     s3_region: str = "us-east-1"
     s3_bucket_frames: str = "lookout-frames"
     s3_presign_expiry_s: int = 3600
+    # host:port that users' browsers reach S3 at, for presigned links (empty: s3_endpoint). In
+    # compose the services reach `minio:9000`, which a browser on the host cannot resolve.
+    s3_public_endpoint: str = ""
 
     # Temporal
     temporal_address: str = "127.0.0.1:7233"
@@ -73,6 +76,15 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     max_url_length: int = 2048
+
+    # Prometheus metrics of the workers, at http://metrics_host:PORT/metrics (the API serves /metrics
+    # on its own port); 0 turns a worker's endpoint off
+    metrics_host: str = "127.0.0.1"
+    metrics_port_runner: int = 9101
+    metrics_port_ml: int = 9102
+    metrics_port_relay: int = 9103
+    metrics_port_bridge: int = 9104
+    metrics_port_worker: int = 9105
 
     # Embedded local stack
     data_dir: Path = Field(default=Path(".lookout"))
