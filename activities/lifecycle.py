@@ -15,6 +15,7 @@ from temporalio import activity
 
 from activities.models import RecordedState, StateChange, StreamRecord
 from core.messages import StopCommand
+from core.metrics import STATES_RECORDED
 from core.settings import Settings
 from core.states import StreamState, may_advance
 
@@ -97,6 +98,7 @@ class LifecycleActivities:
                 change.source,
                 change.event_id,
             )
+        STATES_RECORDED.labels(change.state.value).inc()
         log.info(
             "state recorded",
             extra={

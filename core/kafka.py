@@ -7,15 +7,20 @@ transactional producers fail, so none of them is used here.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
 from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import IllegalStateError, KafkaError, TopicAlreadyExistsError
 
+from core.metrics import CONSUMER_LAG
 from core.settings import Settings
+
+POSITION_WAIT_S = 0.05  # a partition whose position is being reset is skipped, not waited for
 
 
 def create_producer(
@@ -117,3 +122,43 @@ async def load_partition_logs(settings: Settings, topics: list[str] | None = Non
         await consumer.getmany(*partitions, timeout_ms=1000)
     finally:
         await consumer.stop()
+
+
+class ConsumerLagReporter:
+    """Keeps ``lookout_consumer_lag`` of one consumer up to date, per topic, over its own partitions.
+
+    The lag of a partition is ``highwater - position``: the records not yet handed to the service.
+    aiokafka learns the highwater from every fetch response, so no extra request is made (DESIGN.md:
+    the embedded broker has no ``end_offsets``). A partition not fetched yet is left out.
+    """
+
+    def __init__(self, consumer: AIOKafkaConsumer, group_id: str, *, interval_s: float = 1.0) -> None:
+        self._consumer = consumer
+        self._group_id = group_id
+        self._interval_s = interval_s
+        self._next_at = 0.0
+        self._topics: set[str] = set()
+        self.lag: dict[str, int] = {}  # the last values set, by topic
+
+    async def update(self) -> None:
+        """Recompute the gauge, at most once per interval; call it from the consuming loop."""
+        now = time.monotonic()
+        if now < self._next_at:
+            return
+        self._next_at = now + self._interval_s
+        lag: dict[str, int] = {}
+        for tp in self._consumer.assignment():
+            try:
+                highwater = self._consumer.highwater(tp)
+                if highwater is None:
+                    continue
+                position = await asyncio.wait_for(self._consumer.position(tp), POSITION_WAIT_S)
+            except (AssertionError, IllegalStateError, KafkaError, TimeoutError):
+                continue  # revoked meanwhile, or its position is being reset
+            lag[tp.topic] = lag.get(tp.topic, 0) + max(0, highwater - position)
+        for topic, records in lag.items():
+            CONSUMER_LAG.labels(self._group_id, topic).set(records)
+        for gone in self._topics - lag.keys():  # none of its partitions is this member's any more
+            CONSUMER_LAG.remove(self._group_id, gone)
+        self._topics = set(lag)
+        self.lag = lag

@@ -1,7 +1,9 @@
 """Structured logs: one JSON object per line, with the service and, where known, the stream id.
 
 Usage: ``log = logging.getLogger(__name__)``; ``log.info("frame published", extra={"stream_id": sid})``.
-Every key passed in ``extra`` lands in the JSON line.
+Every key passed in ``extra`` lands in the JSON line. A process that serves one stream (the runner's
+capture process, ML's detection process) passes its stream id to ``configure_logging``, so that every
+line it writes carries it, libraries' lines included.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"mess
 class JsonFormatter(logging.Formatter):
     """Formats a record as one JSON line: time, level, service, logger, event and the extras."""
 
-    def __init__(self, service: str) -> None:
+    def __init__(self, service: str, *, defaults: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.service = service
+        self.defaults = defaults or {}
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -34,17 +37,30 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 line[key] = value
+        for key, value in self.defaults.items():
+            line.setdefault(key, value)
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         return json.dumps(line, default=str)
 
 
-def configure_logging(service: str, level: str | None = None) -> None:
-    """Send every log record of this process to stderr as JSON lines (``LOOKOUT_LOG_LEVEL``)."""
+def configure_logging(service: str, level: str | None = None, *, stream_id: str | None = None) -> None:
+    """Send every log record of this process to stderr as JSON lines (``LOOKOUT_LOG_LEVEL``).
+
+    ``stream_id``: the stream this whole process serves; it goes on every line that names no other.
+    """
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter(service))
+    defaults = {"stream_id": stream_id} if stream_id is not None else None
+    handler.setFormatter(JsonFormatter(service, defaults=defaults))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level or os.environ.get("LOOKOUT_LOG_LEVEL", "INFO"))
-    for noisy in ("aiokafka", "temporalio.activity", "temporalio.workflow", "uvicorn.access", "minio"):
+    for noisy in (
+        "aiokafka",
+        "temporalio.activity",
+        "temporalio.workflow",
+        "uvicorn.access",
+        "minio",
+        "httpx",
+    ):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

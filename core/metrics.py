@@ -1,24 +1,43 @@
-"""Prometheus metrics shared by Lookout's services (one definition, every service imports it).
+"""Every Prometheus metric of Lookout, defined once; each service imports the ones it updates.
 
-The API serves them at ``/metrics``; each worker serves its own registry on its metrics port
-(``start_metrics_server``). Per-stream series carry the ``stream_id`` label.
+The API serves them at ``/metrics``; each worker serves its process's registry on its own port
+(``start_metrics_server``, ``Settings.metrics_port_*``). Per-stream series carry the ``stream_id``
+label and are removed when the stream ends in that process (``forget_stream``), so the number of
+series follows the running streams. Counts made in a per-stream child process (runner capture, ML
+detection) are reported to the parent over the existing pipe and counted here by the parent.
 """
 
 from __future__ import annotations
 
 import logging
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger(__name__)
 
+# --- per stream: runner ------------------------------------------------------------------------------
+
 FRAMES_READ = Counter("lookout_frames_read_total", "Frames read from the camera", ["stream_id"])
-FRAMES_PUBLISHED = Counter("lookout_frames_published_total", "Frames published to Kafka", ["stream_id"])
-FRAMES_PROCESSED = Counter("lookout_frames_processed_total", "Frames run through the model", ["stream_id"])
-FRAMES_DROPPED = Counter(
-    "lookout_frames_dropped_total", "Frames dropped by a full per-stream queue (oldest first)", ["stream_id"]
+FRAMES_PUBLISHED = Counter(
+    "lookout_frames_published_total", "Sampled frames published to the frames topic", ["stream_id"]
 )
-DETECTIONS_STORED = Counter("lookout_detections_stored_total", "Detection rows inserted", ["stream_id"])
+
+# --- per stream: runner and ml -----------------------------------------------------------------------
+
+FRAMES_DROPPED = Counter(
+    "lookout_frames_dropped_total",
+    "Frames dropped, oldest first, by a full per-stream queue: the runner's (Kafka slower than the "
+    "camera) or ML's (the model slower than the frames)",
+    ["service", "stream_id"],
+)
+
+# --- per stream: ml ----------------------------------------------------------------------------------
+
+FRAMES_PROCESSED = Counter("lookout_frames_processed_total", "Frames run through the model", ["stream_id"])
+DETECTIONS_STORED = Counter(
+    "lookout_detections_stored_total", "Detection rows inserted (one per frame with objects)", ["stream_id"]
+)
 INFERENCE_SECONDS = Histogram(
     "lookout_inference_seconds",
     "Model inference time per frame",
@@ -27,20 +46,84 @@ INFERENCE_SECONDS = Histogram(
 )
 CAPTURE_TO_ROW_SECONDS = Histogram(
     "lookout_capture_to_row_seconds",
-    "From the frame's capture to its detection row in Postgres",
+    "From the frame's capture by the runner to its detection row in Postgres",
     ["stream_id"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
 )
-OUTBOX_BACKLOG = Gauge("lookout_outbox_backlog", "Outbox rows not yet published")
-CONSUMER_LAG = Gauge("lookout_consumer_lag", "Records behind the partition's end", ["group", "topic"])
+
+PER_STREAM = (
+    FRAMES_READ,
+    FRAMES_PUBLISHED,
+    FRAMES_DROPPED,
+    FRAMES_PROCESSED,
+    DETECTIONS_STORED,
+    INFERENCE_SECONDS,
+    CAPTURE_TO_ROW_SECONDS,
+)
+
+# --- Kafka consumers ---------------------------------------------------------------------------------
+
+CONSUMER_LAG = Gauge(
+    "lookout_consumer_lag",
+    "Records behind the end of the topic, summed over this member's partitions (highwater - position)",
+    ["group", "topic"],
+)
 BAD_MESSAGES = Counter(
     "lookout_bad_messages_total", "Malformed messages logged and skipped", ["service", "topic"]
 )
+
+# --- outbox relay ------------------------------------------------------------------------------------
+
+OUTBOX_BACKLOG = Gauge("lookout_outbox_backlog", "Outbox rows not yet published (all relays)")
+OUTBOX_PUBLISHED = Counter("lookout_outbox_published", "Outbox rows this relay published to Kafka")
+OUTBOX_PUBLISH_FAILURES = Counter("lookout_outbox_publish_failures", "Outbox rows whose publish failed")
+
+# --- state-manager bridge ----------------------------------------------------------------------------
+
+BRIDGE_SIGNALLED = Counter(
+    "lookout_bridge_events_signalled", "State events signalled to their lifecycle workflow"
+)
+BRIDGE_DEAD_LETTERED = Counter(
+    "lookout_bridge_events_dead_lettered", "Messages sent to the dead-letter topic"
+)
+BRIDGE_SIGNAL_RETRIES = Counter(
+    "lookout_bridge_signal_retries", "Signals retried because Temporal was unavailable"
+)
+
+# --- Temporal worker ---------------------------------------------------------------------------------
+
+STATES_RECORDED = Counter(
+    "lookout_states_recorded", "Lifecycle states written to Postgres by the workflow's activity", ["state"]
+)
+
+# --- API ---------------------------------------------------------------------------------------------
+
+API_STREAMS_STARTED = Counter("lookout_api_streams_started", "Streams accepted by POST /init")
+API_INIT_REPLAYS = Counter("lookout_api_init_replays", "POST /init answered from an Idempotency-Key")
+API_SHUTDOWNS_ACCEPTED = Counter("lookout_api_shutdowns_accepted", "Shutdowns accepted by POST /shutdown")
+
+# --- supervision -------------------------------------------------------------------------------------
+
 SERVICE_RESTARTS = Counter("lookout_service_restarts_total", "Supervised service restarts", ["service"])
 
 
-def start_metrics_server(port: int) -> None:
-    """Serve this process's metrics on ``127.0.0.1:port`` (0 disables it)."""
-    if port:
-        start_http_server(port, addr="127.0.0.1")
-        log.info("metrics served", extra={"port": port})
+def forget_stream(stream_id: str) -> None:
+    """Drop every per-stream series of ``stream_id`` from this process (the stream ended here)."""
+    for metric in PER_STREAM:
+        metric.remove_by_labels({"stream_id": stream_id})
+
+
+def start_metrics_server(port: int, host: str = "127.0.0.1") -> WSGIServer | None:
+    """Serve this process's metrics on ``host:port`` in a daemon thread; None when ``port`` is 0.
+
+    A port already taken is logged, not raised: metrics are not worth a service that will not start.
+    """
+    if not port:
+        return None
+    try:
+        server, _thread = start_http_server(port, addr=host)
+    except OSError as err:
+        log.error("metrics not served", extra={"host": host, "port": port, "error": repr(err)})
+        return None
+    log.info("metrics served", extra={"host": host, "port": port})
+    return server

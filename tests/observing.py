@@ -1,4 +1,5 @@
-"""Watching what the services do, for assertions: records on a topic, conditions that become true."""
+"""Watching what the services do, for assertions: records on a topic, metric samples, conditions
+that become true."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import uuid
 from collections.abc import Callable
 
 from aiokafka import ConsumerRecord
+from prometheus_client import REGISTRY
 
 from core.kafka import create_consumer
 from core.settings import Settings
@@ -55,3 +57,9 @@ async def eventually(check: Callable[[], object], timeout_s: float = 20.0, inter
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met after {timeout_s}s")
         await asyncio.sleep(interval_s)
+
+
+def sample(name: str, **labels: str) -> float:
+    """The value of a sample in this process's Prometheus registry; 0 when it has none yet."""
+    value = REGISTRY.get_sample_value(name, labels)
+    return 0.0 if value is None else value

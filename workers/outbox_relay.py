@@ -8,7 +8,8 @@ out in order, also with several relays: a per-stream advisory lock gives each st
 at a time, and a row that fails holds back the later rows of its stream, so a ``stop`` never
 overtakes its ``start``. A failed row stays unsent with ``attempts`` and ``last_error``; the relay
 backs off while nothing goes out and retries. It wakes on ``LISTEN lookout_outbox`` and polls
-slowly as a safety net.
+slowly as a safety net. After every batch (and every failed attempt) it counts the unsent rows into
+the ``lookout_outbox_backlog`` gauge, so a broker outage shows as a growing backlog.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from dataclasses import dataclass
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
-from prometheus_client import Counter
 
 from core.db import create_pool
 from core.kafka import create_producer
 from core.logs import configure_logging
+from core.metrics import OUTBOX_BACKLOG, OUTBOX_PUBLISH_FAILURES, OUTBOX_PUBLISHED, start_metrics_server
 from core.outbox import NOTIFY_CHANNEL
 from core.settings import Settings, get_settings
 from workers.backoff import Backoff, wait_any
@@ -36,9 +37,7 @@ log = logging.getLogger(__name__)
 STREAM_LOCK_SPACE = 0x6C6F6F6B
 CONTENDED_RETRY_S = 0.5
 STREAM_CANDIDATES_PER_ROW = 4  # streams looked at per batch row, so a second relay finds free ones
-
-PUBLISHED = Counter("lookout_outbox_published", "Outbox rows published to Kafka")
-PUBLISH_FAILURES = Counter("lookout_outbox_publish_failures", "Outbox rows whose publish failed")
+BACKLOG_QUERY_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -86,6 +85,7 @@ class OutboxRelay:
                 except Exception as err:
                     log.warning("outbox relay batch failed", extra={"error": repr(err)})
                     result = None
+                await self.measure_backlog()
                 # back off only when nothing goes out: a single refused row must not slow the others
                 if result is None or (result.failed and not result.sent):
                     await wait_any(stop, None, backoff.next_delay())
@@ -126,9 +126,9 @@ class OutboxRelay:
                     "UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE id = $1",
                     [(row["id"], _describe(error)) for row, error in failed],
                 )
-        PUBLISHED.inc(len(sent))
+        OUTBOX_PUBLISHED.inc(len(sent))
         self.sent_total += len(sent)
-        PUBLISH_FAILURES.inc(len(failed))
+        OUTBOX_PUBLISH_FAILURES.inc(len(failed))
         if failed:
             log.warning(
                 "outbox publish failed",
@@ -144,6 +144,18 @@ class OutboxRelay:
             )
             log.info("outbox rows published", extra={"count": len(sent), "stream_ids": stream_ids[:50]})
         return BatchResult(claimed=len(rows), sent=len(sent), failed=len(failed), contended=contended)
+
+    async def measure_backlog(self) -> int | None:
+        """Set ``lookout_outbox_backlog`` to the number of unsent rows; None when Postgres did not answer."""
+        try:
+            unsent: int = await self._pool.fetchval(
+                "SELECT count(*) FROM outbox WHERE sent_at IS NULL", timeout=BACKLOG_QUERY_TIMEOUT_S
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as err:
+            log.debug("outbox backlog not measured", extra={"error": repr(err)})
+            return None
+        OUTBOX_BACKLOG.set(unsent)
+        return unsent
 
     async def _claim(self, conn: asyncpg.Connection) -> tuple[list[asyncpg.Record], bool]:
         """Lock the streams with the oldest unsent rows that no other relay holds, then claim their rows.
@@ -314,5 +326,7 @@ async def _connect_pool(settings: Settings, stop: asyncio.Event) -> asyncpg.Pool
 
 def main() -> None:
     configure_logging("outbox-relay")
+    settings = get_settings()
+    start_metrics_server(settings.metrics_port_relay, settings.metrics_host)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(get_settings()))
+        asyncio.run(serve(settings))

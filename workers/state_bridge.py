@@ -20,13 +20,19 @@ from functools import partial
 from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from prometheus_client import Counter
 from pydantic import ValidationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from core.kafka import create_consumer, create_producer
+from core.kafka import ConsumerLagReporter, create_consumer, create_producer
 from core.logs import configure_logging
 from core.messages import StateEvent
+from core.metrics import (
+    BAD_MESSAGES,
+    BRIDGE_DEAD_LETTERED,
+    BRIDGE_SIGNAL_RETRIES,
+    BRIDGE_SIGNALLED,
+    start_metrics_server,
+)
 from core.settings import Settings, get_settings
 from core.temporal import connect_temporal
 from workers.backoff import Backoff, wait_any
@@ -47,11 +53,6 @@ TRANSIENT_STATUSES = frozenset(
         RPCStatusCode.CANCELLED,
     }
 )
-
-SIGNALLED = Counter("lookout_bridge_events_signalled", "State events signalled to their lifecycle workflow")
-MALFORMED = Counter("lookout_bridge_events_malformed", "Messages on the states topic that are no state event")
-DEAD_LETTERED = Counter("lookout_bridge_events_dead_lettered", "Messages sent to the dead-letter topic")
-SIGNAL_RETRIES = Counter("lookout_bridge_signal_retries", "Signals retried because Temporal was unavailable")
 
 Signaller = Callable[[StateEvent], Awaitable[object]]
 _KafkaClient = TypeVar("_KafkaClient", AIOKafkaConsumer, AIOKafkaProducer)
@@ -123,6 +124,7 @@ class StateBridge:
             if producer is None or consumer is None:
                 return
             log.info("state bridge started", extra={"group_id": self._group_id})
+            lag = ConsumerLagReporter(consumer, self._group_id)
             fetch_backoff = Backoff(max_s=self._max_backoff_s)
             while not stop.is_set():
                 try:
@@ -136,6 +138,7 @@ class StateBridge:
                     self.assigned.set()
                 for tp, records in batch.items():
                     await self._handle_partition(consumer, producer, tp, records, stop)
+                await lag.update()
         except _Stopped:
             pass
         finally:
@@ -186,7 +189,7 @@ class StateBridge:
         try:
             event = parse_state_event(record.value)
         except MalformedEvent as err:
-            MALFORMED.inc()
+            BAD_MESSAGES.labels("state-bridge", record.topic).inc()
             log.warning(
                 "malformed state event skipped",
                 extra={
@@ -222,7 +225,7 @@ class StateBridge:
                 if err.status not in TRANSIENT_STATUSES:
                     log.error("signal rejected", extra={**context, "error": repr(err)})
                     return f"signal rejected: {err.status.name}: {err.message}"[:500]
-                SIGNAL_RETRIES.inc()
+                BRIDGE_SIGNAL_RETRIES.inc()
                 log.warning("temporal unavailable, signal retried", extra={**context, "error": repr(err)})
             except Exception as err:
                 unexpected += 1
@@ -230,7 +233,7 @@ class StateBridge:
                 if unexpected >= self._max_unexpected_failures:
                     return f"signal failed {unexpected} times: {type(err).__name__}: {err}"[:500]
             else:
-                SIGNALLED.inc()
+                BRIDGE_SIGNALLED.inc()
                 log.info("state event signalled", extra=context)
                 return None
             await wait_any(stop, None, backoff.next_delay())
@@ -262,7 +265,7 @@ class StateBridge:
                 log.warning("dead-letter publish failed", extra={"error": repr(err), "offset": record.offset})
                 await wait_any(stop, None, backoff.next_delay())
                 continue
-            DEAD_LETTERED.inc()
+            BRIDGE_DEAD_LETTERED.inc()
             return
 
     async def _commit(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
@@ -297,5 +300,7 @@ async def serve(settings: Settings) -> None:
 
 def main() -> None:
     configure_logging("state-bridge")
+    settings = get_settings()
+    start_metrics_server(settings.metrics_port_bridge, settings.metrics_host)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(get_settings()))
+        asyncio.run(serve(settings))

@@ -15,6 +15,7 @@ from temporalio.worker import Worker
 from activities.lifecycle import LifecycleActivities
 from core.db import create_pool
 from core.logs import configure_logging
+from core.metrics import start_metrics_server
 from core.settings import Settings, get_settings
 from core.temporal import connect_temporal
 from workflows.stream_lifecycle import StreamLifecycle
@@ -55,5 +56,7 @@ async def serve(settings: Settings) -> None:
 
 def main() -> None:
     configure_logging("temporal-worker")
+    settings = get_settings()
+    start_metrics_server(settings.metrics_port_worker, settings.metrics_host)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(get_settings()))
+        asyncio.run(serve(settings))

@@ -9,7 +9,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from fastapi.exceptions import RequestValidationError
 
-from api import metrics
 from api.deps import DbDep, SettingsDep
 from api.schemas import (
     MAX_IDEMPOTENCY_KEY_LENGTH,
@@ -27,6 +26,7 @@ from api.stream_store import (
     list_streams,
     request_shutdown,
 )
+from core import metrics
 from core.messages import StreamOptions
 from core.settings import Settings
 from core.states import StreamState
@@ -92,10 +92,10 @@ async def init_stream(
         ) from None
     stream = outcome.stream
     if outcome.created:
-        metrics.STREAMS_STARTED.inc()
+        metrics.API_STREAMS_STARTED.inc()
         log.info("stream accepted", extra={"stream_id": str(stream.id), "url": stream.url_redacted})
     else:
-        metrics.STREAMS_REPLAYED.inc()
+        metrics.API_INIT_REPLAYS.inc()
         response.headers["Idempotent-Replayed"] = "true"
         log.info("stream init replayed", extra={"stream_id": str(stream.id)})
     return to_view(stream, settings)
@@ -123,7 +123,7 @@ async def shutdown_stream(
     if outcome is None:
         raise _not_found(target)
     if outcome.accepted:
-        metrics.SHUTDOWNS_ACCEPTED.inc()
+        metrics.API_SHUTDOWNS_ACCEPTED.inc()
         log.info("shutdown accepted", extra={"stream_id": str(target)})
     else:
         response.status_code = status.HTTP_200_OK

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import signal
 import uuid
 from collections.abc import AsyncIterator
@@ -12,51 +10,22 @@ from collections.abc import AsyncIterator
 import asyncpg
 import httpx
 import pytest
-from pydantic import SecretStr
 
 from core.outbox import OutboxMessage, enqueue
 from core.settings import Settings
 from deploy import servers
 from tests.observing import consume, eventually
 from tests.running_services import isolated_settings
+from tests.service_processes import ServiceProcess, start_service
 
 pytestmark = pytest.mark.integration
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    """``settings`` as the LOOKOUT_* environment a service process reads."""
-    env = {}
-    for name, value in settings.model_dump().items():
-        if isinstance(value, SecretStr):
-            value = value.get_secret_value()
-        env[f"LOOKOUT_{name.upper()}"] = str(value)
-    return env
-
-
-class ServiceProcess:
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.proc.stderr is not None
-        async for line in self.proc.stderr:
-            self.lines.append(line.decode().rstrip("\n"))
-
-    def logged(self, event: str) -> bool:
-        return any(f'"event": "{event}"' in line for line in self.lines)
-
-    async def terminate(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(self.proc.wait(), 30)
-        await self._reader
-        return code
-
-
 @pytest.fixture
 async def script_settings(settings: Settings) -> Settings:
-    return await isolated_settings(settings, api_port=servers.free_port())
+    # tests/metrics checks the metrics ports; here they stay off, so no fixed port is ever taken
+    no_metrics = {f"metrics_port_{name}": 0 for name in ("runner", "ml", "relay", "bridge", "worker")}
+    return await isolated_settings(settings, api_port=servers.free_port(), **no_metrics)
 
 
 @pytest.fixture
@@ -64,21 +33,12 @@ async def run_script(script_settings: Settings) -> AsyncIterator[object]:
     started: list[ServiceProcess] = []
 
     async def start(name: str) -> ServiceProcess:
-        proc = await asyncio.create_subprocess_exec(
-            servers.venv_bin(name),
-            env={**os.environ, **settings_env(script_settings), "LOOKOUT_LOG_LEVEL": "INFO"},
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        started.append(ServiceProcess(proc))
+        started.append(await start_service(name, script_settings))
         return started[-1]
 
     yield start
     for service in started:
-        if service.proc.returncode is None:
-            service.proc.kill()
-            await service.proc.wait()
+        await service.kill()
 
 
 def assert_json_lines(service: ServiceProcess, name: str) -> None:

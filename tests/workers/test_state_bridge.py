@@ -15,9 +15,8 @@ from core.messages import EventKind, Service, StateEvent
 from core.settings import Settings
 from core.states import StreamState
 from core.temporal import STREAM_ID, connect_temporal, workflow_id
-from tests.observing import consume, eventually
+from tests.observing import consume, eventually, sample
 from tests.running_services import isolated_settings, private_broker, private_temporal, running_bridge
-from workers import state_bridge
 from workers.state_bridge import MalformedEvent, parse_state_event
 
 pytestmark = pytest.mark.integration
@@ -115,7 +114,8 @@ async def test_malformed_messages_are_dead_lettered_counted_and_skipped(bridge_s
         state_event(stream_id="not-a-uuid").model_dump_json().encode(),
     ]
     await publish(bridge_settings, *malformed, good.model_dump_json().encode())
-    counted_before = state_bridge.MALFORMED._value.get()
+    bad_on_states = {"service": "state-bridge", "topic": bridge_settings.topic_states}
+    counted_before = sample("lookout_bad_messages_total", **bad_on_states)
 
     signaller = RecordingSignaller()
     async with running_bridge(bridge_settings, signal_event=signaller):
@@ -131,7 +131,7 @@ async def test_malformed_messages_are_dead_lettered_counted_and_skipped(bridge_s
         assert headers["error"].startswith(b"malformed: ")
         assert headers["source_topic"] == bridge_settings.topic_states.encode()
         assert int(headers["source_offset"]) >= 0
-    assert state_bridge.MALFORMED._value.get() - counted_before == 3
+    assert sample("lookout_bad_messages_total", **bad_on_states) - counted_before == 3
 
 
 async def test_signal_retried_while_temporal_is_unavailable_and_the_offset_committed_only_after(
@@ -209,15 +209,17 @@ async def test_a_real_temporal_outage_delays_the_signal_without_losing_or_dead_l
     try:
         on_private = bridge_settings.model_copy(update={"temporal_address": temporal.address})
         event = state_event(service=Service.API, state=StreamState.INIT_STARTUP)
-        retries_before = state_bridge.SIGNAL_RETRIES._value.get()
-        dead_before = state_bridge.DEAD_LETTERED._value.get()
+        retries_before = sample("lookout_bridge_signal_retries_total")
+        dead_before = sample("lookout_bridge_events_dead_lettered_total")
 
         async with running_bridge(on_private, max_backoff_s=1.0) as bridge:
             await asyncio.wait_for(bridge.assigned.wait(), 15)
             await temporal.stop_async()
             await publish(on_private, event.model_dump_json().encode(), key=event.stream_id.encode())
             # the SDK retries for a while itself before it reports UNAVAILABLE to the bridge
-            await eventually(lambda: state_bridge.SIGNAL_RETRIES._value.get() > retries_before, timeout_s=40)
+            await eventually(
+                lambda: sample("lookout_bridge_signal_retries_total") > retries_before, timeout_s=40
+            )
             await temporal.start_async()
             client = await connect_temporal(on_private)
             handle = client.get_workflow_handle(workflow_id(event.stream_id))
@@ -231,7 +233,7 @@ async def test_a_real_temporal_outage_delays_the_signal_without_losing_or_dead_l
 
             await eventually(started, timeout_s=40)
 
-        assert state_bridge.DEAD_LETTERED._value.get() == dead_before
+        assert sample("lookout_bridge_events_dead_lettered_total") == dead_before
         await handle.terminate("test cleanup")
     finally:
         await temporal.stop_async()

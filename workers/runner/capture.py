@@ -5,7 +5,8 @@ decides: a connection that does not open within the open timeout, or that delive
 the read timeout (a frozen camera), is abandoned and replaced, with exponential backoff, until the
 reconnect budget since the stream was lost is spent; then the failure is reported to the runner and
 the process exits. Frames go to the frames topic as raw JPEG with ``FrameHeaders``; the runner is told
-once the first frame is out. The child also stops when the runner dies.
+once the first frame is out, and twice a second how many frames were read, published and dropped
+(it keeps the stream's metrics). The child also stops when the runner dies.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from workers.runner.frames import EncodedFrame
 from workers.runner.process import (
     EXIT_FAILED,
     EXIT_STOPPED,
+    CaptureCounts,
     CaptureFailed,
     CaptureSpec,
     FirstFramePublished,
@@ -47,12 +49,13 @@ BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 5.0
 FRAME_QUEUE_SIZE = 8  # frames waiting for Kafka; the oldest is dropped beyond this
 PRODUCER_CLOSE_S = 2.0
+COUNTS_INTERVAL_S = 0.5  # how often the frame counts go to the runner (for its metrics)
 
 
 def run_capture_process(spec: CaptureSpec, stop: ProcessEvent, reports: Connection) -> None:
     """Process entry: run the capture session until stopped or lost, then exit with its code."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the runner decides
-    configure_logging("runner")
+    configure_logging("runner", stream_id=spec.stream_id)
     configure_ffmpeg_capture()
     parent = multiprocessing.parent_process()
 
@@ -93,8 +96,24 @@ class CaptureSession:
         self._reader: CameraReader | None = None
         self._seq = 0
         self._first_reported = False
+        self._read_by_ended_readers = 0
+        self.frames_published = 0
         self.frames_dropped = 0
         self._log_extra = {"stream_id": spec.stream_id, "url": redact_url(spec.url)}
+
+    @property
+    def frames_read(self) -> int:
+        """Frames read from the camera over every connection of this session."""
+        current = self._reader.frames_grabbed if self._reader is not None else 0
+        return self._read_by_ended_readers + current
+
+    def counts(self) -> CaptureCounts:
+        """The session's frame counts so far."""
+        return CaptureCounts(
+            frames_read=self.frames_read,
+            frames_published=self.frames_published,
+            frames_dropped=self.frames_dropped,
+        )
 
     async def run(self) -> int:
         """Capture until stopped (``EXIT_STOPPED``) or lost for good (``EXIT_FAILED``, reason reported)."""
@@ -109,6 +128,7 @@ class CaptureSession:
             stop,
             asyncio.create_task(self._supervise()),
             asyncio.create_task(self._publish_frames(producer)),
+            asyncio.create_task(self._report_counts()),
         }
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -129,11 +149,22 @@ class CaptureSession:
                 await asyncio.wait_for(producer.stop(), PRODUCER_CLOSE_S)
             except (KafkaError, OSError, TimeoutError):
                 log.warning("frames producer did not close cleanly", extra=self._log_extra)
+            self._report(self.counts())  # the last counts; the runner reads them before it reaps the child
 
     def _fail(self, reason: str) -> int:
         log.error("stream lost", extra={**self._log_extra, "reason": reason})
         self._report(CaptureFailed(reason))
         return EXIT_FAILED
+
+    async def _report_counts(self) -> None:
+        """Send the frame counts to the runner whenever they changed, for its per-stream metrics."""
+        last = CaptureCounts()
+        while True:
+            await asyncio.sleep(COUNTS_INTERVAL_S)
+            counts = self.counts()
+            if counts != last:
+                self._report(counts)
+                last = counts
 
     async def _wait_for_stop(self) -> None:
         # The stop event belongs to multiprocessing, and the runner's liveness has no event: poll both.
@@ -174,6 +205,8 @@ class CaptureSession:
 
     def _start_reader(self) -> CameraReader:
         settings = self._settings
+        if self._reader is not None:
+            self._read_by_ended_readers += self._reader.frames_grabbed
         reader = CameraReader(
             url=self.spec.url,
             open_timeout_ms=settings.runner_open_timeout_ms,
@@ -255,6 +288,7 @@ class CaptureSession:
                 log.warning("frame not published", extra={**self._log_extra, "error": repr(exc)})
                 continue
             last_ok = time.monotonic()
+            self.frames_published += 1
             if not self._first_reported:
                 self._first_reported = True
                 self._report(FirstFramePublished())

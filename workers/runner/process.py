@@ -19,6 +19,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as ProcessEvent
 
+from core.metrics import FRAMES_DROPPED, FRAMES_PUBLISHED, FRAMES_READ
 from core.redact import redact_url
 from core.settings import Settings
 
@@ -45,6 +46,15 @@ class CaptureSpec:
 @dataclass(frozen=True)
 class FirstFramePublished:
     """Child → runner: the stream's first frame is on the frames topic."""
+
+
+@dataclass(frozen=True)
+class CaptureCounts:
+    """Child → runner: the stream's frame counts so far, sent while they change and once more at the end."""
+
+    frames_read: int = 0
+    frames_published: int = 0
+    frames_dropped: int = 0
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,7 @@ class CaptureProcess:
         self.started = False
         self.failure: str | None = None
         self.exitcode: int | None = None
+        self.counts = CaptureCounts()
 
     @property
     def stream_id(self) -> str:
@@ -167,8 +178,21 @@ class CaptureProcess:
         if isinstance(report, FirstFramePublished) and not self.started:
             self.started = True
             self._on_started(self)
+        elif isinstance(report, CaptureCounts):
+            self._count(report)
         elif isinstance(report, CaptureFailed):
             self.failure = report.reason
+
+    def _count(self, counts: CaptureCounts) -> None:
+        """Add what the child counted since its last report to the runner's metrics."""
+        sid, last = self.stream_id, self.counts
+        self.counts = counts
+        if counts.frames_read > last.frames_read:
+            FRAMES_READ.labels(sid).inc(counts.frames_read - last.frames_read)
+        if counts.frames_published > last.frames_published:
+            FRAMES_PUBLISHED.labels(sid).inc(counts.frames_published - last.frames_published)
+        if counts.frames_dropped > last.frames_dropped:
+            FRAMES_DROPPED.labels("runner", sid).inc(counts.frames_dropped - last.frames_dropped)
 
     def _on_sentinel(self) -> None:
         assert self._process is not None

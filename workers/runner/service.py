@@ -22,9 +22,10 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
-from core.kafka import create_consumer, create_producer, ensure_topics
+from core.kafka import ConsumerLagReporter, create_consumer, create_producer, ensure_topics
 from core.logs import configure_logging
 from core.messages import EventKind, Service, StartCommand, StateEvent, StopCommand, parse_command
+from core.metrics import BAD_MESSAGES, forget_stream, start_metrics_server
 from core.redact import redact_url
 from core.settings import Settings, get_settings
 from core.states import StreamState
@@ -57,6 +58,7 @@ class RunnerService:
         consumer = create_consumer(
             settings, settings.topic_commands, group_id=self.group_id, client_id="lookout-runner"
         )
+        lag = ConsumerLagReporter(consumer, self.group_id)
         try:
             await consumer.start()
             log.info(
@@ -70,6 +72,7 @@ class RunnerService:
                 await self._finish_stops()
                 if batch:
                     await consumer.commit()
+                await lag.update()
         finally:
             await self._shutdown()
             with contextlib.suppress(KafkaError, OSError):
@@ -84,6 +87,7 @@ class RunnerService:
             command = parse_command(record.value or b"")
         except ValidationError as exc:
             # The raw value may carry a URL with credentials: log where it was, never what it says.
+            BAD_MESSAGES.labels("runner", record.topic).inc()
             log.warning(
                 "malformed command skipped",
                 extra={"partition": record.partition, "offset": record.offset, "errors": exc.error_count()},
@@ -125,6 +129,7 @@ class RunnerService:
         except Exception as exc:
             log.exception("capture process did not start", extra={"stream_id": stream_id})
             self.streams.pop(stream_id, None)
+            forget_stream(stream_id)
             await self._publish(
                 stream_id, EventKind.ERROR, error=f"could not start the capture process: {exc!r}"
             )
@@ -146,6 +151,7 @@ class RunnerService:
             log.info("stop for a stream not running here; acknowledged", extra={"stream_id": stream_id})
         else:
             outcome = await process.stop()
+            forget_stream(stream_id)
             log.info("stream stopped", extra={"stream_id": stream_id, "error": outcome.error})
         await self._publish(stream_id, EventKind.ACK, error=outcome.error)
 
@@ -173,6 +179,7 @@ class RunnerService:
     def _on_failed(self, process: CaptureProcess, reason: str) -> None:
         if self.streams.get(process.stream_id) is process:
             del self.streams[process.stream_id]
+            forget_stream(process.stream_id)
         self._in_background(self._publish(process.stream_id, EventKind.ERROR, error=reason))
 
     def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -205,6 +212,7 @@ class RunnerService:
         self.streams.clear()
         await asyncio.gather(*(p.stop() for p in running), *self._stops.values(), return_exceptions=True)
         for process in running:
+            forget_stream(process.stream_id)
             await self._publish(
                 process.stream_id, EventKind.ERROR, error="runner shut down while the stream was running"
             )
@@ -226,7 +234,9 @@ async def serve(settings: Settings) -> None:
 def main() -> None:
     """Console script ``lookout-runner``."""
     configure_logging("runner")
-    asyncio.run(serve(get_settings()))
+    settings = get_settings()
+    start_metrics_server(settings.metrics_port_runner, settings.metrics_host)
+    asyncio.run(serve(settings))
 
 
 if __name__ == "__main__":
