@@ -67,7 +67,9 @@ def pg_url(pg_admin_url: str) -> Iterator[str]:
 def s3_endpoint(servers_dir: Path) -> Iterator[str]:
     """A juicefs S3 gateway (MinIO server code) in a temp folder; yields ``host:port``."""
     port = servers.free_port()
-    proc = servers.s3_gateway(servers_dir / "s3", port, S3_ACCESS_KEY, S3_SECRET_KEY).start(die_with_parent=True)
+    proc = servers.s3_gateway(servers_dir / "s3", port, S3_ACCESS_KEY, S3_SECRET_KEY).start(
+        die_with_parent=True
+    )
     try:
         yield f"127.0.0.1:{port}"
     finally:

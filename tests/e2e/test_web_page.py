@@ -8,38 +8,25 @@ state bridge, Temporal worker), S3 for the annotated frames.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
 import re
 import shutil
-import socket
-import threading
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-import uvicorn
 from playwright.async_api import Browser, ConsoleMessage, Page, Request, async_playwright, expect
 
-from api.main import create_app
 from core.settings import Settings
 from deploy.camera.control import TestCamera, free_port
 from tests.conftest import make_settings
-from tests.running_services import (
-    LifecycleStack,
-    isolated_settings,
-    running_api,
-    running_lifecycle,
-    wait_for_state,
-)
-from workers.ml.service import MLService
-from workers.runner.service import RunnerService
+from tests.e2e.pipeline import pipeline_settings, running_pipeline, served_api
+from tests.running_services import running_api, wait_for_state
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -54,33 +41,6 @@ CHROMIUM_ARGS = [
 CAMERA_PASSWORD = "page-must-not-show-this"
 
 log = logging.getLogger(__name__)
-
-
-# --- serving the API over HTTP for the browser ----------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def served_api(settings: Settings) -> AsyncIterator[str]:
-    """``create_app(settings)`` behind uvicorn on a free port, in a thread with its own event loop."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    host, port = sock.getsockname()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), log_config=None, access_log=False, timeout_graceful_shutdown=5)
-    )
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="api-http", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the API did not start serving HTTP")
-            await asyncio.sleep(0.05)
-        yield f"http://{host}:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.to_thread(thread.join, 30)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -193,30 +153,6 @@ async def test_page_shows_why_init_refused_a_stream(
 # --- end to end: the real pipeline behind the page --------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def camera(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCamera]:
-    cam = TestCamera(log_dir=tmp_path_factory.mktemp("camera")).start(mounts=["cam1"])
-    yield cam
-    cam.stop()
-
-
-@contextlib.asynccontextmanager
-async def running_pipeline(settings: Settings) -> AsyncIterator[LifecycleStack]:
-    """Lifecycle, runner and ML on ``settings``, each in consumer groups of its own."""
-    tag = uuid.uuid4().hex[:8]
-    runner = asyncio.create_task(RunnerService(settings, group_id=f"web-runner-{tag}").run(), name="runner")
-    try:
-        async with (
-            MLService(settings, group_id=f"web-ml-{tag}"),
-            running_lifecycle(settings) as stack,
-        ):
-            yield stack
-    finally:
-        runner.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await runner
-
-
 async def loaded_gallery_images(page: Page) -> list[dict[str, Any]]:
     images: list[dict[str, Any]] = await page.eval_on_selector_all(
         "#gallery img",
@@ -229,24 +165,17 @@ async def loaded_gallery_images(page: Page) -> list[dict[str, Any]]:
 async def test_stream_started_from_the_page_runs_shows_annotated_frames_and_stops(
     browser: Browser, settings: Settings, camera: TestCamera, tmp_path: Path
 ) -> None:
-    pipeline_settings = await isolated_settings(
+    web_settings = await pipeline_settings(
         settings,
-        topic_frames=f"lookout.frames.{uuid.uuid4().hex[:8]}",
-        kafka_heartbeat_ms=500,
-        kafka_fetch_max_wait_ms=20,
-        runner_max_side=640,
-        runner_open_timeout_ms=2000,
-        runner_read_timeout_ms=2000,
-        runner_reconnect_budget_s=3.0,
         ml_store_empty_frames=False,
-        # the model loads in a fresh process: on a busy 2-core machine that alone can take 20 s
+        # generous: this test is about the page; test_pipeline.py holds the startup bound
         startup_deadline_s=90.0,
     )
     camera_url = camera.url("cam1").replace("rtsp://", f"rtsp://viewer:{CAMERA_PASSWORD}@")
     nobody_there = f"rtsp://127.0.0.1:{free_port()}/cam1"
     async with (
-        running_pipeline(pipeline_settings) as stack,
-        served_api(pipeline_settings) as base_url,
+        running_pipeline(web_settings) as pipeline,
+        served_api(web_settings) as base_url,
         open_page(browser, base_url) as (page, watch),
     ):
         # a stream whose camera does not answer: it ends in inactive_error, with the reason shown
@@ -275,7 +204,7 @@ async def test_stream_started_from_the_page_runs_shows_annotated_frames_and_stop
         await expect(row).to_contain_text("2 fps · confidence ≥ 0.3 · person · 320 px")
         workflow = row.get_by_role("link", name=f"Workflow of stream {short}")
         assert await workflow.get_attribute("href") == stream["workflow_url"]
-        assert stream["workflow_url"].startswith(pipeline_settings.temporal_ui_url)
+        assert stream["workflow_url"].startswith(web_settings.temporal_ui_url)
 
         # the stream was selected when it started: its newest annotated frames fill the gallery
         await expect(page.locator("#frames-title")).to_have_text(f"Newest frames of stream {short}")
@@ -287,7 +216,7 @@ async def test_stream_started_from_the_page_runs_shows_annotated_frames_and_stop
         )
         images = await loaded_gallery_images(page)
         assert all(i["width"] > 0 for i in images if i["complete"]), images
-        s3_origin = f"http://{pipeline_settings.s3_endpoint}/"
+        s3_origin = f"http://{web_settings.s3_endpoint}/"
         assert all(i["src"].startswith(s3_origin) for i in images), images
         first_caption = page.locator("#gallery figcaption").first
         await expect(first_caption.get_by_role("list", name="Detected objects")).to_contain_text("person")
@@ -308,7 +237,7 @@ async def test_stream_started_from_the_page_runs_shows_annotated_frames_and_stop
         await expect(broken.get_by_role("button", name=re.compile("^Stop"))).to_be_hidden()
         await page.screenshot(path=tmp_path / "web-page-stopped.png", full_page=True)
 
-        view = await wait_for_state(stack.api, stream_id, "inactive", timeout_s=5)
+        view = await wait_for_state(pipeline.api, stream_id, "inactive", timeout_s=5)
         assert view["error_reason"] is None
         assert CAMERA_PASSWORD not in json.dumps(view)
 

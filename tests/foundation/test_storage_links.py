@@ -13,7 +13,9 @@ def test_links_are_signed_for_the_public_endpoint_when_one_is_set() -> None:
     url = presigned_get(create_s3_client(settings, public=True), "lookout-frames", "s/1.jpg", 60)
     assert urlsplit(url).netloc == "frames.example.org:9443"
     assert "X-Amz-Signature=" in url
-    assert urlsplit(presigned_get(create_s3_client(settings), "lookout-frames", "k", 60)).netloc == "minio:9000"
+    assert (
+        urlsplit(presigned_get(create_s3_client(settings), "lookout-frames", "k", 60)).netloc == "minio:9000"
+    )
 
 
 def test_links_use_the_services_endpoint_when_no_public_one_is_set() -> None:

@@ -67,9 +67,10 @@ class FrameDone:
     frame_id: int
     frame_seq: int
     objects: int
-    stored: bool
-    inference_s: float
+    stored: bool  # its detection row was inserted now (False: empty frame, duplicate or failure)
+    inference_s: float | None  # None: the model did not run (the frame failed before it)
     total_s: float
+    capture_to_row_s: float | None = None  # from the frame's capture time to its row; None: not stored
     error: str | None = None
 
 
@@ -92,8 +93,8 @@ ProcessMessage = ReadyForFrames | FrameDone | StreamClosed | ProcessFailed
 def run_detection_process(
     conn: Connection, settings: Settings, stream_id: str, options: StreamOptions | None
 ) -> None:
-    """Entry point of a stream's process (spawned); ``options`` None: read them from its stream row."""
-    configure_logging("ml")
+    """Entry point of a stream's process (see workers/ml/preload.py); ``options`` None: read them from its stream row."""
+    configure_logging("ml", stream_id=stream_id)
     # Ctrl-C reaches the whole process group: the service decides when this process stops
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     context = {"stream_id": stream_id}
@@ -199,8 +200,9 @@ def _detect_frames(
             continue
         started = time.perf_counter()
         headers = message.headers
-        inference_s = 0.0
+        inference_s = None
         stored = False
+        capture_to_row_s = None
         count = 0
         error = None
         try:
@@ -211,6 +213,8 @@ def _detect_frames(
             count = len(objects)
             if objects or settings.ml_store_empty_frames:
                 stored = store.save(headers, encode_jpeg(annotate(image, objects)), objects)
+                if stored:  # wall clocks of two processes, maybe two hosts: never below zero
+                    capture_to_row_s = max(0.0, time.time() - headers.capture_ts)
         except PermanentStoreError as err:
             error = str(err)
             log.error("frame not stored", extra={**context, "frame_seq": headers.frame_seq, "error": error})
@@ -226,6 +230,7 @@ def _detect_frames(
                 stored=stored,
                 inference_s=inference_s,
                 total_s=time.perf_counter() - started,
+                capture_to_row_s=capture_to_row_s,
                 error=error,
             )
         )

@@ -29,7 +29,7 @@ from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
-from core.kafka import create_consumer, create_producer, ensure_topics
+from core.kafka import ConsumerLagReporter, create_consumer, create_producer, ensure_topics
 from core.logs import configure_logging
 from core.messages import (
     EventKind,
@@ -40,9 +40,11 @@ from core.messages import (
     StreamOptions,
     parse_command,
 )
+from core.metrics import BAD_MESSAGES, forget_stream, start_metrics_server
 from core.settings import Settings, get_settings
 from core.states import StreamState
 from workers.ml.offsets import OffsetTracker
+from workers.ml.preload import start_preloading
 from workers.ml.stream import QueuedFrame, StreamProcess, StreamStats
 
 log = logging.getLogger(__name__)
@@ -69,13 +71,15 @@ class MLService:
         self._background: set[asyncio.Task[Any]] = set()
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
+        self._lag: ConsumerLagReporter | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._last_commit = 0.0
 
     # --- lifecycle of the service -----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect to the broker and start consuming commands and frames."""
+        """Start preloading the detection processes' imports, connect, consume commands and frames."""
+        start_preloading()
         self._producer = create_producer(self.settings, client_id="lookout-ml")
         await self._producer.start()
         self._consumer = create_consumer(
@@ -85,6 +89,7 @@ class MLService:
             [self.settings.topic_commands, self.settings.topic_frames], listener=_Rebalance(self)
         )
         await self._consumer.start()
+        self._lag = ConsumerLagReporter(self._consumer, self.group_id)
         self._loop_task = asyncio.create_task(self._consume(), name="ml-consume")
         log.info("ml service started", extra={"group_id": self.group_id})
 
@@ -129,7 +134,7 @@ class MLService:
     # --- consuming ----------------------------------------------------------------------------------
 
     async def _consume(self) -> None:
-        assert self._consumer is not None
+        assert self._consumer is not None and self._lag is not None
         while True:
             batch = await self._consumer.getmany(timeout_ms=200, max_records=200)
             for tp, records in batch.items():
@@ -140,11 +145,13 @@ class MLService:
                     else:
                         self._on_frame(record, (tp, record.offset))
             await self._commit()
+            await self._lag.update()
 
     def _on_frame(self, record: ConsumerRecord[bytes, bytes], token: tuple[TopicPartition, int]) -> None:
         try:
             headers = FrameHeaders.from_kafka(record.headers)
         except (ValidationError, UnicodeDecodeError) as err:
+            BAD_MESSAGES.labels("ml", record.topic).inc()
             log.error(
                 "frame without valid headers skipped", extra={"offset": record.offset, "error": str(err)}
             )
@@ -167,6 +174,7 @@ class MLService:
         try:
             command = parse_command(record.value or b"")
         except ValidationError as err:
+            BAD_MESSAGES.labels("ml", record.topic).inc()
             log.error("unreadable command skipped", extra={"offset": record.offset, "error": str(err)})
             self.frame_settled(token)
             return
@@ -255,6 +263,7 @@ class MLService:
             finally:
                 self.streams.pop(stream_id, None)
                 self._partition_of.pop(stream_id, None)
+                forget_stream(stream_id)  # ended here, or now another member's to count
                 if not handing_over:
                     self._remember_finished(stream_id, stream.stats)
                 self._ending.pop(stream_id, None)
@@ -351,5 +360,7 @@ async def serve(settings: Settings) -> None:
 
 def main() -> None:
     configure_logging("ml")
+    settings = get_settings()
+    start_metrics_server(settings.metrics_port_ml, settings.metrics_host)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(get_settings()))
+        asyncio.run(serve(settings))

@@ -10,16 +10,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from multiprocessing.context import SpawnContext, SpawnProcess
+from multiprocessing.context import ForkServerContext, ForkServerProcess
 from typing import Generic, Protocol, TypeVar
 
 from core.messages import FrameHeaders, StreamOptions
+from core.metrics import (
+    CAPTURE_TO_ROW_SECONDS,
+    DETECTIONS_STORED,
+    FRAMES_DROPPED,
+    FRAMES_PROCESSED,
+    INFERENCE_SECONDS,
+)
 from core.settings import Settings
+from workers.ml.preload import detection_context
 from workers.ml.process import (
     FrameDone,
     FrameToDetect,
@@ -107,7 +114,7 @@ class StreamStats:
 
 
 class StreamProcess:
-    """One stream's detection process (spawned), fed from a bounded drop-oldest queue."""
+    """One stream's detection process (a fork of the preloading server), fed from a bounded drop-oldest queue."""
 
     def __init__(
         self,
@@ -116,17 +123,17 @@ class StreamProcess:
         options: StreamOptions | None,
         listener: StreamListener,
         *,
-        context: SpawnContext | None = None,
+        context: ForkServerContext | None = None,
     ) -> None:
         self.stream_id = stream_id
         self.queue: FrameQueue[QueuedFrame] = FrameQueue(settings.ml_queue_size)
         self.stats = StreamStats()
         self._listener = listener
-        self._context = context or multiprocessing.get_context("spawn")
+        self._context = context or detection_context()
         parent_conn, child_conn = self._context.Pipe(duplex=True)
         self._conn: Connection = parent_conn
         self._child_conn: Connection = child_conn
-        self.process: SpawnProcess = self._context.Process(
+        self.process: ForkServerProcess = self._context.Process(
             target=run_detection_process,
             args=(child_conn, settings, stream_id, options),
             name=f"lookout-ml-{stream_id}",
@@ -167,6 +174,7 @@ class StreamProcess:
         self.stats.dropped = self.queue.dropped
         self.stats.queue_high_water = self.queue.high_water
         if evicted is not None:
+            FRAMES_DROPPED.labels("ml", self.stream_id).inc()
             self._listener.frame_settled(evicted.token)
             if self.queue.dropped == 1 or self.queue.dropped % 100 == 0:
                 log.warning(
@@ -267,7 +275,7 @@ class StreamProcess:
     def _on_frame_done(self, done: FrameDone) -> None:
         self.stats.processed += 1
         self.stats.stored += int(done.stored)
-        self.stats.inference_s += done.inference_s
+        self._count(done)
         if self._in_hand is not None and self._in_hand[0] == done.frame_id:
             self._listener.frame_settled(self._in_hand[1].token)
             self._in_hand = None
@@ -276,6 +284,18 @@ class StreamProcess:
             self._listener.first_frame_processed(self.stream_id)
         self._wants_frame = True
         self._hand_over()
+
+    def _count(self, done: FrameDone) -> None:
+        """The process's report of a frame, into the stream's stats and metrics."""
+        sid = self.stream_id
+        if done.inference_s is not None:
+            self.stats.inference_s += done.inference_s
+            FRAMES_PROCESSED.labels(sid).inc()
+            INFERENCE_SECONDS.labels(sid).observe(done.inference_s)
+        if done.stored:
+            DETECTIONS_STORED.labels(sid).inc()
+        if done.capture_to_row_s is not None:
+            CAPTURE_TO_ROW_SECONDS.labels(sid).observe(done.capture_to_row_s)
 
     def _on_exit(self) -> None:
         self._loop.remove_reader(self.process.sentinel)
