@@ -41,4 +41,6 @@ if [[ ! -f $stamp || "$(cat $stamp)" != "$want" ]]; then
   .venv/bin/python -m pip install -q -e '.[dev]'
   echo "$want" > $stamp
 fi
+# the demo camera's clip (OpenCV's vtest.avi from Debian's opencv-doc, converted once)
+.venv/bin/python -m deploy.camera.clip >/dev/null
 say "ready: .venv/bin/lookout"

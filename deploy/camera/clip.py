@@ -55,7 +55,11 @@ def ensure_clip(clip_dir: Path | None = None) -> Path:
 
 
 def _download_source(workdir: Path) -> Path:
-    _run(["apt-get", "download", "opencv-doc"], "apt-get download opencv-doc", cwd=workdir)
+    try:
+        _run(["apt-get", "download", "opencv-doc"], "apt-get download opencv-doc", cwd=workdir)
+    except ClipError:  # a fresh machine may have no package lists yet
+        _run(["apt-get", "update", "-qq"], "apt-get update")
+        _run(["apt-get", "download", "opencv-doc"], "apt-get download opencv-doc", cwd=workdir)
     debs = sorted(workdir.glob("opencv-doc_*.deb"))
     if not debs:
         raise ClipError("apt-get download opencv-doc produced no .deb")
