@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO_ROOT))
 # sets YOLO_OFFLINE before anything imports ultralytics
 from workers.ml.detector import default_weights, resolve_device  # noqa: E402, I001
 
-from core.db import create_pool, migrate  # noqa: E402
+from core.db import create_pool  # noqa: E402
 from core.kafka import create_consumer, create_producer, ensure_topics  # noqa: E402
 from core.messages import EventKind, FrameHeaders, StartCommand, StateEvent, StopCommand  # noqa: E402
 from core.settings import Settings  # noqa: E402
@@ -132,26 +132,6 @@ def throwaway_servers(root: Path) -> Iterator[tuple[str, str, str]]:
     finally:
         for proc in reversed(started):
             servers.stop_process_group(proc.pid)
-
-
-@contextlib.asynccontextmanager
-async def bench_database(admin_url: str) -> AsyncIterator[str]:
-    name = f"lookout_bench_{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    url = admin_url.rsplit("/", 1)[0] + "/" + name
-    try:
-        await asyncio.to_thread(migrate, url)
-        yield url
-    finally:
-        conn = await asyncpg.connect(admin_url)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
 
 
 def service_env(settings: Settings) -> dict[str, str]:
@@ -333,7 +313,7 @@ async def main(args: argparse.Namespace) -> None:
         throwaway_servers(Path(tmp)) as addrs,
     ):
         pg_admin, bootstrap, s3 = addrs
-        async with bench_database(pg_admin) as db_url:
+        with servers.scratch_database(pg_admin, "lookout_bench") as db_url:
             settings = Settings(  # type: ignore[call-arg]
                 _env_file=None,
                 database_url=SecretStr(db_url),

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -51,7 +51,6 @@ sys.path.insert(0, str(REPO_ROOT))
 # sets YOLO_OFFLINE before anything imports ultralytics
 from workers.ml.detector import load_detector, resolve_device  # noqa: E402, I001
 
-from core.db import migrate  # noqa: E402
 from core.kafka import ensure_topics  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from core.temporal import SEARCH_ATTRIBUTES  # noqa: E402
@@ -213,27 +212,6 @@ def throwaway_servers(root: Path) -> Iterator[dict[str, str]]:
         for pid in reversed(started):
             servers.stop_process_group(pid)
         shutil.rmtree(pg_dir, ignore_errors=True)
-
-
-@contextlib.asynccontextmanager
-async def bench_database(admin_url: str) -> AsyncIterator[str]:
-    """A fresh, migrated database, dropped on exit."""
-    name = f"lookout_bench_{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    url = admin_url.rsplit("/", 1)[0] + "/" + name
-    try:
-        await asyncio.to_thread(migrate, url)
-        yield url
-    finally:
-        conn = await asyncpg.connect(admin_url)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
 
 
 def service_env(settings: Settings) -> dict[str, str]:
@@ -451,39 +429,41 @@ def report(
 
 async def run(args: argparse.Namespace, root: Path) -> str:
     load_before = os.getloadavg()[0]  # before anything of the benchmark runs
-    with throwaway_servers(root) as addresses:
-        async with bench_database(addresses["pg_admin"]) as db_url:
-            settings = Settings(  # type: ignore[call-arg]
-                _env_file=None,
-                database_url=SecretStr(db_url),
-                kafka_bootstrap=addresses["kafka"],
-                s3_endpoint=addresses["s3"],
-                s3_access_key=S3_ACCESS_KEY,
-                s3_secret_key=SecretStr(S3_SECRET_KEY),
-                temporal_address=addresses["temporal"],
-                api_port=servers.free_port(),
-                ml_imgsz=args.imgsz,
-                ml_device=args.device,
-                ml_torch_threads=args.torch_threads,
-                ml_store_empty_frames=True,  # every processed frame is a row, so rows count them
-            )
-            await ensure_topics(settings)
-            with contextlib.ExitStack() as cleanup:
-                log_dir = args.logs.resolve() if args.logs else root / "logs"
-                camera = TestCamera(log_dir=log_dir).start()
-                cleanup.callback(camera.stop)
-                progress(f"starting the services (logs in {log_dir}) ...")
-                # the services' working folder: they must not read a developer's .env or stack.env
-                with contextlib.chdir(root):
-                    supervisor = ServiceSupervisor.for_lookout(log_dir, env=service_env(settings))
-                    supervisor.start()
-                cleanup.callback(supervisor.stop)
-                workers = [
-                    psutil.Process(s.proc.pid)
-                    for s in supervisor.services
-                    if s.proc is not None and s.name in ("lookout-runner", "lookout-ml")
-                ]
-                return await measure(args, settings, camera, workers, load_before)
+    with (
+        throwaway_servers(root) as addresses,
+        servers.scratch_database(addresses["pg_admin"], "lookout_bench") as db_url,
+    ):
+        settings = Settings(  # type: ignore[call-arg]
+            _env_file=None,
+            database_url=SecretStr(db_url),
+            kafka_bootstrap=addresses["kafka"],
+            s3_endpoint=addresses["s3"],
+            s3_access_key=S3_ACCESS_KEY,
+            s3_secret_key=SecretStr(S3_SECRET_KEY),
+            temporal_address=addresses["temporal"],
+            api_port=servers.free_port(),
+            ml_imgsz=args.imgsz,
+            ml_device=args.device,
+            ml_torch_threads=args.torch_threads,
+            ml_store_empty_frames=True,  # every processed frame is a row, so rows count them
+        )
+        await ensure_topics(settings)
+        with contextlib.ExitStack() as cleanup:
+            log_dir = args.logs.resolve() if args.logs else root / "logs"
+            camera = TestCamera(log_dir=log_dir).start()
+            cleanup.callback(camera.stop)
+            progress(f"starting the services (logs in {log_dir}) ...")
+            # the services' working folder: they must not read a developer's .env or stack.env
+            with contextlib.chdir(root):
+                supervisor = ServiceSupervisor.for_lookout(log_dir, env=service_env(settings))
+                supervisor.start()
+            cleanup.callback(supervisor.stop)
+            workers = [
+                psutil.Process(s.proc.pid)
+                for s in supervisor.services
+                if s.proc is not None and s.name in ("lookout-runner", "lookout-ml")
+            ]
+            return await measure(args, settings, camera, workers, load_before)
 
 
 async def measure(

@@ -17,7 +17,9 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,6 +141,25 @@ def _terminate_with_parent() -> None:
     """In the child before exec: ask Linux for SIGTERM when the parent dies (PR_SET_PDEATHSIG)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+@contextmanager
+def scratch_database(admin_url: str, prefix: str, *, migrated: bool = True) -> Iterator[str]:
+    """A fresh database on the server of ``admin_url`` (migrated to head), dropped with its
+    connections on exit: for test sessions, single tests and benchmarks."""
+    from core.db import migrate  # the servers module must not need the schema to start a server
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = admin_url.rsplit("/", 1)[0] + "/" + name
+    try:
+        if migrated:
+            migrate(url)
+        yield url
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def wait_ready(spec: ServerSpec, proc: subprocess.Popen[bytes], timeout: float) -> None:

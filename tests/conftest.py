@@ -14,10 +14,9 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
-import psycopg
 import pytest
 
-from core.db import create_pool, migrate
+from core.db import create_pool
 from core.kafka import ensure_topics
 from core.settings import Settings
 from core.temporal import SEARCH_ATTRIBUTES
@@ -51,16 +50,8 @@ def pg_admin_url(servers_dir: Path) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def pg_url(pg_admin_url: str) -> Iterator[str]:
     """A fresh database with the migrated schema, dropped at the end of the session."""
-    name = f"lookout_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = pg_admin_url.rsplit("/", 1)[0] + "/" + name
-    try:
-        migrate(url)
+    with servers.scratch_database(pg_admin_url, "lookout_test") as url:
         yield url
-    finally:
-        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")

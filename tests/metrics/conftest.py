@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
-import psycopg
 import pytest
 
-from core.db import migrate
+from deploy import servers
 from tests.runner.conftest import camera  # noqa: F401  (the real test camera, for the runner)
 
 
 @pytest.fixture
 def private_database(pg_admin_url: str) -> Iterator[str]:
     """A fresh migrated database for one test, so that what it counts is only its own rows."""
-    name = f"lookout_metrics_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = pg_admin_url.rsplit("/", 1)[0] + "/" + name
-    try:
-        migrate(url)
+    with servers.scratch_database(pg_admin_url, "lookout_metrics") as url:
         yield url
-    finally:
-        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
