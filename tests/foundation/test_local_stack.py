@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -144,3 +146,32 @@ async def test_kafka_message_and_s3_object_survive_stack_down_and_up(stack_env: 
         assert found == {before: b"durable event", after: b"after restart"}
     finally:
         await consumer.stop()
+
+
+def test_without_a_reachable_postgres_stack_up_runs_a_private_cluster_and_down_stops_it(
+    stack_env: dict[str, str],
+) -> None:
+    # a folder the postgres OS user can reach (pytest's own tmp folders are private to root)
+    data_dir = Path(tempfile.mkdtemp(prefix="lookout-stack-", dir="/tmp"))
+    data_dir.chmod(0o755)
+    env = {
+        **stack_env,
+        "LOOKOUT_DATA_DIR": str(data_dir / "stack"),
+        "LOOKOUT_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{servers.free_port()}/lookout",  # nobody listens
+    }
+    try:
+        up = lookout(env, "stack", "up")
+        assert up.returncode == 0, up.stderr
+        assert notes(up.stdout, "started") == ["postgres", "s3", "kafka", "temporal"], up.stdout
+        private_url = f"postgresql://postgres@127.0.0.1:{env['LOOKOUT_STACK_PG_PORT']}/lookout"
+        with psycopg.connect(private_url) as conn:
+            assert conn.execute("SELECT count(*) FROM detections").fetchone() == (0,)  # migrated
+        assert f"LOOKOUT_DATABASE_URL={private_url}" in (data_dir / "stack" / "stack.env").read_text()
+        status = lookout(env, "stack", "status")
+        assert status.returncode == 0 and "private cluster" in status.stdout, status.stdout
+        down = lookout(env, "stack", "down")
+        assert notes(down.stdout, "stopped") == ["temporal", "kafka", "s3", "postgres"], down.stdout
+        assert not servers.postgres_ok(private_url)
+    finally:
+        lookout(env, "stack", "down")
+        shutil.rmtree(data_dir, ignore_errors=True)
