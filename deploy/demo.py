@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import asyncpg
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from api.client import ApiError, LookoutClient
 from core.settings import Settings
@@ -141,6 +143,24 @@ async def _stream_counts(db_url: str, stream_id: str) -> tuple[int, int]:
         await conn.close()
 
 
+def _frames_processed(runtime: Settings, stream_id: str) -> int | None:
+    """The stream's processed-frames counter from the ML service's metrics (None when unreadable)."""
+    if not runtime.metrics_port_ml:
+        return None
+    try:
+        text = httpx.get(f"http://{runtime.metrics_host}:{runtime.metrics_port_ml}/metrics", timeout=2).text
+    except httpx.HTTPError:
+        return None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if (
+                sample.name == "lookout_frames_processed_total"
+                and sample.labels.get("stream_id") == stream_id
+            ):
+                return int(sample.value)
+    return 0
+
+
 def run_demo(settings: Settings, fps: float = 5.0) -> int:
     """The main job: stack, services, the test camera and one stream, with progress until Ctrl-C."""
     import asyncio
@@ -167,14 +187,16 @@ def run_demo(settings: Settings, fps: float = 5.0) -> int:
             last = (time.monotonic(), 0)
             while not stop.wait(2.0):
                 state = client.state(stream_id)
-                frames, objects = asyncio.run(_stream_counts(db_url, stream_id))
+                stored, objects = asyncio.run(_stream_counts(db_url, stream_id))
+                processed = _frames_processed(run.runtime, stream_id)
                 now = time.monotonic()
-                rate = (frames - last[1]) / (now - last[0])
-                last = (now, frames)
+                count = processed if processed is not None else stored
+                rate = (count - last[1]) / (now - last[0])
+                last = (now, count)
                 reason = f"  ({state['error_reason']})" if state.get("error_reason") else ""
                 _out(
-                    f"state={state['state']:<22} frames stored={frames:<6} objects={objects:<7} "
-                    f"fps={rate:4.1f}{reason}"
+                    f"state={state['state']:<22} frames processed={processed if processed is not None else '?':<6} "
+                    f"stored={stored:<6} objects={objects:<7} fps={rate:4.1f}{reason}"
                 )
                 if state["state"] in ("inactive", "inactive_error"):
                     break

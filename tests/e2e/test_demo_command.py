@@ -20,7 +20,7 @@ from deploy import servers
 pytestmark = pytest.mark.e2e
 
 LOOKOUT = str(Path(sys.executable).parent / "lookout")
-PROGRESS = re.compile(r"state=(\w+)\s+frames stored=(\d+)\s+objects=(\d+)")
+PROGRESS = re.compile(r"state=(\w+)\s+frames processed=(\d+)\s+stored=(\d+)\s+objects=(\d+)")
 
 
 def test_demo_shows_detections_within_a_minute_and_ctrl_c_stops_the_stream_and_everything_it_started(
@@ -65,12 +65,14 @@ def test_demo_shows_detections_within_a_minute_and_ctrl_c_stops_the_stream_and_e
             if stack_up_at is None and "services running" in text:
                 stack_up_at = time.monotonic()
             found = PROGRESS.findall(text)
-            stored = int(found[-1][1]) if found else 0
+            stored = int(found[-1][2]) if found else 0
             if stored and first_rows_at is None:
                 first_rows_at = time.monotonic()
             time.sleep(0.5)
         text = log_path.read_text()
         assert stored >= 5, text[-3000:]
+        last_processed, last_stored = int(PROGRESS.findall(text)[-1][1]), int(PROGRESS.findall(text)[-1][2])
+        assert last_processed >= last_stored, "frames processed come from the ML service's metrics"
         assert stack_up_at is not None and first_rows_at is not None
         assert first_rows_at - stack_up_at < 60, "the main job must show detections within a minute"
         first_ml = text.index("state=ml_started")
