@@ -167,17 +167,3 @@ async def state_events(settings: Settings) -> AsyncIterator[StateEvents]:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await consumer.stop()
-
-
-async def wait_until(check: Callable[[], object], within_s: float = 30, interval_s: float = 0.1) -> None:
-    """Poll a sync or async ``check`` until it returns something true."""
-    deadline = time.monotonic() + within_s
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within_s}s")
-        await asyncio.sleep(interval_s)

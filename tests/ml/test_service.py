@@ -28,8 +28,8 @@ from tests.ml.conftest import (
     insert_stream,
     state_events,
     topics_of_their_own,
-    wait_until,
 )
+from tests.observing import eventually
 from workers.ml.service import MLService
 
 pytestmark = pytest.mark.integration
@@ -102,7 +102,7 @@ async def test_first_frames_start_the_process_and_become_rows_with_bus_and_perso
         lambda e: e.stream_id == stream_id and e.state is StreamState.ML_STARTED, 60
     )
     assert (started.service.value, started.kind) == ("ml", EventKind.PROGRESS)
-    await wait_until(lambda: rows_count_is(db_pool, stream_id, 2), 30)
+    await eventually(lambda: rows_count_is(db_pool, stream_id, 2), 30)
 
     bus, zidane = await rows_of(db_pool, stream_id)
     assert best_confidence(bus["objects"], "bus") > 0.5
@@ -137,7 +137,7 @@ async def test_redelivered_frame_is_stored_once(
     await start(sender, stream_id)
     await sender.frame(stream_id, 7, bus_jpeg)
     await sender.frame(stream_id, 7, bus_jpeg)  # the same frame again, as after a redelivery
-    await wait_until(
+    await eventually(
         lambda: stream_id in ml_service.streams and ml_service.streams[stream_id].stats.processed == 2, 60
     )
     stats = ml_service.streams[stream_id].stats
@@ -158,7 +158,7 @@ async def test_stop_lets_the_frame_in_hand_finish_then_acknowledges_and_the_proc
     assert pid is not None and servers.pid_alive(pid)
     for seq in range(2, 6):
         await sender.frame(stream_id, seq, bus_jpeg)
-    await wait_until(lambda: stream.stats.handed > stream.stats.processed, 10, 0.01)  # a frame is in hand
+    await eventually(lambda: stream.stats.handed > stream.stats.processed, 10, 0.01)  # a frame is in hand
 
     await stop_and_wait_for_ack(sender, events, stream_id)
 
@@ -193,7 +193,7 @@ async def test_frames_of_a_stream_without_a_row_or_already_ended_start_no_detect
     unknown = str(uuid.uuid4())
     for stream_id in (ended, unknown):
         await sender.frame(stream_id, 1, bus_jpeg)  # e.g. delivered again after the stream ended
-    await wait_until(lambda: ended in ml_service.finished and unknown in ml_service.finished, 30)
+    await eventually(lambda: ended in ml_service.finished and unknown in ml_service.finished, 30)
     assert ended not in ml_service.streams and unknown not in ml_service.streams
     assert ml_service.finished[ended].handed == 0
     await sender.frame(ended, 2, bus_jpeg)
@@ -220,7 +220,7 @@ async def test_overload_keeps_the_queue_bounded_counts_drops_and_processes_the_n
     offered = 40
     for seq in range(2, offered + 2):  # far faster than the model runs at 640 on a CPU
         await sender.frame(stream_id, seq, bus_jpeg)
-    await wait_until(
+    await eventually(
         lambda: (
             stream.stats.received == offered + 1
             and len(stream.queue) == 0
@@ -256,7 +256,7 @@ async def test_model_that_fails_to_load_reports_an_error_event_with_the_reason(
         error = await collected.wait_for(lambda e: e.stream_id == stream_id and e.kind is EventKind.ERROR, 60)
         assert error.service.value == "ml"
         assert error.error is not None and "broken.pt" in error.error and "failed to load" in error.error
-        await wait_until(lambda: stream_id in service.finished, 10)
+        await eventually(lambda: stream_id in service.finished, 10)
         await send.frame(stream_id, 1, bus_jpeg)  # frames of a failed stream start nothing
         await stop_and_wait_for_ack(send, collected, stream_id)
         assert stream_id not in service.streams
@@ -280,18 +280,18 @@ async def test_s3_stopped_for_a_few_seconds_mid_stream_loses_no_frame_in_hand(
         ):
             await start(send, stream_id)
             await send.frame(stream_id, 1, bus_jpeg)
-            await wait_until(lambda: rows_count_is(db_pool, stream_id, 1), 60)
+            await eventually(lambda: rows_count_is(db_pool, stream_id, 1), 60)
             stream = service.streams[stream_id]
 
             servers.stop_process_group(proc.pid)
             await send.frame(stream_id, 2, zidane_jpeg)
             await send.frame(stream_id, 3, bus_jpeg)
-            await wait_until(lambda: stream.stats.handed == 2, 10)  # frame 2 in hand, 3 queued
+            await eventually(lambda: stream.stats.handed == 2, 10)  # frame 2 in hand, 3 queued
             await asyncio.sleep(3)
             assert stream.stats.processed == 1, "frame 2 waits for S3"
             proc = gateway.start()
 
-            await wait_until(lambda: rows_count_is(db_pool, stream_id, 3), 60)
+            await eventually(lambda: rows_count_is(db_pool, stream_id, 3), 60)
             assert stream.stats.dropped == 0
             s3 = create_s3_client(own)
             async with httpx.AsyncClient() as http:
@@ -314,15 +314,15 @@ async def test_frames_left_queued_at_service_shutdown_are_detected_by_the_next_r
         async with MLService(own, group_id=group) as first:
             await start(send, stream_id, StreamOptions())  # 640: frames queue up behind the model
             await send.frame(stream_id, 1, bus_jpeg)
-            await wait_until(lambda: rows_count_is(db_pool, stream_id, 1), 60)
+            await eventually(lambda: rows_count_is(db_pool, stream_id, 1), 60)
             stream = first.streams[stream_id]
             for seq in range(2, 8):
                 await send.frame(stream_id, seq, bus_jpeg)
-            await wait_until(lambda: stream.stats.received == 7, 10, 0.01)
+            await eventually(lambda: stream.stats.received == 7, 10, 0.01)
             assert len(stream.queue) > 0, "frames are still queued when the service stops"
         left_behind = 7 - len(await rows_of(db_pool, stream_id))
         assert left_behind > 0
 
         async with MLService(own, group_id=group):  # the next run of the same consumer group
-            await wait_until(lambda: rows_count_is(db_pool, stream_id, 7), 60)
+            await eventually(lambda: rows_count_is(db_pool, stream_id, 7), 60)
             await send.command(stream_id, StopCommand(stream_id=stream_id).model_dump_json())
