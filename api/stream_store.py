@@ -54,7 +54,8 @@ class InitOutcome:
 @dataclass(frozen=True)
 class ShutdownOutcome:
     stream: StoredStream
-    accepted: bool  # False: it was already shutting down or inactive, nothing was sent
+    accepted: bool  # False: it was already inactive, nothing was sent
+    repeated: bool = False  # it was already shutting down: the shutdown request was sent again
 
 
 async def create_stream(
@@ -109,8 +110,19 @@ async def request_shutdown(
         if row is None:
             return None
         current = StoredStream.from_row(row)
-        if current.state.is_shutting_down:
+        if current.state.is_terminal:
             return ShutdownOutcome(stream=current, accepted=False)
+        if current.state.is_shutting_down:
+            # Asked again while still stopping: the request may have been lost on its way, so it goes
+            # out again; a lifecycle that already has it drops the repeat (a new event id, same state).
+            repeat = StateEvent(
+                stream_id=str(stream_id),
+                service=Service.API,
+                kind=EventKind.PROGRESS,
+                state=StreamState.INIT_SHUTDOWN,
+            )
+            await enqueue(conn, [event_message(settings, repeat)])
+            return ShutdownOutcome(stream=current, accepted=True, repeated=True)
         version = current.version + 1
         updated = await conn.fetchrow(
             f"""

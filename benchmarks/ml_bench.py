@@ -126,8 +126,8 @@ def throwaway_servers(root: Path) -> Iterator[tuple[str, str, str]]:
             pg_admin = spec.address
         broker = servers.kafka_broker(root / "logs", servers.free_port())
         started.append(broker.start())
-        s3_port = servers.free_port()
-        started.append(servers.s3_gateway(root / "s3", s3_port, S3_ACCESS_KEY, S3_SECRET_KEY).start())
+        s3_port = servers.free_s3_port()
+        started.append(servers.s3_server(root / "s3", s3_port, S3_ACCESS_KEY, S3_SECRET_KEY).start())
         yield pg_admin, broker.address, f"127.0.0.1:{s3_port}"
     finally:
         for proc in reversed(started):

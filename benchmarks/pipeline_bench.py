@@ -196,8 +196,8 @@ def throwaway_servers(root: Path) -> Iterator[dict[str, str]]:
             pg_admin = pg.address
         broker = servers.kafka_broker(root / "logs", servers.free_port())
         started.append(broker.start().pid)
-        s3_port = servers.free_port()
-        started.append(servers.s3_gateway(root / "s3", s3_port, S3_ACCESS_KEY, S3_SECRET_KEY).start().pid)
+        s3_port = servers.free_s3_port()
+        started.append(servers.s3_server(root / "s3", s3_port, S3_ACCESS_KEY, S3_SECRET_KEY).start().pid)
         temporal = servers.temporal_dev_server(
             root / "temporal", servers.free_port(), None, SEARCH_ATTRIBUTES
         )

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
 from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
@@ -93,35 +93,6 @@ async def ensure_topics(settings: Settings, topics: list[str] | None = None, par
                 )
     finally:
         await admin.close()
-
-
-async def load_partition_logs(settings: Settings, topics: list[str] | None = None) -> None:
-    """Make the broker load each partition's log before anyone produces to it.
-
-    Tansu on S3 storage, freshly restarted, hands the next produce offset 0 (overwriting the log)
-    until a fetch has loaded the partition; one fetch per partition from the beginning fixes it.
-    """
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        client_id="lookout-log-loader",
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
-        max_partition_fetch_bytes=1024,
-    )
-    await consumer.start()
-    try:
-        await consumer.topics()  # refreshes the metadata that partitions_for_topic reads
-        partitions = [
-            TopicPartition(topic, p)
-            for topic in topics or lookout_topics(settings)
-            for p in sorted(consumer.partitions_for_topic(topic) or [])
-        ]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        await consumer.getmany(*partitions, timeout_ms=1000)
-    finally:
-        await consumer.stop()
 
 
 class ConsumerLagReporter:

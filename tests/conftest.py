@@ -2,7 +2,7 @@
 
 Each server starts only when a test asks for it: ``pg_url`` (a fresh migrated database on the
 machine's Postgres, or on a private cluster when none answers), ``kafka_bootstrap`` (memory-mode
-Tansu), ``s3_endpoint`` (juicefs gateway in a temp folder), ``temporal_address`` (dev server with a
+Tansu), ``s3_endpoint`` (SeaweedFS in a temp folder), ``temporal_address`` (dev server with a
 temp database). ``settings`` points a ``Settings`` at all four.
 """
 
@@ -56,9 +56,9 @@ def pg_url(pg_admin_url: str) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def s3_endpoint(servers_dir: Path) -> Iterator[str]:
-    """A juicefs S3 gateway (MinIO server code) in a temp folder; yields ``host:port``."""
-    port = servers.free_port()
-    proc = servers.s3_gateway(servers_dir / "s3", port, S3_ACCESS_KEY, S3_SECRET_KEY).start(
+    """A SeaweedFS S3 server in a temp folder; yields ``host:port``."""
+    port = servers.free_s3_port()
+    proc = servers.s3_server(servers_dir / "s3", port, S3_ACCESS_KEY, S3_SECRET_KEY).start(
         die_with_parent=True
     )
     try:

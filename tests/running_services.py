@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import SecretStr
 from temporalio.client import Client
 
 from api.main import create_app
@@ -29,6 +32,8 @@ from core.messages import StateEvent
 from core.settings import Settings
 from core.temporal import SEARCH_ATTRIBUTES, connect_temporal
 from deploy import servers
+from deploy.local_stack import LocalStack
+from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY, make_settings
 from workers.outbox_relay import OutboxRelay
 from workers.state_bridge import StateBridge
 from workers.temporal_worker import build_worker
@@ -188,6 +193,60 @@ class RestartableServer:
 
     async def stop_async(self) -> None:
         await asyncio.to_thread(self.stop)
+
+
+@dataclass
+class StackBroker:
+    """The stack's S3 server and the broker with its log on it, started from the stack's recipes."""
+
+    stack: LocalStack
+    settings: Settings  # Lookout's settings pointing at this broker and S3 server
+
+    def kill_9(self) -> None:
+        """SIGKILL the broker and wait until it is gone."""
+        pid = self.stack.recorded_pid("kafka")
+        assert pid is not None, "the broker is not running"
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while servers.pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def restart(self) -> None:
+        """Start the broker again on the same port and storage, as ``stack up`` would."""
+        self.stack.start_part("kafka")
+
+
+@contextlib.contextmanager
+def stack_broker(
+    data_dir: Path, base: Settings | None = None, *, stack_type: type[LocalStack] = LocalStack
+) -> Iterator[StackBroker]:
+    """Tansu on SeaweedFS exactly as ``lookout stack up`` runs them, on free ports in ``data_dir``."""
+    settings = (base or make_settings()).model_copy(
+        update={
+            "data_dir": data_dir,
+            "s3_access_key": S3_ACCESS_KEY,
+            "s3_secret_key": SecretStr(S3_SECRET_KEY),
+            "stack_s3_port": servers.free_s3_port(),
+            "stack_kafka_port": servers.free_port(),
+        }
+    )
+    stack = stack_type(settings)
+    stack.run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        stack.start_part("s3")
+        stack.prepare_s3()
+        stack.start_part("kafka")
+        yield StackBroker(
+            stack,
+            settings.model_copy(
+                update={
+                    "kafka_bootstrap": f"127.0.0.1:{settings.stack_kafka_port}",
+                    "s3_endpoint": f"127.0.0.1:{settings.stack_s3_port}",
+                }
+            ),
+        )
+    finally:
+        stack.down(only=["kafka", "s3"])
 
 
 def private_broker(log_dir: Path) -> RestartableServer:

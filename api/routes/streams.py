@@ -104,7 +104,7 @@ async def init_stream(
 @router.post(
     "/shutdown",
     status_code=status.HTTP_202_ACCEPTED,
-    responses={200: {"description": "Already shutting down or inactive: nothing new was sent"}, **NOT_FOUND},
+    responses={200: {"description": "Already inactive: nothing was sent"}, **NOT_FOUND},
 )
 async def shutdown_stream(
     db: DbDep,
@@ -113,7 +113,11 @@ async def shutdown_stream(
     body: ShutdownRequest | None = None,
     stream_id: Annotated[uuid.UUID | None, Query(alias="id", description="Instead of the body")] = None,
 ) -> StreamView:
-    """Ask a stream to stop (the id in the JSON body or as ``?id=``); 202 and ``init_shutdown``."""
+    """Ask a stream to stop (the id in the JSON body or as ``?id=``); 202 and ``init_shutdown``.
+
+    Asked again while the stream is still stopping, the request is sent again (the lifecycle drops
+    a repeat it already has), so a user can retry a shutdown whose message was lost.
+    """
     target = body.id if body is not None else stream_id
     if target is None:
         raise RequestValidationError(
@@ -122,14 +126,16 @@ async def shutdown_stream(
     outcome = await request_shutdown(db, settings=settings, stream_id=target)
     if outcome is None:
         raise _not_found(target)
-    if outcome.accepted:
+    if outcome.repeated:
+        log.info(
+            "shutdown request sent again", extra={"stream_id": str(target), "state": outcome.stream.state}
+        )
+    elif outcome.accepted:
         metrics.API_SHUTDOWNS_ACCEPTED.inc()
         log.info("shutdown accepted", extra={"stream_id": str(target)})
     else:
         response.status_code = status.HTTP_200_OK
-        log.info(
-            "shutdown already under way", extra={"stream_id": str(target), "state": outcome.stream.state}
-        )
+        log.info("stream already inactive", extra={"stream_id": str(target), "state": outcome.stream.state})
     return to_view(outcome.stream, settings)
 
 

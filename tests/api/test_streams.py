@@ -283,8 +283,8 @@ async def test_shutdown_accepts_the_id_as_a_query_parameter(api: httpx.AsyncClie
     assert response.status_code == 202 and response.json()["state"] == "init_shutdown"
 
 
-@pytest.mark.parametrize("state", ["init_shutdown", "in_shutdown_processing", "inactive", "inactive_error"])
-async def test_shutdown_of_a_stream_already_stopping_or_stopped_sends_nothing_and_keeps_its_state(
+@pytest.mark.parametrize("state", ["inactive", "inactive_error"])
+async def test_shutdown_of_a_stream_already_stopped_sends_nothing_and_keeps_its_state(
     api: httpx.AsyncClient, db_pool: asyncpg.Pool, state: str
 ) -> None:
     stream_id = (await api.post("/init", json={"url": camera_url()})).json()["id"]
@@ -299,13 +299,37 @@ async def test_shutdown_of_a_stream_already_stopping_or_stopped_sends_nothing_an
     assert len(await outbox_rows(db_pool, stream_id)) == 2  # only those of /init
 
 
-async def test_concurrent_shutdowns_send_one_stop(api: httpx.AsyncClient, db_pool: asyncpg.Pool) -> None:
+@pytest.mark.parametrize("state", ["init_shutdown", "in_shutdown_processing"])
+async def test_shutdown_of_a_stream_still_stopping_sends_its_shutdown_request_again_and_keeps_its_state(
+    api: httpx.AsyncClient, db_pool: asyncpg.Pool, state: str
+) -> None:
+    stream_id = (await api.post("/init", json={"url": camera_url()})).json()["id"]
+    await db_pool.execute(
+        "UPDATE streams SET state = $2, version = 5 WHERE id = $1", uuid.UUID(stream_id), state
+    )
+
+    first = await api.post("/shutdown", json={"id": stream_id})
+    second = await api.post("/shutdown", json={"id": stream_id})
+
+    assert first.status_code == second.status_code == 202
+    assert second.json()["state"] == state and second.json()["version"] == 5
+    rows = await outbox_rows(db_pool, stream_id)
+    repeats = [StateEvent.model_validate_json(r["payload"]) for r in rows[2:]]
+    assert [(e.service, e.state) for e in repeats] == [("api", StreamState.INIT_SHUTDOWN)] * 2
+    assert len({e.event_id for e in repeats}) == 2, "each repeat is a new event"
+
+
+async def test_concurrent_shutdowns_move_the_stream_once_and_send_one_stop(
+    api: httpx.AsyncClient, db_pool: asyncpg.Pool
+) -> None:
     stream_id = (await api.post("/init", json={"url": camera_url()})).json()["id"]
 
     responses = await asyncio.gather(*(api.post("/shutdown", json={"id": stream_id}) for _ in range(5)))
 
-    assert sorted(r.status_code for r in responses) == [200, 200, 200, 200, 202]
-    assert len(await outbox_rows(db_pool, stream_id)) == 4
+    assert [r.status_code for r in responses] == [202] * 5
+    assert {r.json()["version"] for r in responses} == {2}
+    kinds = [r["payload"] for r in await outbox_rows(db_pool, stream_id)]
+    assert sum(b'"kind":"stop"' in k for k in kinds) == 1
 
 
 async def test_shutdown_of_an_unknown_id_is_404(api: httpx.AsyncClient) -> None:

@@ -23,13 +23,44 @@ LOOKOUT = str(Path(sys.executable).parent / "lookout")
 PROGRESS = re.compile(r"state=(\w+)\s+frames processed=(\d+)\s+stored=(\d+)\s+objects=(\d+)")
 
 
-def test_demo_shows_detections_within_a_minute_and_ctrl_c_stops_the_stream_and_everything_it_started(
+def stored_rows(log_path: Path) -> int:
+    found = PROGRESS.findall(log_path.read_text())
+    return int(found[-1][2]) if found else 0
+
+
+def wait_until(check, timeout_s: float, what: str, log_path: Path) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"{what}; demo output:\n{log_path.read_text()[-3000:]}"
+        time.sleep(0.5)
+
+
+def kill_9_and_see_it_restarted(part: str, data_dir: Path, log_path: Path, env: dict[str, str]) -> None:
+    """kill -9 one of the stack's servers; the demo restarts it and keeps storing rows."""
+    pid = int((data_dir / "run" / f"{part}.pid").read_text())
+    stored = stored_rows(log_path)
+    os.kill(pid, signal.SIGKILL)
+    wait_until(
+        lambda: f"{part} had died and was restarted" in log_path.read_text(),
+        120,
+        f"{part} not restarted",
+        log_path,
+    )
+    assert int((data_dir / "run" / f"{part}.pid").read_text()) != pid
+    wait_until(
+        lambda: stored_rows(log_path) >= stored + 5, 90, f"no new rows after {part} restarted", log_path
+    )
+    status = subprocess.run([LOOKOUT, "stack", "status"], env=env, capture_output=True, text=True, timeout=60)
+    line = next(row for row in status.stdout.splitlines() if row.startswith(f"{part} "))
+    assert "restarted 1 time(s)" in line, status.stdout
+
+
+def test_demo_shows_detections_within_a_minute_rides_through_kill_9_of_each_stack_server_and_ctrl_c_stops_all(
     tmp_path: Path, pg_admin_url: str
 ) -> None:
     database = f"lookout_demo_{uuid.uuid4().hex[:8]}"
-    ports = {
-        name: str(servers.free_port()) for name in ("S3", "KAFKA", "TEMPORAL", "TEMPORAL_UI", "API", "CAM")
-    }
+    ports = {name: str(servers.free_port()) for name in ("KAFKA", "TEMPORAL", "TEMPORAL_UI", "API", "CAM")}
+    ports["S3"] = str(servers.free_s3_port())
     env = {
         **os.environ,
         "LOOKOUT_DATA_DIR": str(tmp_path / "lookout"),
@@ -80,7 +111,10 @@ def test_demo_shows_detections_within_a_minute_and_ctrl_c_stops_the_stream_and_e
         assert first_ml > stack_ready
         assert f"http://127.0.0.1:{ports['API']}/docs" in text
         assert f"http://127.0.0.1:{ports['TEMPORAL_UI']}" in text
-        descendants |= {p.pid for p in psutil.Process(demo.pid).children(recursive=True)}
+        for part in ("kafka", "s3", "temporal"):
+            kill_9_and_see_it_restarted(part, tmp_path / "lookout", log_path, env)
+            descendants |= {p.pid for p in psutil.Process(demo.pid).children(recursive=True)}
+        assert PROGRESS.findall(log_path.read_text())[-1][0] == "ml_started", "the stream is still running"
     finally:
         demo.send_signal(signal.SIGINT)
         code = demo.wait(120)

@@ -142,3 +142,21 @@ async def test_workflow_shows_stream_id_and_state_and_keeps_credentials_out_of_h
     assert secret not in history.to_json()
     assert secret not in repr(memo)
     assert secret not in caplog.text
+
+
+async def test_a_shutdown_whose_message_was_lost_is_completed_by_asking_again(
+    stack: LifecycleStack, db_pool: asyncpg.Pool
+) -> None:
+    stream_id = await start_running_stream(stack, camera_url())
+    # the shutdown is stored but its message never reached the lifecycle (a broker that lost it)
+    await db_pool.execute(
+        "UPDATE streams SET state = 'init_shutdown', version = version + 1 WHERE id = $1", uuid.UUID(stream_id)
+    )
+    await asyncio.sleep(2 * ACK_DEADLINE_S)
+    assert (await stack.api.get(f"/state/{stream_id}")).json()["state"] == "init_shutdown", "nothing moves"
+
+    response = await stack.api.post("/shutdown", json={"id": stream_id})
+
+    assert response.status_code == 202 and response.json()["state"] == "init_shutdown"
+    view = await wait_for_state(stack.api, stream_id, TERMINAL)
+    assert view["state"] == "inactive", view

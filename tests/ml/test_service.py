@@ -266,8 +266,8 @@ async def test_model_that_fails_to_load_reports_an_error_event_with_the_reason(
 async def test_s3_stopped_for_a_few_seconds_mid_stream_loses_no_frame_in_hand(
     settings: Settings, db_pool: asyncpg.Pool, tmp_path: Path, bus_jpeg: bytes, zidane_jpeg: bytes
 ) -> None:
-    port = servers.free_port()
-    gateway = servers.s3_gateway(tmp_path / "s3", port, S3_ACCESS_KEY, S3_SECRET_KEY)
+    port = servers.free_s3_port()
+    gateway = servers.s3_server(tmp_path / "s3", port, S3_ACCESS_KEY, S3_SECRET_KEY)
     proc = gateway.start()
     own = topics_of_their_own(settings).model_copy(update={"s3_endpoint": f"127.0.0.1:{port}"})
     await create_topics(own)

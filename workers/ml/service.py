@@ -136,7 +136,12 @@ class MLService:
     async def _consume(self) -> None:
         assert self._consumer is not None and self._lag is not None
         while True:
-            batch = await self._consumer.getmany(timeout_ms=200, max_records=200)
+            try:
+                batch = await self._consumer.getmany(timeout_ms=200, max_records=200)
+            except KafkaError as err:  # the broker restarting: the consumer reconnects by itself
+                log.warning("fetch failed", extra={"error": repr(err)})
+                await asyncio.sleep(1.0)
+                continue
             for tp, records in batch.items():
                 for record in records:
                     self._offsets.seen(tp, record.offset)
@@ -323,6 +328,11 @@ class MLService:
                 "state event not published",
                 extra={"stream_id": event.stream_id, "kind": event.kind.value, "error": str(err)},
             )
+            return
+        log.info(
+            "state event published",
+            extra={"stream_id": event.stream_id, "event_id": event.event_id, "kind": event.kind.value},
+        )
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

@@ -65,13 +65,22 @@ class RunnerService:
                 "runner consuming commands", extra={"topic": settings.topic_commands, "group": self.group_id}
             )
             while True:
-                batch = await consumer.getmany(timeout_ms=1000)
+                try:
+                    batch = await consumer.getmany(timeout_ms=1000)
+                except KafkaError as err:  # the broker restarting: the consumer reconnects by itself
+                    log.warning("commands fetch failed", extra={"error": repr(err)})
+                    await asyncio.sleep(1.0)
+                    continue
                 for records in batch.values():
                     for record in records:
                         await self._handle(record)
                 await self._finish_stops()
                 if batch:
-                    await consumer.commit()
+                    try:
+                        await consumer.commit()
+                    except KafkaError as err:
+                        # the commands come again after a rebalance: starts are deduped, stops idempotent
+                        log.warning("commands offset commit failed", extra={"error": repr(err)})
                 await lag.update()
         finally:
             await self._shutdown()
@@ -201,7 +210,13 @@ class RunnerService:
             return
         log.info(
             "state event published",
-            extra={"stream_id": stream_id, "kind": kind, "state": state, "error": error},
+            extra={
+                "stream_id": stream_id,
+                "event_id": event.event_id,
+                "kind": kind,
+                "state": state,
+                "error": error,
+            },
         )
 
     # --- shutdown ---------------------------------------------------------------------------------
