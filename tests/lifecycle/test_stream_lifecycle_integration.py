@@ -150,7 +150,8 @@ async def test_a_shutdown_whose_message_was_lost_is_completed_by_asking_again(
     stream_id = await start_running_stream(stack, camera_url())
     # the shutdown is stored but its message never reached the lifecycle (a broker that lost it)
     await db_pool.execute(
-        "UPDATE streams SET state = 'init_shutdown', version = version + 1 WHERE id = $1", uuid.UUID(stream_id)
+        "UPDATE streams SET state = 'init_shutdown', version = version + 1 WHERE id = $1",
+        uuid.UUID(stream_id),
     )
     await asyncio.sleep(2 * ACK_DEADLINE_S)
     assert (await stack.api.get(f"/state/{stream_id}")).json()["state"] == "init_shutdown", "nothing moves"
