@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psutil
 
-from deploy.supervisor import ServiceSupervisor, SupervisedService
+from cli.supervisor import ServiceSupervisor, SupervisedService
 
 
 def wait_for(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]

@@ -1,4 +1,4 @@
-"""A small HTTP client of Lookout's API, used by the ``lookout`` CLI and the demo."""
+"""A small HTTP client of Lookout's API: what the ``lookout`` commands, the demo and the soak benchmark call."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ class LookoutClient:
         self._http = httpx.Client(base_url=base_url, timeout=timeout)
 
     def close(self) -> None:
+        """Close the connection pool."""
         self._http.close()
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -38,25 +39,31 @@ class LookoutClient:
     def init(
         self, url: str, options: dict[str, Any] | None = None, idempotency_key: str | None = None
     ) -> Any:
+        """Start a stream (``POST /init``); the same ``idempotency_key`` returns the same stream."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._call("POST", "/init", json={"url": url, "options": options or {}}, headers=headers)
 
     def shutdown(self, stream_id: str) -> Any:
+        """Ask a stream to stop (``POST /shutdown``)."""
         return self._call("POST", "/shutdown", json={"id": stream_id})
 
     def state(self, stream_id: str) -> Any:
+        """A stream's lifecycle state, error reason and timestamps (``GET /state/{id}``)."""
         return self._call("GET", f"/state/{stream_id}")
 
     def streams(self) -> Any:
+        """Every stream with its state (``GET /streams``)."""
         return self._call("GET", "/streams")
 
     def results(self, stream_id: str, limit: int = 10, cursor: str | None = None) -> Any:
+        """A page of the stream's detections, newest first (``GET /detection_result``)."""
         params: dict[str, Any] = {"id": stream_id, "limit": limit}
         if cursor:
             params["cursor"] = cursor
         return self._call("GET", "/detection_result", params=params)
 
     def ready(self) -> bool:
+        """True when ``/readyz`` answers 200 (Postgres, Kafka and Temporal reachable)."""
         try:
             return self._http.get("/readyz").status_code == 200
         except httpx.HTTPError:

@@ -18,11 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from core.retry import delays
+from core.settings import Settings
 from deploy.local_stack import LocalStack
 from deploy.servers import stop_process_group
 
 log = logging.getLogger(__name__)
 
+HEALTHY_AFTER_S = 60.0  # a part that ran this long before dying counts as healthy: restarted at once
 SERVICES = (
     "lookout-api",
     "lookout-outbox-relay",
@@ -55,9 +58,11 @@ class SupervisedServer:
     started_at: float = field(default_factory=time.monotonic)
 
     def running(self) -> bool:
+        """True while the pid the stack recorded for this server is alive."""
         return self.stack.recorded_pid(self.name) is not None
 
     def start(self) -> None:
+        """Start the server from its recipe and wait until it is ready."""
         self.stack.start_part(self.name)
         self.started_at = time.monotonic()
 
@@ -75,9 +80,11 @@ class SupervisedService:
     started_at: float = 0.0
 
     def running(self) -> bool:
+        """True while the service's process has not exited."""
         return self.proc is not None and self.proc.poll() is None
 
     def start(self) -> None:
+        """Start the service in a session of its own, its output appended to its log file."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
@@ -101,12 +108,12 @@ class ServiceSupervisor:
         services: list[SupervisedService],
         *,
         servers: list[SupervisedServer] | None = None,
-        max_backoff_s: float = 30.0,
+        settings: Settings | None = None,
         on_restart: Callable[[Supervised], None] | None = None,
     ) -> None:
         self.services = services
         self.servers = servers or []
-        self.max_backoff_s = max_backoff_s
+        self._settings = settings or Settings()
         self._on_restart = on_restart
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -127,6 +134,7 @@ class ServiceSupervisor:
         )
 
     def start(self) -> None:
+        """Start every service, then watch them (and the servers) from a background thread."""
         for service in self.services:
             service.start()
         self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
@@ -135,13 +143,17 @@ class ServiceSupervisor:
     def _watch(self) -> None:
         # servers first: the services need them
         watched: list[Supervised] = [*self.servers, *self.services]
+        waits = {part.name: delays(self._settings) for part in watched}
         while not self._stopping.wait(0.5):
             for part in watched:
                 if part.running():
                     continue
-                # one that crashes right after starting is restarted with growing delays
+                # one that crashes right after starting is restarted after growing delays; one that
+                # ran for a while is restarted at once, and its delays start again from the first
                 lived = time.monotonic() - part.started_at
-                delay = 0.0 if lived > 60 else min(self.max_backoff_s, 2.0 ** min(part.restarts, 5))
+                if lived > HEALTHY_AFTER_S:
+                    waits[part.name] = delays(self._settings)
+                delay = 0.0 if lived > HEALTHY_AFTER_S else next(waits[part.name])
                 log.warning("exited; restarting", extra={"service_name": part.name, "restart_in_s": delay})
                 if self._stopping.wait(delay):
                     return
