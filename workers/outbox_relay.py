@@ -17,19 +17,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from dataclasses import dataclass
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
+from tenacity import retry_if_exception_type
 
 from core.db import create_pool
 from core.kafka import create_producer
-from core.logs import configure_logging
-from core.metrics import OUTBOX_BACKLOG, OUTBOX_PUBLISH_FAILURES, OUTBOX_PUBLISHED, start_metrics_server
+from core.metrics import OUTBOX_BACKLOG, OUTBOX_PUBLISH_FAILURES, OUTBOX_PUBLISHED
 from core.outbox import NOTIFY_CHANNEL
-from core.settings import Settings, get_settings
-from workers.backoff import Backoff, wait_any
+from core.retry import Stopped, retrying, wait_any
+from core.settings import Settings
+from workers.entrypoint import run_service
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ STREAM_LOCK_SPACE = 0x6C6F6F6B
 CONTENDED_RETRY_S = 0.5
 STREAM_CANDIDATES_PER_ROW = 4  # streams looked at per batch row, so a second relay finds free ones
 BACKLOG_QUERY_TIMEOUT_S = 5.0
+POSTGRES_DOWN = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
 @dataclass(frozen=True)
@@ -75,32 +76,38 @@ class OutboxRelay:
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until ``stop`` is set; Kafka or Postgres being down only delays the rows."""
         listener = asyncio.create_task(self._listen(stop), name="outbox-listen")
-        backoff = Backoff(max_s=self._max_backoff_s)
         log.info("outbox relay started", extra={"batch_size": self._batch_size})
         try:
             while not stop.is_set():
-                self._wake.clear()  # before claiming: a row inserted meanwhile wakes the next wait
-                try:
-                    result = await self.relay_batch()
-                except Exception as err:
-                    log.warning("outbox relay batch failed", extra={"error": repr(err)})
-                    result = None
-                await self.measure_backlog()
-                # back off only when nothing goes out: a single refused row must not slow the others
-                if result is None or (result.failed and not result.sent):
-                    await wait_any(stop, None, backoff.next_delay())
-                    continue
-                backoff.reset()
+                # back off only while nothing goes out: a single refused row must not slow the others
+                async for attempt in retrying(
+                    self._settings, "outbox relay batch", stop_event=stop, max_s=self._max_backoff_s
+                ):
+                    with attempt:
+                        result = await self._relay_and_measure()
                 if result.contended:  # no notification tells when the other relay is done with them
                     await wait_any(stop, self._wake, min(CONTENDED_RETRY_S, self._poll_interval_s))
                 elif result.claimed < self._batch_size:
                     await wait_any(stop, self._wake, self._poll_interval_s)
+        except Stopped:
+            pass
         finally:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
             await self._close_producer()
             log.info("outbox relay stopped")
+
+    async def _relay_and_measure(self) -> BatchResult:
+        """One batch, then the backlog gauge; raises when the batch failed or sent nothing it claimed."""
+        self._wake.clear()  # before claiming: a row inserted meanwhile wakes the next wait
+        try:
+            result = await self.relay_batch()
+        finally:
+            await self.measure_backlog()
+        if result.failed and not result.sent:
+            raise _NothingWentOut(f"{result.failed} claimed row(s) failed to publish")
+        return result
 
     async def relay_batch(self) -> BatchResult:
         """Claim up to one batch of unsent rows, publish them, mark what went out; one transaction."""
@@ -264,15 +271,21 @@ class OutboxRelay:
 
     async def _listen(self, stop: asyncio.Event) -> None:
         """Keep a LISTEN connection open and wake the relay on every notification; reconnect on loss."""
-        backoff = Backoff(max_s=self._max_backoff_s)
-        while not stop.is_set():
-            try:
-                await self._listen_until_lost(stop, backoff)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as err:
-                log.warning("outbox listen connection failed", extra={"error": repr(err)})
-            await wait_any(stop, None, backoff.next_delay())
+        with contextlib.suppress(Stopped):
+            while not stop.is_set():  # a connection lost after it was up starts a fresh backoff
+                async for attempt in retrying(
+                    self._settings,
+                    "outbox listen connection",
+                    stop_event=stop,
+                    retry=retry_if_exception_type(POSTGRES_DOWN),
+                    max_s=self._max_backoff_s,
+                ):
+                    with attempt:
+                        await self._listen_until_lost(stop)
+                await wait_any(stop, None, self._settings.retry_initial_s)  # lost: the first wait
 
-    async def _listen_until_lost(self, stop: asyncio.Event, backoff: Backoff) -> None:
+    async def _listen_until_lost(self, stop: asyncio.Event) -> None:
+        """Listen until stopped or the connection is lost; raises when it cannot connect."""
         conn = await asyncpg.connect(self._settings.database_url.get_secret_value(), timeout=10)
         lost = asyncio.Event()
         try:
@@ -280,13 +293,18 @@ class OutboxRelay:
             await conn.add_listener(NOTIFY_CHANNEL, lambda *_args: self._wake.set())
             self.listening.set()
             self._wake.set()  # rows inserted while nobody listened
-            backoff.reset()
             while not stop.is_set() and not lost.is_set() and not conn.is_closed():
                 await wait_any(stop, lost, self._poll_interval_s)
+            if not stop.is_set():
+                log.warning("outbox listen connection lost; reconnecting")
         finally:
             self.listening.clear()
             with contextlib.suppress(Exception):
                 await conn.close(timeout=2)
+
+
+class _NothingWentOut(Exception):
+    """A batch whose claimed rows all failed to publish: the relay backs off before the next."""
 
 
 class _HeldBack(Exception):
@@ -297,12 +315,8 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"[:500]
 
 
-async def serve(settings: Settings) -> None:
-    """Run one relay until SIGINT or SIGTERM."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    """Run one relay until ``stop`` is set."""
     pool = await _connect_pool(settings, stop)
     if pool is None:
         return
@@ -314,19 +328,17 @@ async def serve(settings: Settings) -> None:
 
 async def _connect_pool(settings: Settings, stop: asyncio.Event) -> asyncpg.Pool | None:
     """The Postgres pool, retried with backoff while Postgres is unreachable; None when stopped first."""
-    backoff = Backoff()
-    while not stop.is_set():
-        try:
-            return await create_pool(settings)
-        except (OSError, asyncpg.PostgresError, TimeoutError) as err:
-            log.warning("postgres unreachable", extra={"error": repr(err)})
-            await wait_any(stop, None, backoff.next_delay())
-    return None
+    try:
+        async for attempt in retrying(
+            settings, "postgres connect", stop_event=stop, retry=retry_if_exception_type(POSTGRES_DOWN)
+        ):
+            with attempt:
+                return await create_pool(settings)
+    except Stopped:
+        return None
+    raise AssertionError("unreachable: retrying ends in a return or Stopped")
 
 
 def main() -> None:
-    configure_logging("outbox-relay")
-    settings = get_settings()
-    start_metrics_server(settings.metrics_port_relay, settings.metrics_host)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(settings))
+    """Console script ``lookout-outbox-relay``."""
+    run_service("outbox-relay", serve, metrics_port=lambda s: s.metrics_port_relay)

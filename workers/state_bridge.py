@@ -13,29 +13,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import uuid
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from pydantic import ValidationError
+from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
+from tenacity import AsyncRetrying, retry_if_exception
 
 from core.kafka import ConsumerLagReporter, create_consumer, create_producer
-from core.logs import configure_logging
 from core.messages import StateEvent
 from core.metrics import (
     BAD_MESSAGES,
     BRIDGE_DEAD_LETTERED,
+    BRIDGE_LATE_EVENTS,
     BRIDGE_SIGNAL_RETRIES,
     BRIDGE_SIGNALLED,
-    start_metrics_server,
 )
-from core.settings import Settings, get_settings
+from core.retry import Stopped, retrying
+from core.settings import Settings
 from core.temporal import connect_temporal
-from workers.backoff import Backoff, wait_any
+from workers.entrypoint import run_service
 from workflows.starter import signal_with_start
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,6 @@ _KafkaClient = TypeVar("_KafkaClient", AIOKafkaConsumer, AIOKafkaProducer)
 
 class MalformedEvent(ValueError):
     """A states-topic message that is not a usable state event; the message says why."""
-
-
-class _Stopped(Exception):
-    """The bridge was asked to stop while it retried an event (its offset stays uncommitted)."""
 
 
 def parse_state_event(value: bytes | None) -> StateEvent:
@@ -121,25 +118,19 @@ class StateBridge:
                 ),
                 stop,
             )
-            if producer is None or consumer is None:
-                return
             log.info("state bridge started", extra={"group_id": self._group_id})
             lag = ConsumerLagReporter(consumer, self._group_id)
-            fetch_backoff = Backoff(max_s=self._max_backoff_s)
             while not stop.is_set():
-                try:
-                    batch = await consumer.getmany(timeout_ms=500, max_records=200)
-                except Exception as err:  # the consumer recovers by itself; never let it end the loop
-                    log.warning("states fetch failed", extra={"error": repr(err)})
-                    await wait_any(stop, None, fetch_backoff.next_delay())
-                    continue
-                fetch_backoff.reset()
+                # the consumer recovers by itself from a broker outage; never let a fetch end the loop
+                async for attempt in self._retrying("states fetch", stop):
+                    with attempt:
+                        batch = await consumer.getmany(timeout_ms=500, max_records=200)
                 if consumer.assignment():
                     self.assigned.set()
                 for tp, records in batch.items():
                     await self._handle_partition(consumer, producer, tp, records, stop)
                 await lag.update()
-        except _Stopped:
+        except Stopped:
             pass
         finally:
             for client in (consumer, producer):
@@ -148,22 +139,23 @@ class StateBridge:
                         await asyncio.wait_for(client.stop(), 10)
             log.info("state bridge stopped")
 
-    async def _started(self, make: Callable[[], _KafkaClient], stop: asyncio.Event) -> _KafkaClient | None:
+    def _retrying(self, what: str, stop: asyncio.Event, **options: Any) -> AsyncRetrying:
+        return retrying(self._settings, what, stop_event=stop, max_s=self._max_backoff_s, **options)
+
+    async def _started(self, make: Callable[[], _KafkaClient], stop: asyncio.Event) -> _KafkaClient:
         """A started Kafka client, made anew after each failed start while the broker is unreachable;
-        None when stopped first."""
-        backoff = Backoff(max_s=self._max_backoff_s)
-        while not stop.is_set():
-            client = make()
-            try:
-                await client.start()
-            except Exception as err:
-                log.warning("kafka unreachable", extra={"error": repr(err)})
-                with contextlib.suppress(Exception):
-                    await client.stop()
-                await wait_any(stop, None, backoff.next_delay())
-            else:
+        raises ``Stopped`` when stopped first."""
+        async for attempt in self._retrying("kafka client start", stop):
+            with attempt:
+                client = make()
+                try:
+                    await client.start()
+                except Exception:
+                    with contextlib.suppress(Exception):
+                        await client.stop()
+                    raise
                 return client
-        return None
+        raise AssertionError("unreachable: retrying ends in a return or Stopped")
 
     async def _handle_partition(
         self,
@@ -185,7 +177,7 @@ class StateBridge:
     async def _handle(
         self, producer: AIOKafkaProducer, record: ConsumerRecord[bytes, bytes], stop: asyncio.Event
     ) -> None:
-        """Return once the record is signalled or dead-lettered; raise ``_Stopped`` if stopped first."""
+        """Return once the record is signalled or dead-lettered; raise ``Stopped`` if stopped first."""
         try:
             event = parse_state_event(record.value)
         except MalformedEvent as err:
@@ -214,29 +206,42 @@ class StateBridge:
             "kind": event.kind.value,
             "state": event.state.value if event.state else None,
         }
-        backoff = Backoff(max_s=self._max_backoff_s)
         unexpected = 0
-        while True:
-            if stop.is_set():
-                raise _Stopped
-            try:
-                await self._signal_event(event)
-            except RPCError as err:
-                if err.status not in TRANSIENT_STATUSES:
-                    log.error("signal rejected", extra={**context, "error": repr(err)})
-                    return f"signal rejected: {err.status.name}: {err.message}"[:500]
-                BRIDGE_SIGNAL_RETRIES.inc()
-                log.warning("temporal unavailable, signal retried", extra={**context, "error": repr(err)})
-            except Exception as err:
-                unexpected += 1
-                log.exception("signal failed", extra={**context, "attempt": unexpected})
-                if unexpected >= self._max_unexpected_failures:
-                    return f"signal failed {unexpected} times: {type(err).__name__}: {err}"[:500]
-            else:
-                BRIDGE_SIGNALLED.inc()
-                log.info("state event signalled", extra=context)
-                return None
-            await wait_any(stop, None, backoff.next_delay())
+
+        def worth_retrying(error: BaseException) -> bool:
+            nonlocal unexpected
+            if isinstance(error, WorkflowAlreadyStartedError):
+                return False
+            if isinstance(error, RPCError):
+                transient = error.status in TRANSIENT_STATUSES
+                if transient:
+                    BRIDGE_SIGNAL_RETRIES.inc()
+                return transient
+            unexpected += 1
+            return unexpected < self._max_unexpected_failures
+
+        try:
+            async for attempt in self._retrying(
+                "signal", stop, retry=retry_if_exception(worth_retrying), context=context
+            ):
+                with attempt:
+                    await self._signal_event(event)
+        except Stopped:
+            raise
+        except WorkflowAlreadyStartedError:
+            # the stream's lifecycle has ended: a late acknowledgement or repeat changes nothing
+            BRIDGE_LATE_EVENTS.inc()
+            log.info("event after the lifecycle ended dropped", extra=context)
+            return None
+        except RPCError as err:
+            log.error("signal rejected", extra={**context, "error": repr(err)})
+            return f"signal rejected: {err.status.name}: {err.message}"[:500]
+        except Exception as err:
+            log.exception("signal failed", extra={**context, "attempts": unexpected})
+            return f"signal failed {unexpected} times: {type(err).__name__}: {err}"[:500]
+        BRIDGE_SIGNALLED.inc()
+        log.info("state event signalled", extra=context)
+        return None
 
     async def _dead_letter(
         self,
@@ -253,20 +258,12 @@ class StateBridge:
             ("source_offset", str(record.offset).encode()),
             ("consumer_group", self._group_id.encode()),
         ]
-        backoff = Backoff(max_s=self._max_backoff_s)
-        while True:
-            if stop.is_set():
-                raise _Stopped
-            try:
+        async for attempt in self._retrying("dead-letter publish", stop, context={"offset": record.offset}):
+            with attempt:
                 await producer.send_and_wait(
                     self._settings.topic_dead_letter, record.value or b"", key=record.key, headers=headers
                 )
-            except Exception as err:
-                log.warning("dead-letter publish failed", extra={"error": repr(err), "offset": record.offset})
-                await wait_any(stop, None, backoff.next_delay())
-                continue
-            BRIDGE_DEAD_LETTERED.inc()
-            return
+        BRIDGE_DEAD_LETTERED.inc()
 
     async def _commit(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
         try:
@@ -279,28 +276,17 @@ def _key_text(key: bytes | None) -> str | None:
     return key.decode(errors="replace")[:100] if key is not None else None
 
 
-async def serve(settings: Settings) -> None:
-    """Connect to Temporal (retrying while it is down) and bridge until SIGINT or SIGTERM."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    backoff = Backoff()
-    while not stop.is_set():
-        try:
-            client = await connect_temporal(settings)
-            break
-        except Exception as err:
-            log.warning("temporal unreachable", extra={"error": repr(err)})
-            await wait_any(stop, None, backoff.next_delay())
-    else:
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    """Connect to Temporal (retrying while it is down) and bridge until ``stop`` is set."""
+    try:
+        async for attempt in retrying(settings, "temporal connect", stop_event=stop):
+            with attempt:
+                client = await connect_temporal(settings)
+    except Stopped:
         return
     await StateBridge(settings, partial(signal_with_start, client, settings)).run(stop)
 
 
 def main() -> None:
-    configure_logging("state-bridge")
-    settings = get_settings()
-    start_metrics_server(settings.metrics_port_bridge, settings.metrics_host)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(settings))
+    """Console script ``lookout-state-bridge``."""
+    run_service("state-bridge", serve, metrics_port=lambda s: s.metrics_port_bridge)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
 from datetime import timedelta
 
 import asyncpg
@@ -14,10 +12,9 @@ from temporalio.worker import Worker
 
 from activities.lifecycle import LifecycleActivities
 from core.db import create_pool
-from core.logs import configure_logging
-from core.metrics import start_metrics_server
-from core.settings import Settings, get_settings
+from core.settings import Settings
 from core.temporal import connect_temporal
+from workers.entrypoint import run_service
 from workflows.stream_lifecycle import StreamLifecycle
 
 log = logging.getLogger(__name__)
@@ -36,17 +33,12 @@ def build_worker(client: Client, settings: Settings, pool: asyncpg.Pool) -> Work
     )
 
 
-async def serve(settings: Settings) -> None:
-    """Run the worker until SIGINT or SIGTERM, then let in-flight tasks finish and close the pool."""
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    """Run the worker until ``stop`` is set, then let in-flight tasks finish and close the pool."""
     pool = await create_pool(settings)
     try:
         client = await connect_temporal(settings)
-        worker = build_worker(client, settings, pool)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        async with worker:
+        async with build_worker(client, settings, pool):
             log.info("temporal worker started", extra={"task_queue": settings.temporal_task_queue})
             await stop.wait()
         log.info("temporal worker stopped")
@@ -55,8 +47,5 @@ async def serve(settings: Settings) -> None:
 
 
 def main() -> None:
-    configure_logging("temporal-worker")
-    settings = get_settings()
-    start_metrics_server(settings.metrics_port_worker, settings.metrics_host)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(settings))
+    """Console script ``lookout-temporal-worker``."""
+    run_service("temporal-worker", serve, metrics_port=lambda s: s.metrics_port_worker)

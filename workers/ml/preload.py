@@ -16,7 +16,7 @@ from multiprocessing.context import ForkServerContext
 
 # What a detection process imports before its first frame; ultralytics imports torchvision (and
 # with it torch._dynamo, seconds of imports) lazily on the model's first predict.
-PRELOADED_MODULES = ["workers.ml.process", "workers.ml.store", "workers.ml.detector", "torchvision"]
+PRELOADED_MODULES = ["workers.ml.child", "workers.ml.store", "workers.ml.detector", "torchvision"]
 
 
 def detection_context() -> ForkServerContext:

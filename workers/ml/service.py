@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 from collections import OrderedDict
 from collections.abc import Collection, Coroutine, Hashable
@@ -30,7 +29,6 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from core.kafka import ConsumerLagReporter, create_consumer, create_producer, ensure_topics
-from core.logs import configure_logging
 from core.messages import (
     EventKind,
     FrameHeaders,
@@ -40,9 +38,11 @@ from core.messages import (
     StreamOptions,
     parse_command,
 )
-from core.metrics import BAD_MESSAGES, forget_stream, start_metrics_server
-from core.settings import Settings, get_settings
+from core.metrics import BAD_MESSAGES, forget_stream
+from core.retry import KAFKA_DOWN, retrying
+from core.settings import Settings
 from core.states import StreamState
+from workers.entrypoint import run_service
 from workers.ml.offsets import OffsetTracker
 from workers.ml.preload import start_preloading
 from workers.ml.stream import QueuedFrame, StreamProcess, StreamStats
@@ -136,12 +136,10 @@ class MLService:
     async def _consume(self) -> None:
         assert self._consumer is not None and self._lag is not None
         while True:
-            try:
-                batch = await self._consumer.getmany(timeout_ms=200, max_records=200)
-            except KafkaError as err:  # the broker restarting: the consumer reconnects by itself
-                log.warning("fetch failed", extra={"error": repr(err)})
-                await asyncio.sleep(1.0)
-                continue
+            # a broker restarting: the consumer reconnects by itself
+            async for attempt in retrying(self.settings, "fetch", retry=KAFKA_DOWN):
+                with attempt:
+                    batch = await self._consumer.getmany(timeout_ms=200, max_records=200)
             for tp, records in batch.items():
                 for record in records:
                     self._offsets.seen(tp, record.offset)
@@ -357,20 +355,13 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         )
 
 
-async def serve(settings: Settings) -> None:
-    """Run the ML service until SIGINT or SIGTERM."""
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    """Run the ML service until ``stop`` is set."""
     await ensure_topics(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     async with MLService(settings) as service:
         await service.run_until(stop)
 
 
 def main() -> None:
-    configure_logging("ml")
-    settings = get_settings()
-    start_metrics_server(settings.metrics_port_ml, settings.metrics_host)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(settings))
+    """Console script ``lookout-ml``."""
+    run_service("ml", serve, metrics_port=lambda s: s.metrics_port_ml)

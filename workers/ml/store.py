@@ -8,24 +8,24 @@ from __future__ import annotations
 
 import io
 import logging
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
 
 import psycopg
 import urllib3
 from minio.error import InvalidResponseError, S3Error, ServerError
+from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from pydantic import ValidationError
+from tenacity import retry_if_exception
 
 from core.detections import DetectedObject
-from core.messages import FrameHeaders, StreamOptions
+from core.messages import FrameHeaders
+from core.retry import Stopped, retrying_blocking
 from core.settings import Settings
-from core.states import StreamState
 from core.storage import create_s3_client, ensure_bucket
-from workers.backoff import Backoff
+from core.streams import COLUMNS, StreamRow
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +65,6 @@ class StoreClosed(Exception):
     """The store was closed while a write was waiting for its server."""
 
 
-@dataclass(frozen=True)
-class StreamRow:
-    """What the streams table says about a stream the process was started for by a frame."""
-
-    state: StreamState
-    options: StreamOptions | None
-
-
 class DetectionStore:
     """Uploads annotated frames and inserts detection rows, idempotent on ``(stream_id, frame_seq)``."""
 
@@ -105,16 +97,15 @@ class DetectionStore:
         return self._retry("detection insert", lambda: self._insert(row), context)
 
     def stream_row(self, stream_id: str) -> StreamRow | None:
-        """The stream's state and options; None when it has no row.
+        """The stream's row; None when it has none.
 
         Raises psycopg.OperationalError when Postgres does not answer (one attempt, no retry).
         """
         try:
-            found = (
-                self._connection()
-                .execute("SELECT state, options FROM streams WHERE id = %s", (stream_id,))
-                .fetchone()
-            )
+            with self._connection().cursor(row_factory=dict_row) as cursor:
+                found = cursor.execute(
+                    f"SELECT {COLUMNS} FROM streams WHERE id = %s", (stream_id,)
+                ).fetchone()
         except (psycopg.OperationalError, psycopg.InterfaceError):
             self._drop_connection()
             raise
@@ -122,13 +113,11 @@ class DetectionStore:
             return None
         if found is None:
             return None
-        state, raw_options = found
         try:
-            options = StreamOptions.model_validate(raw_options or {})
-        except ValidationError as err:
+            return StreamRow.from_record(found)
+        except ValidationError as err:  # options written by a newer release: detect with the defaults
             log.warning("stream options unreadable", extra={"stream_id": stream_id, "error": str(err)})
-            options = None
-        return StreamRow(state=StreamState(state), options=options)
+            return StreamRow.from_record({**found, "options": {}})
 
     def close(self) -> None:
         """Close the Postgres connection; a write still retrying gives up with StoreClosed."""
@@ -136,31 +125,32 @@ class DetectionStore:
         self._drop_connection()
 
     def _retry(self, what: str, attempt: Callable[[], T], context: dict[str, object]) -> T:
-        backoff = Backoff(*self._retry_delays)
-        failures = 0
-        while True:
-            if self._closed:
-                raise StoreClosed(f"{what} abandoned: store closed")
-            try:
-                return attempt()
-            except S3Error as err:
-                if err.code in PERMANENT_S3_CODES:
-                    raise PermanentStoreError(f"{what}: {err.code}: {err.message}") from err
-                error: BaseException = err
-            except TRANSIENT_ERRORS as err:
-                error = err
-            failures += 1
-            delay = backoff.next_delay()
-            log.warning(
-                f"{what} failed, retrying",
-                extra={
-                    **context,
-                    "attempt": failures,
-                    "retry_in_s": delay,
-                    "error": f"{type(error).__name__}: {error}",
-                },
-            )
-            time.sleep(delay)
+        """``attempt()`` until it succeeds, with the retry policy while its server is down."""
+
+        def transient(error: BaseException) -> bool:
+            if isinstance(error, S3Error):
+                return error.code not in PERMANENT_S3_CODES
+            return isinstance(error, TRANSIENT_ERRORS)
+
+        try:
+            for retry in retrying_blocking(
+                self._settings,
+                what,
+                retry=retry_if_exception(transient),
+                give_up=lambda: self._closed,
+                context=context,
+                initial_s=self._retry_delays[0],
+                max_s=self._retry_delays[1],
+            ):
+                with retry:
+                    if self._closed:
+                        raise StoreClosed(f"{what} abandoned: store closed")
+                    return attempt()
+        except Stopped as err:
+            raise StoreClosed(f"{what} abandoned: store closed") from err
+        except S3Error as err:  # one that no retry fixes: wrong credentials or bucket name
+            raise PermanentStoreError(f"{what}: {err.code}: {err.message}") from err
+        raise AssertionError("unreachable: retrying ends in a return or an error")
 
     def _put(self, key: str, jpeg: bytes) -> None:
         if not self._bucket_ready:

@@ -1,20 +1,17 @@
 """The ML service's side of one stream: its bounded frame queue and its detection process.
 
 Everything here runs on the service's event loop and never blocks it for long: the process's pipe
-and exit are watched with ``add_reader``, and a frame is written to the pipe only when the process
-has asked for one (so it is reading).
+and exit are watched with ``add_reader`` (workers/child_process.py), and a frame is written to the
+pipe only when the process has asked for one (so it is reading).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
-from multiprocessing.context import ForkServerContext, ForkServerProcess
+from multiprocessing.context import ForkServerContext
 from typing import Generic, Protocol, TypeVar
 
 from core.messages import FrameHeaders, StreamOptions
@@ -26,8 +23,9 @@ from core.metrics import (
     INFERENCE_SECONDS,
 )
 from core.settings import Settings
-from workers.ml.preload import detection_context
-from workers.ml.process import (
+from workers.child_process import ChildProcess, StopEnding
+from workers.ml.child import run_detection_process
+from workers.ml.messages import (
     FrameDone,
     FrameToDetect,
     ProcessFailed,
@@ -36,10 +34,12 @@ from workers.ml.process import (
     StopProcess,
     StreamClosed,
     UpdateOptions,
-    run_detection_process,
 )
+from workers.ml.preload import detection_context
 
 log = logging.getLogger(__name__)
+
+TERMINATE_GRACE_S = 3.0  # after SIGTERM; then SIGKILL, and the exit is awaited however long it takes
 
 T = TypeVar("T")
 
@@ -129,39 +129,32 @@ class StreamProcess:
         self.queue: FrameQueue[QueuedFrame] = FrameQueue(settings.ml_queue_size)
         self.stats = StreamStats()
         self._listener = listener
-        self._context = context or detection_context()
-        parent_conn, child_conn = self._context.Pipe(duplex=True)
-        self._conn: Connection = parent_conn
-        self._child_conn: Connection = child_conn
-        self.process: ForkServerProcess = self._context.Process(
+        self._child: ChildProcess[ProcessMessage] = ChildProcess(
+            context or detection_context(),
             target=run_detection_process,
-            args=(child_conn, settings, stream_id, options),
+            args=(settings, stream_id, options),
             name=f"lookout-ml-{stream_id}",
-            daemon=True,
+            duplex=True,
+            on_message=self._on_message,
+            on_exit=self._on_exit,
         )
-        self.pid: int | None = None
-        self.exitcode: int | None = None
         self._wants_frame = False
         self._in_hand: tuple[int, QueuedFrame] | None = None
         self._next_frame_id = 0
         self._started_reported = False
         self._ended = False  # failed, closed or stopping: no more frames go to the process
-        self._exited = asyncio.Event()
-        self._reaper: asyncio.Task[None] | None = None
-        self._loop = asyncio.get_running_loop()
+
+    @property
+    def pid(self) -> int | None:
+        return self._child.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._child.exitcode
 
     def start(self) -> None:
         """Spawn the process and watch its pipe and its exit from the event loop."""
-        try:
-            self.process.start()
-        except BaseException:
-            self._conn.close()
-            self._child_conn.close()
-            raise
-        self.pid = self.process.pid
-        self._child_conn.close()  # the child holds its own copy; ours would hide the child's exit
-        self._loop.add_reader(self._conn.fileno(), self._on_readable)
-        self._loop.add_reader(self.process.sentinel, self._on_exit)
+        self._child.start()
         log.info("detection process started", extra={"stream_id": self.stream_id, "pid": self.pid})
 
     def offer(self, frame: QueuedFrame) -> None:
@@ -185,7 +178,7 @@ class StreamProcess:
 
     def update_options(self, options: StreamOptions) -> None:
         if not self._ended:
-            self._send(UpdateOptions(options))
+            self._child.send(UpdateOptions(options))
 
     async def stop(self, grace_s: float, *, settle_unfinished: bool = True) -> str | None:
         """Let the frame in hand finish, then end the process; returns an error text when forced.
@@ -201,27 +194,28 @@ class StreamProcess:
             self.stats.discarded += 1
             if settle_unfinished:
                 self._listener.frame_settled(frame.token)
-        if self.process.is_alive():
-            self._send(StopProcess())
         error = None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._exited.wait(), grace_s)
-        if not self._exited.is_set():
+
+        def escalating(step: StopEnding) -> None:
+            nonlocal error
+            if step is not StopEnding.TERMINATED:
+                return
             if self._in_hand is not None:
                 error = (
                     f"frame {self._in_hand[1].headers.frame_seq} not finished within {grace_s:g}s "
                     "of the stop; detection process terminated"
                 )
             log.warning("detection process terminated", extra={"stream_id": self.stream_id, "error": error})
-            self.process.terminate()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._exited.wait(), 3)
-            if not self._exited.is_set():
-                self.process.kill()
-                await self._exited.wait()
+
+        await self._child.stop(
+            lambda: self._child.send(StopProcess()),
+            grace_s=grace_s,
+            terminate_grace_s=TERMINATE_GRACE_S,
+            kill_grace_s=None,
+            escalating=escalating,
+        )
         if settle_unfinished:
             self._release_in_hand()
-        self._close()
         log.info(
             "detection process stopped",
             extra={"stream_id": self.stream_id, "exitcode": self.exitcode, **self._stats_fields()},
@@ -241,19 +235,7 @@ class StreamProcess:
         self._in_hand = (frame_id, frame)
         self._wants_frame = False
         self.stats.handed += 1
-        self._send(FrameToDetect(frame_id=frame_id, headers=frame.headers, jpeg=frame.jpeg))
-
-    def _send(self, message: FrameToDetect | UpdateOptions | StopProcess) -> None:
-        with contextlib.suppress(OSError):  # the process is gone; its exit is reported by _on_exit
-            self._conn.send(message)
-
-    def _on_readable(self) -> None:
-        try:
-            while self._conn.poll():
-                self._on_message(self._conn.recv())
-        except (EOFError, OSError):
-            with contextlib.suppress(OSError, ValueError):
-                self._loop.remove_reader(self._conn.fileno())
+        self._child.send(FrameToDetect(frame_id=frame_id, headers=frame.headers, jpeg=frame.jpeg))
 
     def _on_message(self, message: ProcessMessage) -> None:
         if isinstance(message, ReadyForFrames):
@@ -298,15 +280,6 @@ class StreamProcess:
             CAPTURE_TO_ROW_SECONDS.labels(sid).observe(done.capture_to_row_s)
 
     def _on_exit(self) -> None:
-        self._loop.remove_reader(self.process.sentinel)
-        self._on_readable()  # messages sent just before exiting
-        self._reaper = self._loop.create_task(self._reap())
-
-    async def _reap(self) -> None:
-        # the sentinel closes as the process exits; the kernel may need a moment more to reap it
-        await asyncio.to_thread(self.process.join, 5)
-        self.exitcode = self.process.exitcode
-        self._exited.set()
         if not self._ended:  # neither stopping nor failed: it died
             self._end()
             self._listener.stream_failed(
@@ -326,15 +299,6 @@ class StreamProcess:
         if self._in_hand is not None:
             self._listener.frame_settled(self._in_hand[1].token)
             self._in_hand = None
-
-    def _close(self) -> None:
-        with contextlib.suppress(ValueError, OSError):
-            self._loop.remove_reader(self._conn.fileno())
-        with contextlib.suppress(ValueError, OSError):
-            self._loop.remove_reader(self.process.sentinel)
-        self._conn.close()
-        with contextlib.suppress(ValueError):
-            self.process.close()
 
     def _stats_fields(self) -> dict[str, object]:
         s = self.stats

@@ -6,7 +6,8 @@ the read timeout (a frozen camera), is abandoned and replaced, with exponential 
 reconnect budget since the stream was lost is spent; then the failure is reported to the runner and
 the process exits. Frames go to the frames topic as raw JPEG with ``FrameHeaders``; the runner is told
 once the first frame is out, and twice a second how many frames were read, published and dropped
-(it keeps the stream's metrics). The child also stops when the runner dies.
+(it keeps the stream's metrics). The child also stops when the runner dies. The process's entry
+point is workers/runner/child.py.
 """
 
 from __future__ import annotations
@@ -14,71 +15,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
-import os
-import signal
 import time
-from collections.abc import Callable
-from multiprocessing.connection import Connection
-from multiprocessing.synchronize import Event as ProcessEvent
+from collections.abc import Callable, Iterator
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from core.kafka import create_producer
-from core.logs import configure_logging
 from core.messages import FrameHeaders
 from core.redact import redact_url
+from core.retry import delays
+from workers.child_process import EXIT_STOPPED
 from workers.runner.frames import EncodedFrame
-from workers.runner.process import (
+from workers.runner.messages import (
     EXIT_FAILED,
-    EXIT_STOPPED,
     CaptureCounts,
     CaptureFailed,
     CaptureSpec,
     FirstFramePublished,
 )
-from workers.runner.reader import CameraReader, configure_ffmpeg_capture
+from workers.runner.reader import CameraReader
 from workers.runner.sampler import FrameSampler
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.05  # how often the watchdog looks at the reader and the stop event
 OPEN_GRACE_S = 1.0  # beyond the open timeout before an open that OpenCV does not end is abandoned
-BACKOFF_INITIAL_S = 0.5
-BACKOFF_MAX_S = 5.0
+RECONNECT_FIRST_S = 0.5  # the retry policy's waits between camera connections start here ...
+RECONNECT_MAX_S = 5.0  # ... and stay this short: a camera back from a reboot is seen within seconds
 FRAME_QUEUE_SIZE = 8  # frames waiting for Kafka; the oldest is dropped beyond this
 PRODUCER_CLOSE_S = 2.0
 COUNTS_INTERVAL_S = 0.5  # how often the frame counts go to the runner (for its metrics)
-
-
-def run_capture_process(spec: CaptureSpec, stop: ProcessEvent, reports: Connection) -> None:
-    """Process entry: run the capture session until stopped or lost, then exit with its code."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the runner decides
-    configure_logging("runner", stream_id=spec.stream_id)
-    configure_ffmpeg_capture()
-    parent = multiprocessing.parent_process()
-
-    def should_stop() -> bool:
-        return stop.is_set() or (parent is not None and not parent.is_alive())
-
-    def report(message: object) -> None:
-        try:
-            reports.send(message)
-        except OSError:
-            log.warning("runner gone; report dropped", extra={"stream_id": spec.stream_id})
-
-    code = EXIT_FAILED
-    try:
-        code = asyncio.run(CaptureSession(spec, should_stop=should_stop, report=report).run())
-    except BaseException:
-        log.exception("capture process crashed", extra={"stream_id": spec.stream_id})
-        code = 1
-    finally:
-        logging.shutdown()
-        reports.close()
-        # A reader abandoned inside a blocking OpenCV call must not hold up or crash interpreter teardown.
-        os._exit(code)
 
 
 class CaptureSession:
@@ -180,7 +147,7 @@ class CaptureSession:
         # The budget always leaves room for one full open attempt.
         budget_s = max(settings.runner_reconnect_budget_s, open_timeout_s + OPEN_GRACE_S)
         lost_since = time.monotonic()  # not streaming yet counts as lost since the start
-        backoff = BACKOFF_INITIAL_S
+        waits = self._reconnect_waits()
         attempts = 0
         cause: str | None = None  # why the stream was lost (or why it never came up)
         while True:
@@ -190,7 +157,7 @@ class CaptureSession:
             now = time.monotonic()
             if reader.frames_grabbed:
                 # It streamed: this is a fresh loss, with a fresh budget.
-                lost_since, backoff, attempts, cause = now, BACKOFF_INITIAL_S, 0, reason
+                lost_since, waits, attempts, cause = now, self._reconnect_waits(), 0, reason
             elif cause is None:
                 cause = reason
             log.warning("camera connection ended", extra={**self._log_extra, "reason": reason})
@@ -199,9 +166,12 @@ class CaptureSession:
                 last = f" (last attempt: {reason})" if reason != cause else ""
                 spent = now - lost_since
                 return f"{cause}; gave up after {attempts} connection attempt(s) in {spent:.1f}s{last}"
-            await asyncio.sleep(min(backoff, give_up_at - now))
-            backoff = min(backoff * 2, BACKOFF_MAX_S)
+            await asyncio.sleep(min(next(waits), give_up_at - now))
             log.info("reconnecting", extra={**self._log_extra, "attempt": attempts + 1})
+
+    def _reconnect_waits(self) -> Iterator[float]:
+        # little jitter: one camera's reconnects race nobody, and the budget must fit its attempts
+        return delays(self._settings, initial_s=RECONNECT_FIRST_S, max_s=RECONNECT_MAX_S, jitter_s=0.1)
 
     def _start_reader(self) -> CameraReader:
         settings = self._settings

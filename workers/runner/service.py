@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from collections import OrderedDict
 from collections.abc import Coroutine
 from typing import Any
@@ -23,13 +22,15 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from core.kafka import ConsumerLagReporter, create_consumer, create_producer, ensure_topics
-from core.logs import configure_logging
 from core.messages import EventKind, Service, StartCommand, StateEvent, StopCommand, parse_command
-from core.metrics import BAD_MESSAGES, forget_stream, start_metrics_server
+from core.metrics import BAD_MESSAGES, forget_stream
 from core.redact import redact_url
-from core.settings import Settings, get_settings
+from core.retry import KAFKA_DOWN, retrying
+from core.settings import Settings
 from core.states import StreamState
-from workers.runner.process import CaptureProcess, CaptureSpec, StopOutcome
+from workers.entrypoint import run_service
+from workers.runner.messages import CaptureSpec
+from workers.runner.stream import CaptureProcess, StopOutcome
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +66,10 @@ class RunnerService:
                 "runner consuming commands", extra={"topic": settings.topic_commands, "group": self.group_id}
             )
             while True:
-                try:
-                    batch = await consumer.getmany(timeout_ms=1000)
-                except KafkaError as err:  # the broker restarting: the consumer reconnects by itself
-                    log.warning("commands fetch failed", extra={"error": repr(err)})
-                    await asyncio.sleep(1.0)
-                    continue
+                # a broker restarting: the consumer reconnects by itself
+                async for attempt in retrying(settings, "commands fetch", retry=KAFKA_DOWN):
+                    with attempt:
+                        batch = await consumer.getmany(timeout_ms=1000)
                 for records in batch.values():
                     for record in records:
                         await self._handle(record)
@@ -235,23 +234,20 @@ class RunnerService:
             await asyncio.gather(*self._background, return_exceptions=True)
 
 
-async def serve(settings: Settings) -> None:
-    """Run the runner until SIGTERM or SIGINT."""
-    task = asyncio.current_task()
-    assert task is not None
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    """Run the runner until ``stop`` is set; on the way out its capture processes are stopped."""
+    service = asyncio.create_task(RunnerService(settings).run(), name="runner")
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait([service, stopped], return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    service.cancel()
     with contextlib.suppress(asyncio.CancelledError):
-        await RunnerService(settings).run()
+        await service
 
 
 def main() -> None:
     """Console script ``lookout-runner``."""
-    configure_logging("runner")
-    settings = get_settings()
-    start_metrics_server(settings.metrics_port_runner, settings.metrics_host)
-    asyncio.run(serve(settings))
+    run_service("runner", serve, metrics_port=lambda s: s.metrics_port_runner)
 
 
 if __name__ == "__main__":

@@ -1,29 +1,30 @@
-"""The per-stream detection process and the messages it exchanges with the ML service.
+"""What runs inside one stream's detection process: its entry point and its frame loop.
 
-The process pulls frames: it says it is ready (after loading the model, and after each frame), the
-service hands it the next frame of the stream's bounded queue, and it detects, draws, uploads and
-inserts that frame before asking for another. So the service always knows which frame is in hand,
-and everything not yet handed over stays in the queue, where overload drops the oldest.
-
-This module stays light (no torch) because the service imports it to spawn the process; the
-detector is imported inside the process.
+The process is forked from the preloading server (workers/ml/preload.py) by workers/ml/stream.py,
+and speaks the pull protocol of workers/ml/messages.py. This module stays light (no torch) because
+the service imports it to start the process; the detector is imported inside the process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import signal
-import sys
 import time
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
-from core.logs import configure_logging
-from core.messages import FrameHeaders, StreamOptions
+from core.messages import StreamOptions
 from core.settings import Settings
+from workers.child_process import EXIT_STOPPED, run_child
+from workers.ml.messages import (
+    FrameDone,
+    ProcessFailed,
+    ReadyForFrames,
+    ServiceMessage,
+    StopProcess,
+    StreamClosed,
+    UpdateOptions,
+)
 
 if TYPE_CHECKING:
     from workers.ml.detector import Detector
@@ -32,90 +33,33 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-# --- service → process ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FrameToDetect:
-    frame_id: int  # the service's handle on the frame, echoed back in FrameDone
-    headers: FrameHeaders
-    jpeg: bytes
-
-
-@dataclass(frozen=True)
-class UpdateOptions:
-    options: StreamOptions
-
-
-@dataclass(frozen=True)
-class StopProcess:
-    """Finish nothing new: exit after the frame in hand (there is none when this is read)."""
-
-
-# --- process → service ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ReadyForFrames:
-    """The model is loaded and warm; the process waits for its first frame."""
-
-
-@dataclass(frozen=True)
-class FrameDone:
-    """A frame is finished (stored, skipped as empty, duplicate or failed); the process wants another."""
-
-    frame_id: int
-    frame_seq: int
-    objects: int
-    stored: bool  # its detection row was inserted now (False: empty frame, duplicate or failure)
-    inference_s: float | None  # None: the model did not run (the frame failed before it)
-    total_s: float
-    capture_to_row_s: float | None = None  # from the frame's capture time to its row; None: not stored
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class StreamClosed:
-    """Started by a frame of a stream that has no row or is shutting down: exits without work."""
-
-
-@dataclass(frozen=True)
-class ProcessFailed:
-    """The process cannot work (the model failed to load); it exits after sending this."""
-
-    reason: str
-
-
-ServiceMessage = FrameToDetect | UpdateOptions | StopProcess
-ProcessMessage = ReadyForFrames | FrameDone | StreamClosed | ProcessFailed
-
-
 def run_detection_process(
     conn: Connection, settings: Settings, stream_id: str, options: StreamOptions | None
 ) -> None:
     """Entry point of a stream's process (see workers/ml/preload.py); ``options`` None: read them from its stream row."""
-    configure_logging("ml", stream_id=stream_id)
-    # Ctrl-C reaches the whole process group: the service decides when this process stops
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    context = {"stream_id": stream_id}
-    exit_code = 0
+
+    def report_crash(err: BaseException) -> None:
+        with contextlib.suppress(OSError):
+            conn.send(ProcessFailed(reason=f"detection process failed: {type(err).__name__}: {err}"))
+
+    run_child(
+        "ml",
+        stream_id,
+        conn,
+        lambda: _serve_until_done(conn, settings, stream_id, options),
+        crash_event="detection process failed",
+        on_crash=report_crash,
+    )
+
+
+def _serve_until_done(
+    conn: Connection, settings: Settings, stream_id: str, options: StreamOptions | None
+) -> int:
     try:
         _serve(conn, settings, stream_id, options)
     except (EOFError, BrokenPipeError):
-        log.warning("service went away, detection process exits", extra=context)
-    except BaseException as err:
-        exit_code = 1
-        log.exception("detection process failed", extra=context)
-        with contextlib.suppress(OSError):
-            conn.send(ProcessFailed(reason=f"detection process failed: {type(err).__name__}: {err}"))
-    finally:
-        conn.close()
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # Everything is closed: skip the interpreter's teardown, which takes seconds once torch is
-        # loaded and would eat into the stop acknowledgement's deadline.
-        os._exit(exit_code)
+        log.warning("service went away, detection process exits", extra={"stream_id": stream_id})
+    return EXIT_STOPPED
 
 
 def _serve(conn: Connection, settings: Settings, stream_id: str, options: StreamOptions | None) -> None:

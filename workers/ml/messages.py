@@ -1,0 +1,72 @@
+"""What the ML service and one stream's detection process tell each other over their duplex pipe.
+
+The process pulls frames: it says it is ready (after loading the model, and after each frame), the
+service hands it the next frame of the stream's bounded queue, and it detects, draws, uploads and
+inserts that frame before asking for another. So the service always knows which frame is in hand,
+and everything not yet handed over stays in the queue, where overload drops the oldest.
+
+This module stays light (no torch): both sides import it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from core.messages import FrameHeaders, StreamOptions
+
+# --- service → process ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FrameToDetect:
+    frame_id: int  # the service's handle on the frame, echoed back in FrameDone
+    headers: FrameHeaders
+    jpeg: bytes
+
+
+@dataclass(frozen=True)
+class UpdateOptions:
+    options: StreamOptions
+
+
+@dataclass(frozen=True)
+class StopProcess:
+    """Finish nothing new: exit after the frame in hand (there is none when this is read)."""
+
+
+# --- process → service ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReadyForFrames:
+    """The model is loaded and warm; the process waits for its first frame."""
+
+
+@dataclass(frozen=True)
+class FrameDone:
+    """A frame is finished (stored, skipped as empty, duplicate or failed); the process wants another."""
+
+    frame_id: int
+    frame_seq: int
+    objects: int
+    stored: bool  # its detection row was inserted now (False: empty frame, duplicate or failure)
+    inference_s: float | None  # None: the model did not run (the frame failed before it)
+    total_s: float
+    capture_to_row_s: float | None = None  # from the frame's capture time to its row; None: not stored
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class StreamClosed:
+    """Started by a frame of a stream that has no row or is shutting down: exits without work."""
+
+
+@dataclass(frozen=True)
+class ProcessFailed:
+    """The process cannot work (the model failed to load); it exits after sending this."""
+
+    reason: str
+
+
+ServiceMessage = FrameToDetect | UpdateOptions | StopProcess
+ProcessMessage = ReadyForFrames | FrameDone | StreamClosed | ProcessFailed

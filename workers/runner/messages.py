@@ -1,0 +1,45 @@
+"""What the runner and one stream's capture process tell each other, and how that process exits.
+
+The runner hands the process its ``CaptureSpec`` when spawning it and asks it to stop with an
+event; the process reports over a one-way pipe. This module stays light (no OpenCV): both sides
+import it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from core.settings import Settings
+
+EXIT_FAILED = 3  # gave up; the reason was reported over the pipe first (a stop ends with EXIT_STOPPED)
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    """Everything a capture process needs; pickled to the spawned child."""
+
+    stream_id: str
+    url: str
+    fps: float
+    settings: Settings
+
+
+@dataclass(frozen=True)
+class FirstFramePublished:
+    """Child → runner: the stream's first frame is on the frames topic."""
+
+
+@dataclass(frozen=True)
+class CaptureCounts:
+    """Child → runner: the stream's frame counts so far, sent while they change and once more at the end."""
+
+    frames_read: int = 0
+    frames_published: int = 0
+    frames_dropped: int = 0
+
+
+@dataclass(frozen=True)
+class CaptureFailed:
+    """Child → runner: the stream is lost for good (reconnect budget spent); the child exits next."""
+
+    reason: str
