@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,18 +14,12 @@ from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
 
 from api.readiness import TemporalConnection
-from api.routes import health, streams
+from api.routes import detections, health, streams, ui
 from core.db import create_pool
 from core.logs import configure_logging
 from core.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
-
-# Routers of other parts of the system, included when their module exists (one line each).
-OPTIONAL_ROUTERS = (
-    "api.routes.detections",  # GET /detection_result (ML)
-    "api.routes.ui",  # the web page at /
-)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -52,16 +45,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_exception_handler(RequestValidationError, validation_error_without_input)  # type: ignore[arg-type]
-    app.include_router(streams.router)
-    app.include_router(health.router)
-    for module_name in OPTIONAL_ROUTERS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
-            continue
-        app.include_router(module.router)
+    for router in (streams.router, detections.router, health.router, ui.router):
+        app.include_router(router)
     app.mount("/metrics", make_asgi_app())
     return app
 

@@ -33,20 +33,9 @@ from core.kafka import create_consumer, create_producer, ensure_topics  # noqa: 
 from core.settings import Settings  # noqa: E402
 from deploy import servers  # noqa: E402
 from deploy.local_stack import LocalStack  # noqa: E402
+from tests.ports import free_s3_port  # noqa: E402
 
 RECORD = os.urandom(60_000)
-
-
-class LegacyStack(LocalStack):
-    """The stack with the juicefs gateway of earlier releases as its S3 server, for comparison."""
-
-    def server_specs(self) -> list[servers.ServerSpec]:
-        specs = super().server_specs()
-        s = self.settings
-        specs[0] = servers.juicefs_gateway(
-            self.data_dir / "s3", s.stack_s3_port, s.s3_access_key, s.s3_secret_key.get_secret_value()
-        )
-        return specs
 
 
 def cpu_of(pid: int) -> psutil.Process:
@@ -165,10 +154,11 @@ async def main() -> None:
         settings = Settings(
             _env_file=None,  # type: ignore[call-arg]
             data_dir=Path(root),
-            stack_s3_port=servers.free_s3_port(),
+            stack_s3_port=free_s3_port(),
             stack_kafka_port=servers.free_port(),
         )
-        stack = (LegacyStack if args.s3 == "juicefs" else LocalStack)(settings)
+        recipe = servers.juicefs_gateway if args.s3 == "juicefs" else servers.s3_server
+        stack = LocalStack(settings, s3_recipe=recipe)
         stack.run_dir.mkdir(parents=True)
         try:
             stack.start_part("s3")

@@ -48,8 +48,10 @@ from workers.ml.detector import default_weights, resolve_device  # noqa: E402, I
 from core.db import create_pool  # noqa: E402
 from core.kafka import create_consumer, create_producer, ensure_topics  # noqa: E402
 from core.messages import EventKind, FrameHeaders, StartCommand, StateEvent, StopCommand  # noqa: E402
-from core.settings import Settings  # noqa: E402
+from core.settings import Settings, settings_env  # noqa: E402
 from deploy import servers  # noqa: E402
+from tests.databases import scratch_database  # noqa: E402
+from tests.ports import free_s3_port  # noqa: E402
 
 S3_ACCESS_KEY = "lookout-bench"
 S3_SECRET_KEY = "lookout-bench-secret"
@@ -126,7 +128,7 @@ def throwaway_servers(root: Path) -> Iterator[tuple[str, str, str]]:
             pg_admin = spec.address
         broker = servers.kafka_broker(root / "logs", servers.free_port())
         started.append(broker.start())
-        s3_port = servers.free_s3_port()
+        s3_port = free_s3_port()
         started.append(servers.s3_server(root / "s3", s3_port, S3_ACCESS_KEY, S3_SECRET_KEY).start())
         yield pg_admin, broker.address, f"127.0.0.1:{s3_port}"
     finally:
@@ -135,24 +137,9 @@ def throwaway_servers(root: Path) -> Iterator[tuple[str, str, str]]:
 
 
 def service_env(settings: Settings) -> dict[str, str]:
-    values = {
-        "DATABASE_URL": settings.database_url.get_secret_value(),
-        "KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "KAFKA_SESSION_TIMEOUT_MS": str(settings.kafka_session_timeout_ms),
-        "TOPIC_COMMANDS": settings.topic_commands,
-        "TOPIC_FRAMES": settings.topic_frames,
-        "TOPIC_STATES": settings.topic_states,
-        "S3_ENDPOINT": settings.s3_endpoint,
-        "S3_ACCESS_KEY": settings.s3_access_key,
-        "S3_SECRET_KEY": settings.s3_secret_key.get_secret_value(),
-        "ML_MODEL": settings.ml_model,
-        "ML_DEVICE": settings.ml_device,
-        "ML_IMGSZ": str(settings.ml_imgsz),
-        "ML_TORCH_THREADS": str(settings.ml_torch_threads),
-        "ML_QUEUE_SIZE": str(settings.ml_queue_size),
-        "ML_STORE_EMPTY_FRAMES": "true",  # every processed frame makes a row, so rows count them
-    }
-    return {**os.environ, **{f"LOOKOUT_{k}": v for k, v in values.items()}, "LOOKOUT_LOG_LEVEL": "WARNING"}
+    """The ML service's environment: the benchmark's settings, a row for every processed frame."""
+    counted = settings.model_copy(update={"ml_store_empty_frames": True})  # rows count the frames
+    return {**os.environ, **settings_env(counted), "LOOKOUT_LOG_LEVEL": "WARNING"}
 
 
 class Bench:
@@ -313,7 +300,7 @@ async def main(args: argparse.Namespace) -> None:
         throwaway_servers(Path(tmp)) as addrs,
     ):
         pg_admin, bootstrap, s3 = addrs
-        with servers.scratch_database(pg_admin, "lookout_bench") as db_url:
+        with scratch_database(pg_admin, "lookout_bench") as db_url:
             settings = Settings(  # type: ignore[call-arg]
                 _env_file=None,
                 database_url=SecretStr(db_url),

@@ -3,7 +3,7 @@
 It starts everything on free ports and removes it all afterwards: a fresh database (on the
 machine's Postgres, else a private cluster), a memory-mode Tansu broker, an S3 gateway, a Temporal
 dev server, the test camera looping the demo clip (OpenCV's vtest.avi, people walking, 768x576 at
-10 fps) on cam1..cam4, and Lookout's six services as real OS processes (deploy/supervisor.py), the
+10 fps) on cam1..cam4, and Lookout's six services as real OS processes (cli/supervisor.py), the
 ML service storing a row for every processed frame (``ml_store_empty_frames``). Then, in one run:
 
 - bare model: a plain ``model.predict`` loop on frames decoded from the clip;
@@ -51,13 +51,15 @@ sys.path.insert(0, str(REPO_ROOT))
 # sets YOLO_OFFLINE before anything imports ultralytics
 from workers.ml.detector import load_detector, resolve_device  # noqa: E402, I001
 
+from cli.supervisor import ServiceSupervisor  # noqa: E402
 from core.kafka import ensure_topics  # noqa: E402
-from core.settings import Settings  # noqa: E402
+from core.settings import Settings, settings_env  # noqa: E402
 from core.temporal import SEARCH_ATTRIBUTES  # noqa: E402
 from deploy import servers  # noqa: E402
+from tests.databases import scratch_database  # noqa: E402
+from tests.ports import free_s3_port  # noqa: E402
 from deploy.camera.clip import CLIP_FPS, ensure_clip  # noqa: E402
 from deploy.camera.control import TestCamera  # noqa: E402
-from deploy.supervisor import ServiceSupervisor  # noqa: E402
 
 S3_ACCESS_KEY = "lookout-bench"
 S3_SECRET_KEY = "lookout-bench-secret"
@@ -65,23 +67,6 @@ ADMIN_PG_URL = os.environ.get("LOOKOUT_TEST_PG_ADMIN_URL", "postgresql://postgre
 REQUESTED_FPS = 30.0  # per stream: more than the camera's 10, so every frame it sends is taken
 SETTLE_S = 4.0  # after ml_started, before the window: queues fill, the steady state sets in
 TERMINAL = ("inactive", "inactive_error")
-
-# the settings every service gets from the benchmark, as LOOKOUT_* variables
-SERVICE_SETTINGS = (
-    "database_url",
-    "kafka_bootstrap",
-    "s3_endpoint",
-    "s3_access_key",
-    "s3_secret_key",
-    "temporal_address",
-    "api_host",
-    "api_port",
-    "ml_model",
-    "ml_device",
-    "ml_imgsz",
-    "ml_torch_threads",
-    "ml_store_empty_frames",
-)
 
 
 @dataclass
@@ -196,7 +181,7 @@ def throwaway_servers(root: Path) -> Iterator[dict[str, str]]:
             pg_admin = pg.address
         broker = servers.kafka_broker(root / "logs", servers.free_port())
         started.append(broker.start().pid)
-        s3_port = servers.free_s3_port()
+        s3_port = free_s3_port()
         started.append(servers.s3_server(root / "s3", s3_port, S3_ACCESS_KEY, S3_SECRET_KEY).start().pid)
         temporal = servers.temporal_dev_server(
             root / "temporal", servers.free_port(), None, SEARCH_ATTRIBUTES
@@ -215,16 +200,10 @@ def throwaway_servers(root: Path) -> Iterator[dict[str, str]]:
 
 
 def service_env(settings: Settings) -> dict[str, str]:
-    """LOOKOUT_* variables that point a service at the benchmark's servers; metrics endpoints off."""
-    env = {}
-    for name in SERVICE_SETTINGS:
-        value = getattr(settings, name)
-        value = value.get_secret_value() if isinstance(value, SecretStr) else value
-        env[f"LOOKOUT_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
-    for name in Settings.model_fields:
-        if name.startswith("metrics_port"):  # a developer's stack may hold the default ports
-            env[f"LOOKOUT_{name.upper()}"] = "0"
-    return env
+    """The benchmark's settings as the services' environment; metrics endpoints off (a developer's
+    stack may hold the default ports)."""
+    off = {name: 0 for name in Settings.model_fields if name.startswith("metrics_port")}
+    return settings_env(settings.model_copy(update=off))
 
 
 def stream_descendants(services: list[psutil.Process]) -> set[int]:
@@ -431,7 +410,7 @@ async def run(args: argparse.Namespace, root: Path) -> str:
     load_before = os.getloadavg()[0]  # before anything of the benchmark runs
     with (
         throwaway_servers(root) as addresses,
-        servers.scratch_database(addresses["pg_admin"], "lookout_bench") as db_url,
+        scratch_database(addresses["pg_admin"], "lookout_bench") as db_url,
     ):
         settings = Settings(  # type: ignore[call-arg]
             _env_file=None,

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from core.kafka import create_producer, ensure_topics  # noqa: E402
 from core.messages import FrameHeaders, StartCommand, StateEvent, StopCommand, StreamOptions  # noqa: E402
-from core.settings import Settings  # noqa: E402
+from core.settings import Settings, settings_env  # noqa: E402
 from core.states import StreamState  # noqa: E402
 from deploy import servers  # noqa: E402
 from deploy.camera.control import TestCamera  # noqa: E402
@@ -55,17 +55,7 @@ class ScenarioResult:
 
 
 def runner_env(settings: Settings) -> dict[str, str]:
-    values = {
-        "KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "TOPIC_COMMANDS": settings.topic_commands,
-        "TOPIC_FRAMES": settings.topic_frames,
-        "TOPIC_STATES": settings.topic_states,
-        "KAFKA_SESSION_TIMEOUT_MS": str(settings.kafka_session_timeout_ms),
-        "KAFKA_FETCH_MAX_WAIT_MS": str(settings.kafka_fetch_max_wait_ms),
-        "RUNNER_MAX_SIDE": str(settings.runner_max_side),
-        "RUNNER_JPEG_QUALITY": str(settings.runner_jpeg_quality),
-    }
-    return {**os.environ, **{f"LOOKOUT_{k}": v for k, v in values.items()}, "LOOKOUT_LOG_LEVEL": "WARNING"}
+    return {**os.environ, **settings_env(settings), "LOOKOUT_LOG_LEVEL": "WARNING"}
 
 
 def cpu_seconds(proc: psutil.Process) -> float:

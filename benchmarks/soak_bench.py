@@ -34,11 +34,12 @@ from pydantic import SecretStr
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from cli.run import LookoutRun  # noqa: E402
 from core.kafka import create_consumer  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from deploy import servers  # noqa: E402
 from deploy.camera.control import TestCamera  # noqa: E402
-from deploy.demo import LookoutRun  # noqa: E402
+from tests.ports import free_s3_port  # noqa: E402
 
 ADMIN_PG_URL = os.environ.get("LOOKOUT_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 TERMINAL = ("inactive", "inactive_error")
@@ -123,7 +124,7 @@ def main() -> None:
             data_dir=Path(root) / "lookout",
             database_url=SecretStr(ADMIN_PG_URL.rsplit("/", 1)[0] + "/" + database),
             stack_pg_port=servers.free_port(),
-            stack_s3_port=servers.free_s3_port(),
+            stack_s3_port=free_s3_port(),
             stack_kafka_port=servers.free_port(),
             stack_temporal_port=servers.free_port(),
             stack_temporal_ui_port=servers.free_port(),

@@ -55,16 +55,6 @@ async def ensure_database(url: str) -> bool:
         await conn.close()
 
 
-async def drop_database(url: str) -> None:
-    """Drop the database named in ``url`` (used by the test fixtures for their throw-away databases)."""
-    name = database_name(url)
-    conn = await asyncpg.connect(_with_database(url, "postgres"))
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
 def alembic_config(url: str) -> Config:
     """Alembic configuration pointing at ``url`` (psycopg driver), without an ini file."""
     parts = urlsplit(url)

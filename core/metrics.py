@@ -86,6 +86,9 @@ BRIDGE_SIGNALLED = Counter(
 BRIDGE_DEAD_LETTERED = Counter(
     "lookout_bridge_events_dead_lettered", "Messages sent to the dead-letter topic"
 )
+BRIDGE_LATE_EVENTS = Counter(
+    "lookout_bridge_events_after_end", "State events of a stream whose lifecycle had ended, dropped"
+)
 BRIDGE_SIGNAL_RETRIES = Counter(
     "lookout_bridge_signal_retries", "Signals retried because Temporal was unavailable"
 )
@@ -101,10 +104,6 @@ STATES_RECORDED = Counter(
 API_STREAMS_STARTED = Counter("lookout_api_streams_started", "Streams accepted by POST /init")
 API_INIT_REPLAYS = Counter("lookout_api_init_replays", "POST /init answered from an Idempotency-Key")
 API_SHUTDOWNS_ACCEPTED = Counter("lookout_api_shutdowns_accepted", "Shutdowns accepted by POST /shutdown")
-
-# --- supervision -------------------------------------------------------------------------------------
-
-SERVICE_RESTARTS = Counter("lookout_service_restarts_total", "Supervised service restarts", ["service"])
 
 
 def forget_stream(stream_id: str) -> None:

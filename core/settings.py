@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     temporal_task_queue: str = "lookout-lifecycle"
     temporal_ui_url: str = "http://127.0.0.1:8233"
 
+    # Retries of every service waiting for a server (core/retry.py): exponential with jitter
+    retry_initial_s: float = 0.5
+    retry_max_s: float = 30.0
+
     # Lifecycle timers
     startup_deadline_s: float = 60.0
     ack_deadline_s: float = 15.0
@@ -94,6 +98,17 @@ class Settings(BaseSettings):
     stack_temporal_port: int = 7233
     stack_temporal_ui_port: int = 8233
     demo_camera_port: int = 8554
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """``settings`` as the ``LOOKOUT_*`` environment of a child process, so that it sees exactly
+    these settings (secrets in clear: pass it to a child's environment only, never to a log)."""
+    env = {}
+    for name, value in settings.model_dump().items():
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        env[f"LOOKOUT_{name.upper()}"] = str(value)
+    return env
 
 
 @lru_cache(maxsize=1)

@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,9 @@ KAFKA_BUCKET = "lookout-kafka"
 JUICEFS_DIR = "s3-juicefs"
 
 
+S3Recipe = Callable[[Path, int, str, str], servers.ServerSpec]  # (data dir, port, access key, secret key)
+
+
 @dataclass
 class PartStatus:
     name: str
@@ -45,8 +49,10 @@ class PartStatus:
 class LocalStack:
     """Starts, checks and stops the parts of the embedded stack for one ``Settings``."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, s3_recipe: S3Recipe = servers.s3_server) -> None:
+        """``s3_recipe``: the S3 server to run (the conformance suite also runs the juicefs gateway)."""
         self.settings = settings
+        self._s3_recipe = s3_recipe
         self.data_dir = settings.data_dir.resolve()
         self.run_dir = self.data_dir / "run"
         self.notices: list[str] = []  # what `up` did that the user must hear about
@@ -61,7 +67,7 @@ class LocalStack:
         s = self.settings
         s3_port = s.stack_s3_port
         return [
-            servers.s3_server(
+            self._s3_recipe(
                 self.data_dir / "s3", s3_port, s.s3_access_key, s.s3_secret_key.get_secret_value()
             ),
             servers.kafka_broker(

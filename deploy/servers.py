@@ -11,7 +11,6 @@ import contextlib
 import ctypes
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -19,9 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,28 +53,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def free_s3_port() -> int:
-    """An S3 port for ``s3_server`` whose whole block (the four ports after it, each +10000) is free.
-
-    Drawn below the kernel's ephemeral range, so ``free_port`` never hands out one of them later.
-    """
-    for _ in range(200):
-        base = random.randrange(20000, 22000 - len(SEAWEED_PORTS))
-        block = [base + i for i in range(len(SEAWEED_PORTS))]
-        if all(_bindable(p) and _bindable(p + SEAWEED_GRPC_OFFSET) for p in block):
-            return base
-    raise ServerError("no free block of ports for the S3 server")
 
 
 def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
@@ -165,25 +140,6 @@ def _terminate_with_parent() -> None:
     """In the child before exec: ask Linux for SIGTERM when the parent dies (PR_SET_PDEATHSIG)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-
-
-@contextmanager
-def scratch_database(admin_url: str, prefix: str, *, migrated: bool = True) -> Iterator[str]:
-    """A fresh database on the server of ``admin_url`` (migrated to head), dropped with its
-    connections on exit: for test sessions, single tests and benchmarks."""
-    from core.db import migrate  # the servers module must not need the schema to start a server
-
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = admin_url.rsplit("/", 1)[0] + "/" + name
-    try:
-        if migrated:
-            migrate(url)
-        yield url
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def wait_ready(spec: ServerSpec, proc: subprocess.Popen[bytes], timeout: float) -> None:

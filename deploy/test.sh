@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command: installs what is missing, then lint, format check, types and the whole suite.
+# The test command: installs what is missing, then lint, format check, types, the layers and the whole suite.
 # The suite starts its own throw-away servers (broker, S3 server, Temporal, test camera) and
 # stops them; it uses the machine's Postgres at 127.0.0.1:5432 when it answers, else a private one.
 set -euo pipefail
@@ -9,6 +9,7 @@ export PATH="$PWD/.venv/bin:$PATH"
 
 echo "== ruff"; ruff check . && ruff format --check .
 echo "== mypy"; mypy
+echo "== import-linter"; lint-imports
 echo "== pytest"
 set +e
 pytest -p no:cacheprovider "$@"

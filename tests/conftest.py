@@ -21,10 +21,21 @@ from core.kafka import ensure_topics
 from core.settings import Settings
 from core.temporal import SEARCH_ATTRIBUTES
 from deploy import servers
+from deploy.camera.control import TestCamera
+from tests.databases import scratch_database
+from tests.ports import free_s3_port
 
 S3_ACCESS_KEY = "lookout-test"
 S3_SECRET_KEY = "lookout-test-secret"
 ADMIN_PG_URL = os.environ.get("LOOKOUT_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--workflow-environment",
+        default="time-skipping",
+        help="the workflow tests' Temporal: time-skipping (default), local, or host:port of a server",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -50,14 +61,14 @@ def pg_admin_url(servers_dir: Path) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def pg_url(pg_admin_url: str) -> Iterator[str]:
     """A fresh database with the migrated schema, dropped at the end of the session."""
-    with servers.scratch_database(pg_admin_url, "lookout_test") as url:
+    with scratch_database(pg_admin_url, "lookout_test") as url:
         yield url
 
 
 @pytest.fixture(scope="session")
 def s3_endpoint(servers_dir: Path) -> Iterator[str]:
     """A SeaweedFS S3 server in a temp folder; yields ``host:port``."""
-    port = servers.free_s3_port()
+    port = free_s3_port()
     proc = servers.s3_server(servers_dir / "s3", port, S3_ACCESS_KEY, S3_SECRET_KEY).start(
         die_with_parent=True
     )
@@ -87,6 +98,22 @@ def temporal_address(servers_dir: Path) -> Iterator[str]:
         yield spec.address
     finally:
         servers.stop_process_group(proc.pid)
+
+
+@pytest.fixture
+def private_database(pg_admin_url: str) -> Iterator[str]:
+    """A fresh migrated database for one test, so that what it counts is only its own rows."""
+    with scratch_database(pg_admin_url, "lookout_private") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def camera(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCamera]:
+    """The shared test camera looping the demo clip (people walking) on mounts cam1..cam4; tests that
+    break a camera start their own."""
+    cam = TestCamera(log_dir=tmp_path_factory.mktemp("camera")).start()
+    yield cam
+    cam.stop()
 
 
 def make_settings(**overrides: object) -> Settings:

@@ -32,8 +32,9 @@ from core.messages import StateEvent
 from core.settings import Settings
 from core.temporal import SEARCH_ATTRIBUTES, connect_temporal
 from deploy import servers
-from deploy.local_stack import LocalStack
+from deploy.local_stack import LocalStack, S3Recipe
 from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY, make_settings
+from tests.ports import free_s3_port
 from workers.outbox_relay import OutboxRelay
 from workers.state_bridge import StateBridge
 from workers.temporal_worker import build_worker
@@ -218,7 +219,7 @@ class StackBroker:
 
 @contextlib.contextmanager
 def stack_broker(
-    data_dir: Path, base: Settings | None = None, *, stack_type: type[LocalStack] = LocalStack
+    data_dir: Path, base: Settings | None = None, *, s3_recipe: S3Recipe = servers.s3_server
 ) -> Iterator[StackBroker]:
     """Tansu on SeaweedFS exactly as ``lookout stack up`` runs them, on free ports in ``data_dir``."""
     settings = (base or make_settings()).model_copy(
@@ -226,11 +227,11 @@ def stack_broker(
             "data_dir": data_dir,
             "s3_access_key": S3_ACCESS_KEY,
             "s3_secret_key": SecretStr(S3_SECRET_KEY),
-            "stack_s3_port": servers.free_s3_port(),
+            "stack_s3_port": free_s3_port(),
             "stack_kafka_port": servers.free_port(),
         }
     )
-    stack = stack_type(settings)
+    stack = LocalStack(settings, s3_recipe=s3_recipe)
     stack.run_dir.mkdir(parents=True, exist_ok=True)
     try:
         stack.start_part("s3")

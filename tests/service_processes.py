@@ -18,20 +18,9 @@ from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
-from pydantic import SecretStr
 
-from core.settings import Settings
+from core.settings import Settings, settings_env
 from deploy import servers
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """``settings`` as the LOOKOUT_* environment a service process reads."""
-    env = {}
-    for name, value in settings.model_dump().items():
-        if isinstance(value, SecretStr):
-            value = value.get_secret_value()
-        env[f"LOOKOUT_{name.upper()}"] = str(value)
-    return env
 
 
 class ServiceProcess:

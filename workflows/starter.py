@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from temporalio.client import Client, WorkflowHandle
-from temporalio.common import SearchAttributePair, TypedSearchAttributes
+from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDReusePolicy
 
 from core.messages import StateEvent
 from core.settings import Settings
@@ -28,7 +28,9 @@ async def signal_with_start(
     """Signal ``event`` to its stream's workflow, starting the workflow when none is running.
 
     Returns once Temporal has accepted the signal, so the caller may then commit the event's offset.
-    ``client`` must use ``core.temporal.DATA_CONVERTER`` (``connect_temporal`` does).
+    A stream's workflow runs once: when it has ended, a late event (an acknowledgement of a re-sent
+    stop, a repeated shutdown) raises ``WorkflowAlreadyStartedError`` instead of starting another
+    run. ``client`` must use ``core.temporal.DATA_CONVERTER`` (``connect_temporal`` does).
     """
     return await client.start_workflow(
         StreamLifecycle.run,
@@ -37,6 +39,7 @@ async def signal_with_start(
         task_queue=settings.temporal_task_queue,
         start_signal="state_event",
         start_signal_args=[event],
+        id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
         search_attributes=TypedSearchAttributes(
             [
                 SearchAttributePair(STREAM_ID, event.stream_id),

@@ -18,18 +18,11 @@ from api.schemas import (
     StreamView,
     stream_url_problem,
 )
-from api.stream_store import (
-    IdempotencyConflict,
-    StoredStream,
-    create_stream,
-    get_stream,
-    list_streams,
-    request_shutdown,
-)
+from api.stream_store import IdempotencyConflict, create_stream, request_shutdown
 from core import metrics
-from core.messages import StreamOptions
 from core.settings import Settings
 from core.states import StreamState
+from core.streams import StreamRow, get_stream, list_streams
 from core.temporal import workflow_id
 
 log = logging.getLogger(__name__)
@@ -39,14 +32,14 @@ router = APIRouter(tags=["streams"])
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No stream has this id"}}
 
 
-def to_view(stream: StoredStream, settings: Settings) -> StreamView:
+def to_view(stream: StreamRow, settings: Settings) -> StreamView:
     wid = workflow_id(str(stream.id))
     return StreamView(
         id=stream.id,
         state=stream.state,
         error_reason=stream.error_reason,
         url_redacted=stream.url_redacted,
-        options=StreamOptions.model_validate(stream.options),
+        options=stream.options,
         version=stream.version,
         created_at=stream.created_at,
         updated_at=stream.updated_at,
@@ -168,7 +161,7 @@ async def streams(
 
 
 async def _view_or_404(db: DbDep, settings: Settings, stream_id: uuid.UUID) -> StreamView:
-    stream = await get_stream(db, stream_id=stream_id)
+    stream = await get_stream(db, stream_id)
     if stream is None:
         raise _not_found(stream_id)
     return to_view(stream, settings)

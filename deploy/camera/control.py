@@ -26,6 +26,7 @@ from pathlib import Path
 from types import TracebackType
 
 from deploy.camera.clip import CLIP_FPS, DEFAULT_CLIP_DIR, ensure_clip
+from deploy.servers import free_port
 
 SYSTEM_PYTHON = os.environ.get("LOOKOUT_CAMERA_PYTHON", "/usr/bin/python3")
 SERVER_SCRIPT = Path(__file__).resolve().with_name("rtsp_server.py")
@@ -34,13 +35,6 @@ DEFAULT_MOUNTS = ("cam1", "cam2", "cam3", "cam4")
 
 class CameraError(RuntimeError):
     """The test camera did not start or answer; the message points at its log."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def rtsp_answers(host: str, port: int, timeout: float = 1.0) -> bool:
@@ -84,7 +78,7 @@ class TestCamera:
         if self.running:
             raise CameraError(f"test camera already running on port {self.port}")
         clip = ensure_clip(self.clip_dir)
-        self.port = port or self.port or free_port(self.host)
+        self.port = port or self.port or free_port()
         self.mounts = tuple(mounts or self.mounts)
         argv = [SYSTEM_PYTHON, str(SERVER_SCRIPT), "--host", self.host, "--port", str(self.port)]
         argv += ["--clip", str(clip), "--fps", str(CLIP_FPS)]

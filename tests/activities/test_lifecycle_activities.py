@@ -10,10 +10,11 @@ import asyncpg
 import pytest
 from temporalio.testing import ActivityEnvironment
 
-from activities.lifecycle import LifecycleActivities, command_dedupe_key
+from activities.lifecycle import LifecycleActivities
 from activities.models import StateChange
 from core.db import create_pool
 from core.messages import StopCommand, parse_command
+from core.outbox import command_dedupe_key
 from core.settings import Settings
 from core.states import StreamState
 from tests.conftest import make_settings

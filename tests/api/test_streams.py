@@ -252,7 +252,7 @@ async def test_state_of_a_malformed_id_is_422_with_a_reason(api: httpx.AsyncClie
     assert response.json()["detail"][0]["msg"]
 
 
-async def test_shutdown_moves_the_stream_to_init_shutdown_with_stop_command_and_event(
+async def test_shutdown_moves_the_stream_to_init_shutdown_with_its_event_and_sends_no_stop_itself(
     api: httpx.AsyncClient, db_pool: asyncpg.Pool, settings: Settings
 ) -> None:
     stream_id = (await api.post("/init", json={"url": camera_url()})).json()["id"]
@@ -263,10 +263,13 @@ async def test_shutdown_moves_the_stream_to_init_shutdown_with_stop_command_and_
     assert response.json()["state"] == "init_shutdown"
     assert response.json()["version"] == 2
     rows = await outbox_rows(db_pool, stream_id)
-    assert [r["topic"] for r in rows] == [settings.topic_commands, settings.topic_states] * 2
-    stop = parse_command(rows[2]["payload"])
-    assert stop.kind == "stop" and stop.stream_id == stream_id
-    event = StateEvent.model_validate_json(rows[3]["payload"])
+    # /init's start command and event, then /shutdown's event: the lifecycle sends the stop
+    assert [r["topic"] for r in rows] == [
+        settings.topic_commands,
+        settings.topic_states,
+        settings.topic_states,
+    ]
+    event = StateEvent.model_validate_json(rows[2]["payload"])
     assert (event.service, event.state) == ("api", StreamState.INIT_SHUTDOWN)
     audit = await db_pool.fetch(
         "SELECT from_state, to_state, version FROM stream_events WHERE stream_id = $1 ORDER BY version",
@@ -319,7 +322,7 @@ async def test_shutdown_of_a_stream_still_stopping_sends_its_shutdown_request_ag
     assert len({e.event_id for e in repeats}) == 2, "each repeat is a new event"
 
 
-async def test_concurrent_shutdowns_move_the_stream_once_and_send_one_stop(
+async def test_concurrent_shutdowns_move_the_stream_once(
     api: httpx.AsyncClient, db_pool: asyncpg.Pool
 ) -> None:
     stream_id = (await api.post("/init", json={"url": camera_url()})).json()["id"]
@@ -328,8 +331,13 @@ async def test_concurrent_shutdowns_move_the_stream_once_and_send_one_stop(
 
     assert [r.status_code for r in responses] == [202] * 5
     assert {r.json()["version"] for r in responses} == {2}
-    kinds = [r["payload"] for r in await outbox_rows(db_pool, stream_id)]
-    assert sum(b'"kind":"stop"' in k for k in kinds) == 1
+    moves = await db_pool.fetchval(
+        "SELECT count(*) FROM stream_events WHERE stream_id = $1 AND to_state = 'init_shutdown'",
+        uuid.UUID(stream_id),
+    )
+    assert moves == 1
+    payloads = [r["payload"] for r in await outbox_rows(db_pool, stream_id)]
+    assert not any(b'"kind":"stop"' in p for p in payloads), "the API sends no stop"
 
 
 async def test_shutdown_of_an_unknown_id_is_404(api: httpx.AsyncClient) -> None:

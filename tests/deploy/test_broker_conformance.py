@@ -27,7 +27,6 @@ from aiokafka.errors import KafkaError
 from core.kafka import create_consumer, create_producer
 from core.settings import Settings
 from deploy import servers
-from deploy.local_stack import LocalStack
 from tests.observing import eventually
 from tests.running_services import StackBroker, stack_broker
 
@@ -36,21 +35,10 @@ pytestmark = pytest.mark.integration
 LEGACY_S3 = os.environ.get("LOOKOUT_CONFORMANCE_S3") == "juicefs"
 
 
-class _LegacyStack(LocalStack):
-    """The same stack with its S3 server swapped for the juicefs gateway of earlier releases."""
-
-    def server_specs(self) -> list[servers.ServerSpec]:
-        specs = super().server_specs()
-        s = self.settings
-        specs[0] = servers.juicefs_gateway(
-            self.data_dir / "s3", s.stack_s3_port, s.s3_access_key, s.s3_secret_key.get_secret_value()
-        )
-        return specs
-
-
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[StackBroker]:
-    with stack_broker(tmp_path / "stack", stack_type=_LegacyStack if LEGACY_S3 else LocalStack) as running:
+    s3_recipe = servers.juicefs_gateway if LEGACY_S3 else servers.s3_server
+    with stack_broker(tmp_path / "stack", s3_recipe=s3_recipe) as running:
         yield running
 
 

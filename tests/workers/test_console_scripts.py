@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 async def script_settings(settings: Settings) -> Settings:
-    # tests/metrics checks the metrics ports; here they stay off, so no fixed port is ever taken
+    # the metrics tests check the metrics ports; here they stay off, so no fixed port is ever taken
     no_metrics = {f"metrics_port_{name}": 0 for name in ("runner", "ml", "relay", "bridge", "worker")}
     return await isolated_settings(settings, api_port=servers.free_port(), **no_metrics)
 

@@ -49,13 +49,13 @@ async def pool(pg_settings: Settings) -> AsyncIterator[asyncpg.Pool]:
 @pytest.fixture(params=["time_skipping", "dev_server"])
 async def client(
     request: pytest.FixtureRequest,
-    time_skipping_env: WorkflowEnvironment,
+    env: WorkflowEnvironment,
     pg_settings: Settings,
     pool: asyncpg.Pool,
 ) -> AsyncIterator[Client]:
     """A client of the time-skipping server or of a real dev server, with the worker running."""
     if request.param == "time_skipping":
-        temporal = time_skipping_env.client
+        temporal = env.client
     else:  # the dev server fixture is synchronous, so it can be asked for here
         address: str = request.getfixturevalue("temporal_address")
         temporal = await connect_temporal(pg_settings.model_copy(update={"temporal_address": address}))

@@ -7,7 +7,7 @@ import socket
 import numpy as np
 import pytest
 
-from tests.ml.conftest import frame_size
+from tests.workers.ml.conftest import frame_size
 from workers.ml.detector import (
     DetectionOptions,
     Detector,

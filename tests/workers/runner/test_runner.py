@@ -18,7 +18,7 @@ import pytest
 from core.messages import EventKind, StateEvent, StopCommand
 from core.states import StreamState
 from deploy.camera.control import TestCamera
-from tests.runner.conftest import (
+from tests.workers.runner.conftest import (
     MAX_SIDE,
     OPEN_TIMEOUT_MS,
     READ_TIMEOUT_MS,

@@ -39,14 +39,6 @@ def capture_processes() -> list[psutil.Process]:
     return found
 
 
-@pytest.fixture(scope="session")
-def camera(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCamera]:
-    """The shared test camera (mounts cam1..cam4); tests that break a camera start their own."""
-    cam = TestCamera(log_dir=tmp_path_factory.mktemp("camera")).start()
-    yield cam
-    cam.stop()
-
-
 @pytest.fixture
 def own_camera(tmp_path: Path) -> Iterator[TestCamera]:
     """A camera for one test, to kill or freeze."""

@@ -20,6 +20,7 @@ from core.kafka import create_consumer, create_producer
 from core.storage import create_s3_client, ensure_bucket
 from deploy import servers
 from tests.conftest import make_settings
+from tests.ports import free_s3_port
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +36,7 @@ def stack_env(tmp_path: Path, pg_admin_url: str) -> Iterator[dict[str, str]]:
         "LOOKOUT_DATA_DIR": str(tmp_path / "stack"),
         "LOOKOUT_DATABASE_URL": pg_admin_url.rsplit("/", 1)[0] + "/" + database,
         "LOOKOUT_STACK_PG_PORT": str(servers.free_port()),
-        "LOOKOUT_STACK_S3_PORT": str(servers.free_s3_port()),
+        "LOOKOUT_STACK_S3_PORT": str(free_s3_port()),
         "LOOKOUT_STACK_KAFKA_PORT": str(servers.free_port()),
         "LOOKOUT_STACK_TEMPORAL_PORT": str(servers.free_port()),
         "LOOKOUT_STACK_TEMPORAL_UI_PORT": str(servers.free_port()),
@@ -59,7 +60,9 @@ def lookout(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]
 
 def notes(table: str, note: str) -> list[str]:
     """Names of the parts whose NOTE column in a ``lookout stack`` table is exactly ``note``."""
-    return [line.split()[0] for line in table.splitlines()[1:] if line.endswith(f"  {note}")]
+    # rich pads every cell to its column's width, the last one included
+    rows = [line.rstrip() for line in table.splitlines()[1:]]
+    return [row.split()[0] for row in rows if row.endswith(f"  {note}")]
 
 
 def stack_settings(env: dict[str, str]):  # type: ignore[no-untyped-def]

@@ -17,7 +17,7 @@ from core.messages import FrameHeaders
 from core.settings import Settings
 from core.storage import create_s3_client
 from deploy.servers import free_port
-from tests.ml.conftest import insert_stream
+from tests.workers.ml.conftest import insert_stream
 from workers.ml.store import DetectionStore, PermanentStoreError, frame_key
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,6 @@ import pytest
 
 from core.kafka import ensure_topics
 from core.settings import Settings
-from tests.lifecycle.conftest import ACK_DEADLINE_S
 from tests.observing import eventually
 from tests.participants import running_participants
 from tests.running_services import (
@@ -21,6 +20,7 @@ from tests.running_services import (
     running_lifecycle,
     wait_for_state,
 )
+from tests.workflows.lifecycle.conftest import ACK_DEADLINE_S
 
 pytestmark = pytest.mark.integration
 

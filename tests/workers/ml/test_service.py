@@ -19,7 +19,9 @@ from core.states import StreamState
 from core.storage import create_s3_client, presigned_get
 from deploy import servers
 from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
-from tests.ml.conftest import (
+from tests.observing import eventually
+from tests.ports import free_s3_port
+from tests.workers.ml.conftest import (
     FrameSender,
     StateEvents,
     create_topics,
@@ -29,7 +31,6 @@ from tests.ml.conftest import (
     state_events,
     topics_of_their_own,
 )
-from tests.observing import eventually
 from workers.ml.service import MLService
 
 pytestmark = pytest.mark.integration
@@ -266,7 +267,7 @@ async def test_model_that_fails_to_load_reports_an_error_event_with_the_reason(
 async def test_s3_stopped_for_a_few_seconds_mid_stream_loses_no_frame_in_hand(
     settings: Settings, db_pool: asyncpg.Pool, tmp_path: Path, bus_jpeg: bytes, zidane_jpeg: bytes
 ) -> None:
-    port = servers.free_s3_port()
+    port = free_s3_port()
     gateway = servers.s3_server(tmp_path / "s3", port, S3_ACCESS_KEY, S3_SECRET_KEY)
     proc = gateway.start()
     own = topics_of_their_own(settings).model_copy(update={"s3_endpoint": f"127.0.0.1:{port}"})

@@ -14,12 +14,14 @@ import asyncpg
 import pytest
 from temporalio.client import WorkflowExecutionStatus
 
+from core.kafka import create_producer
+from core.messages import EventKind, Service, StateEvent, parse_command
 from core.states import StreamState
 from core.temporal import STREAM_ID, STREAM_STATE
 from deploy.servers import venv_bin
-from tests.lifecycle.conftest import ACK_DEADLINE_S
-from tests.observing import eventually
+from tests.observing import consume, eventually, sample
 from tests.running_services import LifecycleStack, wait_for_state
+from tests.workflows.lifecycle.conftest import ACK_DEADLINE_S
 
 pytestmark = pytest.mark.integration
 
@@ -161,3 +163,61 @@ async def test_a_shutdown_whose_message_was_lost_is_completed_by_asking_again(
     assert response.status_code == 202 and response.json()["state"] == "init_shutdown"
     view = await wait_for_state(stack.api, stream_id, TERMINAL)
     assert view["state"] == "inactive", view
+
+
+async def commands_of(stack: LifecycleStack, stream_id: str, *, until: int, linger_s: float) -> list[str]:
+    """The kinds of the commands on the commands topic for ``stream_id``, read from the start."""
+
+    def mine(records: list) -> list[str]:  # type: ignore[type-arg]
+        return [parse_command(r.value).kind for r in records if r.key == stream_id.encode()]
+
+    records = await consume(
+        stack.settings,
+        stack.settings.topic_commands,
+        until=lambda rs: len(mine(rs)) >= until,
+        linger_s=linger_s,
+    )
+    return mine(records)
+
+
+async def workflow_runs(stack: LifecycleStack, stream_id: str) -> int:
+    return len([w async for w in stack.temporal.list_workflows(f'WorkflowId = "stream-{stream_id}"')])
+
+
+async def test_a_normal_shutdown_puts_exactly_one_stop_on_the_commands_topic_and_leaves_one_workflow_run(
+    stack: LifecycleStack,
+) -> None:
+    stream_id = await start_running_stream(stack, camera_url())
+
+    await stack.api.post("/shutdown", json={"id": stream_id})
+    view = await wait_for_state(stack.api, stream_id, TERMINAL)
+    assert view["state"] == "inactive"
+
+    assert await commands_of(stack, stream_id, until=2, linger_s=2.0) == ["start", "stop"]
+    # a late event (a repeated acknowledgement) after the end starts no second run
+    late = sample("lookout_bridge_events_after_end_total")
+    producer = create_producer(stack.settings)
+    await producer.start()
+    try:
+        ack = StateEvent(stream_id=stream_id, service=Service.ML, kind=EventKind.ACK)
+        await producer.send_and_wait(
+            stack.settings.topic_states, ack.model_dump_json().encode(), key=stream_id.encode()
+        )
+    finally:
+        await producer.stop()
+    await eventually(lambda: sample("lookout_bridge_events_after_end_total") > late)
+    await eventually(lambda: workflow_runs(stack, stream_id))
+    assert await workflow_runs(stack, stream_id) == 1
+
+
+async def test_a_service_silent_on_stop_gets_its_one_re_send_and_the_stream_one_workflow_run(
+    stack: LifecycleStack,
+) -> None:
+    stream_id = await start_running_stream(stack, camera_url("silent-runner"))
+
+    await stack.api.post("/shutdown", json={"id": stream_id})
+    view = await wait_for_state(stack.api, stream_id, TERMINAL, timeout_s=4 * ACK_DEADLINE_S + 20)
+    assert view["state"] == "inactive_error" and "runner" in view["error_reason"]
+
+    assert await commands_of(stack, stream_id, until=3, linger_s=2.0) == ["start", "stop", "stop"]
+    assert await workflow_runs(stack, stream_id) == 1

@@ -8,8 +8,8 @@ import pytest
 from core.messages import StopCommand, StreamOptions
 from core.settings import Settings
 from deploy import servers
-from tests.ml.conftest import create_topics, frame_sender, insert_stream, jpeg_of, topics_of_their_own
 from tests.service_processes import MetricSamples, running_service, wait_for_metrics
+from tests.workers.ml.conftest import create_topics, frame_sender, insert_stream, jpeg_of, topics_of_their_own
 from workers.ml.service import DEFAULT_GROUP_ID
 
 pytestmark = pytest.mark.integration

@@ -15,8 +15,8 @@ import pytest
 from core.detections import Box, DetectedObject
 from core.messages import FrameHeaders
 from core.settings import Settings
-from tests.ml.conftest import insert_stream
 from tests.running_services import running_api
+from tests.workers.ml.conftest import insert_stream
 from workers.ml.store import DetectionStore
 
 pytestmark = pytest.mark.integration

@@ -11,8 +11,8 @@ from core.messages import StartCommand, StopCommand, StreamOptions
 from core.settings import Settings
 from deploy import servers
 from deploy.camera.control import TestCamera
-from tests.runner.conftest import runner_settings
 from tests.service_processes import MetricSamples, running_service, wait_for_metrics
+from tests.workers.runner.conftest import runner_settings
 from workers.runner.service import RUNNER_GROUP
 
 pytestmark = pytest.mark.integration

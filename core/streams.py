@@ -1,0 +1,184 @@
+"""The ``streams`` table: its one row model and the one versioned, audited write of a lifecycle state.
+
+Every state change of a stream goes through ``record_state`` (the API's ``/shutdown`` and the
+lifecycle workflow's activity alike): under the row lock it moves the state only forwards, bumps the
+version, writes the audit row in ``stream_events`` and queues the outbox messages that the change
+causes, all in one transaction. ``insert_stream`` is the first write, by ``/init``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from pydantic import BaseModel, ConfigDict
+
+from core.messages import StreamOptions
+from core.outbox import OutboxMessage, enqueue
+from core.states import StreamState, may_advance
+
+# Every column but url_full, which may hold credentials and is read only where it is needed.
+COLUMNS = "id, state, error_reason, url_redacted, options, version, created_at, updated_at"
+
+
+class StreamRow(BaseModel):
+    """A ``streams`` row without ``url_full``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: uuid.UUID
+    state: StreamState
+    error_reason: str | None
+    url_redacted: str
+    options: StreamOptions
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> StreamRow:
+        """From an asyncpg record or a psycopg dict row of ``SELECT {COLUMNS}``."""
+        return cls.model_validate({name: record[name] for name in COLUMNS.split(", ")})
+
+
+class StateWrite(BaseModel):
+    """What ``record_state`` did: ``row`` is the stored row afterwards (None: no such stream)."""
+
+    applied: bool
+    row: StreamRow | None = None
+
+
+def as_stream_id(value: str | uuid.UUID) -> uuid.UUID | None:
+    """The stream id as a UUID; None for text that is not one (no such stream can exist)."""
+    if isinstance(value, uuid.UUID):
+        return value
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None
+
+
+async def insert_stream(
+    conn: asyncpg.Connection,
+    *,
+    stream_id: uuid.UUID,
+    url_redacted: str,
+    url_full: str,
+    options: StreamOptions,
+    idempotency_key: str | None,
+    reason: str,
+    source: str,
+    event_id: str,
+    outbox: Sequence[OutboxMessage],
+) -> StreamRow | None:
+    """Insert a stream in ``init_startup`` (version 1) with its audit row and outbox messages; None
+    when ``idempotency_key`` is already taken. Call it inside the caller's transaction."""
+    record = await conn.fetchrow(
+        f"""
+        INSERT INTO streams (id, url_redacted, url_full, options, state, version, idempotency_key)
+        VALUES ($1, $2, $3, $4, $5, 1, $6)
+        ON CONFLICT (idempotency_key) DO NOTHING
+        RETURNING {COLUMNS}
+        """,
+        stream_id,
+        url_redacted,
+        url_full,
+        options.model_dump(exclude_none=True),
+        StreamState.INIT_STARTUP.value,
+        idempotency_key,
+    )
+    if record is None:
+        return None
+    await _audit(conn, stream_id, None, StreamState.INIT_STARTUP, 1, reason, source, event_id)
+    await enqueue(conn, list(outbox))
+    return StreamRow.from_record(record)
+
+
+async def record_state(
+    pool: asyncpg.Pool,
+    *,
+    stream_id: uuid.UUID,
+    state: StreamState,
+    reason: str | None,
+    source: str,
+    event_id: str | None = None,
+    outbox: Sequence[OutboxMessage] = (),
+) -> StateWrite:
+    """Move the stream to ``state`` unless it is already there or later; audit the move and queue
+    ``outbox`` with it, in one transaction. Idempotent: a repeated write finds the state stored."""
+    async with pool.acquire() as conn, conn.transaction():
+        record = await conn.fetchrow(f"SELECT {COLUMNS} FROM streams WHERE id = $1 FOR UPDATE", stream_id)
+        if record is None:
+            return StateWrite(applied=False)
+        current = StreamRow.from_record(record)
+        if not may_advance(current.state, state):
+            return StateWrite(applied=False, row=current)
+        updated = await conn.fetchrow(
+            f"""
+            UPDATE streams
+               SET state = $2,
+                   error_reason = CASE WHEN $2 = 'inactive_error' THEN $3 ELSE error_reason END,
+                   version = version + 1,
+                   updated_at = now()
+             WHERE id = $1
+            RETURNING {COLUMNS}
+            """,
+            stream_id,
+            state.value,
+            reason,
+        )
+        assert updated is not None, "the row lock keeps the row"
+        row = StreamRow.from_record(updated)
+        await _audit(conn, stream_id, current.state, state, row.version, reason, source, event_id)
+        await enqueue(conn, list(outbox))
+    return StateWrite(applied=True, row=row)
+
+
+async def get_stream(pool: asyncpg.Pool, stream_id: uuid.UUID) -> StreamRow | None:
+    record = await pool.fetchrow(f"SELECT {COLUMNS} FROM streams WHERE id = $1", stream_id)
+    return StreamRow.from_record(record) if record else None
+
+
+async def list_streams(
+    pool: asyncpg.Pool, *, limit: int, state: StreamState | None = None
+) -> list[StreamRow]:
+    """The newest streams first, optionally only those in ``state``."""
+    records = await pool.fetch(
+        f"""
+        SELECT {COLUMNS} FROM streams
+         WHERE $1::text IS NULL OR state = $1
+         ORDER BY created_at DESC, id
+         LIMIT $2
+        """,
+        state.value if state else None,
+        limit,
+    )
+    return [StreamRow.from_record(record) for record in records]
+
+
+async def _audit(
+    conn: asyncpg.Connection,
+    stream_id: uuid.UUID,
+    from_state: StreamState | None,
+    to_state: StreamState,
+    version: int,
+    reason: str | None,
+    source: str,
+    event_id: str | None,
+) -> None:
+    await conn.execute(
+        """
+        INSERT INTO stream_events (stream_id, from_state, to_state, version, reason, source, event_id)
+        VALUES ($1, $2, $3, $4, $5, $6, $7)
+        """,
+        stream_id,
+        from_state.value if from_state else None,
+        to_state.value,
+        version,
+        reason,
+        source,
+        event_id,
+    )
