@@ -12,7 +12,7 @@ import logging
 import asyncpg
 from temporalio import activity
 
-from activities.models import RecordedState, StateChange, StreamRecord
+from activities.models import RecordedState, RestartRequest, StateChange, StreamRecord
 from core import streams
 from core.messages import StopCommand
 from core.metrics import STATES_RECORDED
@@ -69,6 +69,30 @@ class LifecycleActivities:
             },
         )
         return RecordedState(applied=True, state=change.state, version=write.row.version)
+
+    @activity.defn(name="restart_service")
+    async def restart_service(self, request: RestartRequest) -> bool:
+        """Queue a restart of one service for a running stream; False when there is nothing to restart."""
+        key = as_stream_id(request.stream_id)
+        if key is None:
+            return False
+        queued = await streams.queue_restart(
+            self._pool,
+            self._settings,
+            stream_id=key,
+            service=request.service,
+            reason=request.reason,
+            command_id=request.command_id,
+        )
+        log.info(
+            "restart queued" if queued else "restart not needed: the stream is not running",
+            extra={
+                "stream_id": request.stream_id,
+                "service": request.service.value,
+                "reason": request.reason,
+            },
+        )
+        return queued
 
     @activity.defn(name="send_command")
     async def send_command(self, command: StopCommand) -> bool:

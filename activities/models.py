@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from core.messages import Service
 from core.states import StreamState
 
 
@@ -32,3 +33,13 @@ class RecordedState(BaseModel):
     applied: bool
     state: StreamState | None = None
     version: int | None = None
+
+
+class RestartRequest(BaseModel):
+    """The watchdog's request to restart one service for a stream (the command is built outside the
+    workflow: it carries the camera URL, which no Temporal payload may)."""
+
+    stream_id: str
+    service: Service
+    reason: str
+    command_id: str

@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.health import StreamHealth
 from core.messages import StreamOptions
 from core.states import StreamState
 
@@ -48,6 +49,14 @@ class StreamView(BaseModel):
     updated_at: datetime
     workflow_id: str = Field(description="The stream's StreamLifecycle workflow in Temporal")
     workflow_url: str = Field(description="The workflow in the Temporal Web UI")
+    health: StreamHealth | None = Field(
+        default=None,
+        description="Per service: its latest heartbeat figures, ok | degraded | recovering |"
+        " camera_unreachable | lost, restarts so far and the last one's reason (from the lifecycle)",
+    )
+    health_unavailable: str | None = Field(
+        default=None, description="Why ``health`` is null (the stream has ended, Temporal did not answer)"
+    )
 
 
 class StreamList(BaseModel):

@@ -1,14 +1,14 @@
 """The demo's progress: one line per poll, made only from what the HTTP API says about the stream.
 
-Each line: the time, the lifecycle state, the newest stored frame's number and age, the rate at
-which stored frame numbers advance (frames/s between two polls) and the objects in that frame::
+Each line: the time, the lifecycle state, the frames ML stored and processes per second (its last
+heartbeat, in the stream's health), the age of the newest stored frame and the objects in it, and
+each service's health::
 
-    12:03:04  ml_started              newest frame 105 (0.6 s old)   4.8 frames/s   3 person, 1 car
+    12:03:04  ml_started   stored 105   4.8 fps   newest 0.6 s old   3 person, 1 car   runner ok  ml ok
 """
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -56,12 +56,11 @@ class NewestFrame:
 
 
 class StreamProgress:
-    """Polls one stream through the API; remembers the previous poll to tell the rate."""
+    """Polls one stream through the API."""
 
     def __init__(self, client: LookoutClient, stream_id: str) -> None:
         self.client = client
         self.stream_id = stream_id
-        self._previous: tuple[float, int] | None = None  # (monotonic time, newest frame number)
 
     def poll(self) -> tuple[StreamState, Text]:
         """The stream's state now and its progress line."""
@@ -69,20 +68,26 @@ class StreamProgress:
         state = StreamState(body["state"])
         newest = NewestFrame.from_page(self.client.results(self.stream_id, limit=1))
         line = Text.assemble(f"{datetime.now():%H:%M:%S}  ", (f"{state.value:<22}", state_style(state)))
-        line.append("  ")
-        line.append(self._frame_part(newest) if newest else "no frame stored yet")
+        line.append(f"  {self._figures_part(body.get('health'))}")
+        line.append(f"   {self._frame_part(newest)}" if newest else "   no frame stored yet")
+        for name, service in sorted(((body.get("health") or {}).get("services") or {}).items()):
+            status = service["status"]
+            line.append(f"   {name} ", style="dim")
+            line.append(status, style="green" if status == "ok" else "yellow")
         if body.get("error_reason"):
             line.append(f"  ({body['error_reason']})", style="red")
         return state, line
 
-    def _frame_part(self, newest: NewestFrame) -> str:
+    @staticmethod
+    def _figures_part(health: dict[str, Any] | None) -> str:
+        ml = ((health or {}).get("services") or {}).get("ml") or {}
+        figures = ml.get("figures") or {}
+        stored = figures.get("frames_stored")
+        if stored is None:
+            return "stored    -     -  fps"
+        return f"stored {stored:<5} {figures.get('fps', 0.0):4.1f} fps"
+
+    @staticmethod
+    def _frame_part(newest: NewestFrame) -> str:
         age_s = (datetime.now(UTC) - newest.capture_time).total_seconds()
-        now = time.monotonic()
-        rate = "   -"
-        if self._previous is not None and now > self._previous[0]:
-            rate = f"{(newest.frame_seq - self._previous[1]) / (now - self._previous[0]):4.1f}"
-        self._previous = (now, newest.frame_seq)
-        return (
-            f"newest frame {newest.frame_seq} ({age_s:.1f} s old)  {rate} frames/s"
-            f"   {summarise_objects(newest.objects)}"
-        )
+        return f"newest {age_s:.1f} s old   {summarise_objects(newest.objects)}"

@@ -90,14 +90,30 @@ def state(stream_id: StreamId, api: ApiOption = None) -> None:
 
 @streams_app.command("streams")
 def list_streams(api: ApiOption = None) -> None:
-    """Every stream with its state (URLs shown redacted)."""
+    """Every stream with its state and health (URLs shown redacted)."""
     with api_client(api) as client:
         streams = client.streams()["streams"]
-    table = column_table("ID", "STATE", "URL", "ERROR")
+    table = column_table("ID", "STATE", "HEALTH", "URL", "ERROR")
     for stream in streams:
-        cells = (stream["id"], stream["state"], stream["url_redacted"], stream.get("error_reason") or "")
+        cells = (
+            stream["id"],
+            stream["state"],
+            health_summary(stream),
+            stream["url_redacted"],
+            stream.get("error_reason") or "",
+        )
         table.add_row(*(Text(str(cell)) for cell in cells))
     say(table)
+
+
+def health_summary(stream: dict[str, Any]) -> str:
+    """``ml ok, runner camera_unreachable (2 restarts)``, or ``-`` without health."""
+    services = (stream.get("health") or {}).get("services") or {}
+    parts = []
+    for name, service in sorted(services.items()):
+        restarts = f" ({service['restarts']} restarts)" if service.get("restarts") else ""
+        parts.append(f"{name} {service['status']}{restarts}")
+    return ", ".join(parts) or "-"
 
 
 @streams_app.command()

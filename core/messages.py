@@ -30,11 +30,46 @@ class Service(StrEnum):
 
 
 class EventKind(StrEnum):
-    """What a state event says: progress in the lifecycle, a stop acknowledgement, or an error."""
+    """What a state event says: progress in the lifecycle, a stop acknowledgement, an error, or a
+    heartbeat (a running service's live figures; it never changes the stored state)."""
 
     PROGRESS = "progress"
     ACK = "ack"
     ERROR = "error"
+    HEARTBEAT = "heartbeat"
+
+
+class ErrorKind(StrEnum):
+    """What an error event means to the lifecycle's supervision."""
+
+    CAMERA = "camera"  # the camera is unreachable (reconnect budget spent): retried for a window
+    PROCESS = "process"  # the stream's process died or could not start: the service is restarted
+    FATAL = "fatal"  # no restart can help (e.g. the model does not load): the stream ends
+
+
+class CameraState(StrEnum):
+    """Where a capture process stands with its camera."""
+
+    CONNECTING = "connecting"  # not streamed yet
+    STREAMING = "streaming"
+    RECONNECTING = "reconnecting"  # lost it, trying again within the reconnect budget
+
+
+class StreamFigures(BaseModel):
+    """A service's live figures for one stream, in its heartbeat (counts since its process started)."""
+
+    frames_read: int | None = None  # runner: read from the camera
+    frames_published: int | None = None  # runner: sampled and published
+    frames_received: int | None = None  # ml: arrived from the frames topic
+    frames_processed: int | None = None  # ml: run through the model
+    frames_stored: int | None = None  # ml: detection rows inserted
+    frames_dropped: int = 0  # oldest-first drops of the service's bounded queue
+    fps: float = 0.0  # published (runner) or processed (ml) per second over the last interval
+    newest_frame_age_s: float | None = None  # from the newest frame's capture to the heartbeat
+    reconnects: int | None = None  # runner: camera connections after the first
+    camera: CameraState | None = None  # runner
+    queue_depth: int | None = None  # ml: frames waiting for the model
+    inference_ms: float | None = None  # ml: mean model time per frame over the last interval
 
 
 class StreamOptions(BaseModel):
@@ -49,14 +84,24 @@ class StreamOptions(BaseModel):
 
 
 class StartCommand(BaseModel):
-    """Start reading and detecting a stream. Carries the full URL: only runner and ML read it."""
+    """Start reading and detecting a stream. Carries the full URL: only runner and ML read it.
+
+    A restart (``replace``) from the lifecycle's watchdog makes the service replace whatever it still
+    holds for the stream; ``service`` limits a command to one of them (None: both).
+    """
 
     kind: Literal["start"] = "start"
     command_id: str = Field(default_factory=_new_id)
     stream_id: str
     url: str
     options: StreamOptions = Field(default_factory=StreamOptions)
+    replace: bool = False
+    service: Service | None = None
+    reason: str | None = None  # why a restart was sent, for the services' logs
     issued_at: datetime = Field(default_factory=_now)
+
+    def is_for(self, service: Service) -> bool:
+        return self.service is None or self.service is service
 
 
 class StopCommand(BaseModel):
@@ -92,6 +137,8 @@ class StateEvent(BaseModel):
     kind: EventKind
     state: StreamState | None = None
     error: str | None = None
+    error_kind: ErrorKind | None = None  # None on an error: a process error
+    figures: StreamFigures | None = None  # heartbeats
     time: datetime = Field(default_factory=_now)
 
 

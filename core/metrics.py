@@ -51,6 +51,23 @@ CAPTURE_TO_ROW_SECONDS = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
 )
 
+# --- per stream: live figures of the heartbeats (runner and ml) ---------------------------------------
+
+STREAM_FPS = Gauge(
+    "lookout_stream_fps",
+    "Frames per second over the last heartbeat interval: published (runner) or processed (ml)",
+    ["service", "stream_id"],
+)
+NEWEST_FRAME_AGE_SECONDS = Gauge(
+    "lookout_newest_frame_age_seconds",
+    "From the capture of the newest frame published (runner) or processed (ml) to the heartbeat",
+    ["service", "stream_id"],
+)
+CAMERA_RECONNECTS = Counter(
+    "lookout_camera_reconnects_total", "Camera connections after the first (runner)", ["stream_id"]
+)
+ML_QUEUE_DEPTH = Gauge("lookout_ml_queue_depth", "Frames waiting for the model (ml)", ["stream_id"])
+
 PER_STREAM = (
     FRAMES_READ,
     FRAMES_PUBLISHED,
@@ -59,6 +76,10 @@ PER_STREAM = (
     DETECTIONS_STORED,
     INFERENCE_SECONDS,
     CAPTURE_TO_ROW_SECONDS,
+    STREAM_FPS,
+    NEWEST_FRAME_AGE_SECONDS,
+    CAMERA_RECONNECTS,
+    ML_QUEUE_DEPTH,
 )
 
 # --- Kafka consumers ---------------------------------------------------------------------------------

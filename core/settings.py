@@ -59,6 +59,14 @@ class Settings(BaseSettings):
     startup_deadline_s: float = 60.0
     ack_deadline_s: float = 15.0
 
+    # Self-healing: heartbeats, the lifecycle's watchdog, restarts, camera outages
+    heartbeat_interval_s: float = 5.0  # a running service's heartbeat per stream
+    liveness_timeout_s: float = 20.0  # a heartbeat older than this: the service has lost the stream
+    restart_budget: int = 10  # restarts of one service for one stream within the window, then it ends
+    restart_window_s: float = 3600.0
+    restart_backoff_max_s: float = 300.0  # the longest wait between restarts of a service still lost
+    camera_retry_s: float = 600.0  # how long an unreachable camera is retried; 0: for ever
+
     # Runner (OpenCV capture)
     runner_open_timeout_ms: int = 5000
     runner_read_timeout_ms: int = 5000
@@ -79,6 +87,7 @@ class Settings(BaseSettings):
     # API
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    api_health_timeout_s: float = 0.3  # how long /state waits for a stream's health from Temporal
     max_url_length: int = 2048
 
     # Prometheus metrics of the workers, at http://metrics_host:PORT/metrics (the API serves /metrics

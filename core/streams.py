@@ -16,8 +16,9 @@ from typing import Any
 import asyncpg
 from pydantic import BaseModel, ConfigDict
 
-from core.messages import StreamOptions
-from core.outbox import OutboxMessage, enqueue
+from core.messages import Service, StartCommand, StreamOptions
+from core.outbox import OutboxMessage, command_message, enqueue
+from core.settings import Settings
 from core.states import StreamState, may_advance
 
 # Every column but url_full, which may hold credentials and is read only where it is needed.
@@ -135,6 +136,51 @@ async def record_state(
         await _audit(conn, stream_id, current.state, state, row.version, reason, source, event_id)
         await enqueue(conn, list(outbox))
     return StateWrite(applied=True, row=row)
+
+
+async def queue_restart(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    *,
+    stream_id: uuid.UUID,
+    service: Service,
+    reason: str,
+    command_id: str,
+) -> bool:
+    """Queue a restart of ``service`` for a running stream: a start command that replaces whatever
+    the service still holds for it, with its audit row (kind ``restart``), in one transaction.
+
+    False when the stream has no row or is already shutting down (nothing to restart). Idempotent
+    under retries: the command's dedupe key and its audit row go in together.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        record = await conn.fetchrow(
+            "SELECT state, version, url_full, options FROM streams WHERE id = $1 FOR UPDATE", stream_id
+        )
+        if record is None or StreamState(record["state"]).is_shutting_down:
+            return False
+        command = StartCommand(
+            command_id=command_id,
+            stream_id=str(stream_id),
+            url=record["url_full"],
+            options=StreamOptions.model_validate(record["options"]),
+            replace=True,
+            service=service,
+            reason=reason,
+        )
+        if await enqueue(conn, [command_message(settings, command)]):
+            await conn.execute(
+                """
+                INSERT INTO stream_events (stream_id, from_state, to_state, version, reason, source, event_id, kind)
+                VALUES ($1, $2, $2, $3, $4, 'lifecycle', $5, 'restart')
+                """,
+                stream_id,
+                record["state"],
+                record["version"],
+                f"restart {service.value}: {reason}",
+                command_id,
+            )
+    return True
 
 
 async def get_stream(pool: asyncpg.Pool, stream_id: uuid.UUID) -> StreamRow | None:

@@ -27,7 +27,12 @@ def build_worker(client: Client, settings: Settings, pool: asyncpg.Pool) -> Work
         client,
         task_queue=settings.temporal_task_queue,
         workflows=[StreamLifecycle],
-        activities=[activities.load_stream, activities.record_state, activities.send_command],
+        activities=[
+            activities.load_stream,
+            activities.record_state,
+            activities.send_command,
+            activities.restart_service,
+        ],
         # on shutdown, let an in-flight activity finish its short transaction instead of abandoning it
         graceful_shutdown_timeout=timedelta(seconds=10),
     )

@@ -6,6 +6,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
+from core.health import StreamHealth
 from core.messages import Service, StateEvent
 from core.states import StreamState
 
@@ -21,6 +22,7 @@ class LifecycleCarry(BaseModel):
     seen_event_ids: list[str] = Field(default_factory=list)
     pending_events: list[StateEvent] = Field(default_factory=list)
     events_received: int = 0
+    health: StreamHealth | None = None
 
 
 class LifecycleParams(BaseModel):
@@ -31,6 +33,12 @@ class LifecycleParams(BaseModel):
     ack_deadline_s: float = Field(gt=0)
     # A run continues as new past this many history events, so a long-lived stream stays small.
     max_history_events: int = Field(default=2000, ge=50)
+    # The watchdog (defaults for runs started before it existed)
+    liveness_timeout_s: float = Field(default=20.0, gt=0)
+    restart_budget: int = Field(default=10, ge=0)
+    restart_window_s: float = Field(default=3600.0, gt=0)
+    restart_backoff_max_s: float = Field(default=300.0, gt=0)
+    camera_retry_s: float = Field(default=600.0, ge=0)  # 0: for ever
     carry: LifecycleCarry | None = None
 
 

@@ -19,6 +19,11 @@ def lifecycle_params(settings: Settings, stream_id: str) -> LifecycleParams:
         stream_id=stream_id,
         startup_deadline_s=settings.startup_deadline_s,
         ack_deadline_s=settings.ack_deadline_s,
+        liveness_timeout_s=settings.liveness_timeout_s,
+        restart_budget=settings.restart_budget,
+        restart_window_s=settings.restart_window_s,
+        restart_backoff_max_s=settings.restart_backoff_max_s,
+        camera_retry_s=settings.camera_retry_s,
     )
 
 

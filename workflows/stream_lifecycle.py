@@ -3,7 +3,10 @@
 One workflow per stream, id ``stream-<stream id>``. The state-manager bridge starts it and feeds it
 every state event of the stream through signal-with-start of ``state_event``; the workflow dedupes
 them by event id, records each state change in Postgres through an activity, sends stop commands
-through the outbox, and waits for every service's acknowledgement with timers.
+through the outbox, and waits for every service's acknowledgement with timers. While the stream
+runs it is also its supervisor (``workflows/supervision.py``): it keeps the services' heartbeats as
+the stream's health (the ``health`` query), restarts a service that falls silent or whose process
+dies, retries an unreachable camera, and ends the stream only past those budgets.
 
 Operators: ``temporal workflow cancel -w stream-<id>`` runs the normal shutdown path (stop commands,
 acknowledgements, a terminal state in Postgres) and ends the workflow as cancelled.
@@ -25,17 +28,21 @@ from temporalio.common import RetryPolicy, SearchAttributePair, TypedSearchAttri
 
 with workflow.unsafe.imports_passed_through():
     from activities.lifecycle import LifecycleActivities
-    from activities.models import StateChange
+    from activities.models import RestartRequest, StateChange
+    from core.health import HEALTH_QUERY, StreamHealth
     from core.messages import EventKind, Service, StateEvent, StopCommand
     from core.states import StreamState, may_advance
     from core.temporal import STREAM_ID, STREAM_STATE
     from workflows.models import LifecycleCarry, LifecycleParams, LifecycleStatus
+    from workflows.supervision import GiveUp, Restart, StreamSupervisor
 
 # The services that run a stream; each must acknowledge a stop.
 STOPPED_SERVICES = (Service.RUNNER, Service.ML)
 MEMO_URL = "url_redacted"
 # Event ids remembered for dedupe; a stream sees a handful of events, so this bounds memory only.
 MAX_SEEN_EVENT_IDS = 1000
+# Marks the runs that supervise their stream; runs recorded before it replay without (see run()).
+SELF_HEALING_PATCH = "self-healing"
 ACTIVITY_TIMEOUT = timedelta(seconds=30)
 # No maximum attempts: while Postgres is down the lifecycle waits, durably, rather than give up.
 ACTIVITY_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
@@ -65,9 +72,15 @@ class StreamLifecycle:
         self._seen: dict[str, None] = dict.fromkeys(carry.seen_event_ids) if carry else {}
         self._inbox: deque[StateEvent] = deque(carry.pending_events) if carry else deque()
         self._events_received = carry.events_received if carry else 0
+        health = carry.health if carry and carry.health else StreamHealth()
+        self._supervisor: StreamSupervisor = StreamSupervisor(params, health)
+        self._self_healing = False
 
     @workflow.run
     async def run(self, params: LifecycleParams) -> LifecycleStatus:
+        # Runs started by this code supervise their stream; a history recorded before supervision
+        # existed has no marker and replays as it ran (no heartbeats, an error ends the stream).
+        self._self_healing = workflow.patched(SELF_HEALING_PATCH)
         cancelled: asyncio.CancelledError | None = None
         try:
             if params.carry is None and not await self._begin():
@@ -105,6 +118,11 @@ class StreamLifecycle:
             del self._seen[next(iter(self._seen))]
         self._events_received += 1
         self._inbox.append(event)
+
+    @workflow.query(name=HEALTH_QUERY)
+    def health(self) -> StreamHealth:
+        """The services' latest figures and status for the stream, and what the watchdog did."""
+        return self._supervisor.health
 
     @workflow.query(name="current_state")
     def current_state(self) -> LifecycleStatus:
@@ -153,19 +171,37 @@ class StreamLifecycle:
                 request = await self._apply_while_running(self._inbox.popleft())
                 if request is not None:
                     return request
+            request = await self._supervise()
+            if request is not None:
+                return request
             if self._history_is_long():
                 await self._continue_as_new()
             timeout = self._seconds_to_startup_deadline()
-            if timeout is not None and timeout <= 0:
+            check_at = self._supervisor.next_check_at() if self._self_healing else None
+            if check_at is not None:
+                to_check = max(0.0, (check_at - workflow.now()).total_seconds())
+                timeout = to_check if timeout is None else min(timeout, to_check)
+            if self._startup_deadline_passed():
                 error = (
                     f"startup deadline: not running within {self._params.startup_deadline_s:g}s"
                     f" (last state {self._state.value if self._state else 'unknown'})"
                 )
                 return _ShutdownRequest(reason="startup deadline", error=error)
-            with contextlib.suppress(TimeoutError):  # on timeout the loop finds the deadline passed
+            with contextlib.suppress(TimeoutError):  # on timeout the loop finds what is due
                 await workflow.wait_condition(lambda: bool(self._inbox), timeout=timeout)
 
+    def _startup_deadline_passed(self) -> bool:
+        remaining = self._seconds_to_startup_deadline()
+        return remaining is not None and remaining <= 0
+
     async def _apply_while_running(self, event: StateEvent) -> _ShutdownRequest | None:
+        if event.kind is EventKind.HEARTBEAT:
+            if self._self_healing:
+                self._supervisor.heartbeat(event, workflow.now())
+            return None
+        if event.kind is EventKind.ERROR and self._self_healing and self._supervisor.supervising:
+            decision = self._supervisor.error(event, workflow.now())
+            return await self._carry_out(decision, event_id=event.event_id)
         if event.kind is EventKind.ERROR:
             return _ShutdownRequest(
                 reason=f"{event.service.value} error",
@@ -182,6 +218,48 @@ class StreamLifecycle:
             await self._advance(event.state, event_id=event.event_id, source=event.service.value)
             if self._state is not None and self._state.rank >= StreamState.ML_STARTED.rank:
                 self._startup_deadline_at = None
+                if self._self_healing:
+                    self._supervisor.supervise_from(workflow.now())
+        return None
+
+    # -- supervision ----------------------------------------------------------------------------
+
+    async def _supervise(self) -> _ShutdownRequest | None:
+        """Carry out what the watchdog finds due: restarts of silent services, camera retries."""
+        if not self._self_healing:
+            return None
+        for decision in self._supervisor.due(workflow.now()):
+            request = await self._carry_out(decision)
+            if request is not None:
+                return request
+        return None
+
+    async def _carry_out(
+        self, decision: Restart | GiveUp | None, event_id: str | None = None
+    ) -> _ShutdownRequest | None:
+        if isinstance(decision, GiveUp):
+            return _ShutdownRequest(reason="supervision gave up", error=decision.reason, event_id=event_id)
+        if isinstance(decision, Restart):
+            workflow.logger.warning(
+                "restarting a service",
+                extra={
+                    "stream_id": self._params.stream_id,
+                    "service": decision.service.value,
+                    "reason": decision.reason,
+                },
+            )
+            await workflow.execute_activity_method(
+                LifecycleActivities.restart_service,
+                RestartRequest(
+                    stream_id=self._params.stream_id,
+                    service=decision.service,
+                    reason=decision.reason,
+                    command_id=str(workflow.uuid4()),
+                ),
+                start_to_close_timeout=ACTIVITY_TIMEOUT,
+                retry_policy=ACTIVITY_RETRY,
+            )
+            self._supervisor.restarted(decision, workflow.now())
         return None
 
     async def _shut_down(self, request: _ShutdownRequest) -> None:
@@ -267,6 +345,7 @@ class StreamLifecycle:
             seen_event_ids=list(self._seen),
             pending_events=list(self._inbox),
             events_received=self._events_received,
+            health=self._supervisor.health if self._self_healing else None,
         )
         workflow.logger.info(
             "continuing as new",

@@ -9,7 +9,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from fastapi.exceptions import RequestValidationError
 
-from api.deps import DbDep, SettingsDep
+from api.deps import DbDep, SettingsDep, TemporalDep
+from api.health import Health, stream_health, streams_health
+from api.readiness import TemporalConnection
 from api.schemas import (
     MAX_IDEMPOTENCY_KEY_LENGTH,
     InitRequest,
@@ -32,7 +34,7 @@ router = APIRouter(tags=["streams"])
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No stream has this id"}}
 
 
-def to_view(stream: StreamRow, settings: Settings) -> StreamView:
+def to_view(stream: StreamRow, settings: Settings, health: Health = (None, None)) -> StreamView:
     wid = workflow_id(str(stream.id))
     return StreamView(
         id=stream.id,
@@ -45,6 +47,8 @@ def to_view(stream: StreamRow, settings: Settings) -> StreamView:
         updated_at=stream.updated_at,
         workflow_id=wid,
         workflow_url=f"{settings.temporal_ui_url}/namespaces/{settings.temporal_namespace}/workflows/{wid}",
+        health=health[0],
+        health_unavailable=health[1],
     )
 
 
@@ -136,32 +140,39 @@ async def shutdown_stream(
 async def stream_state(
     db: DbDep,
     settings: SettingsDep,
+    temporal: TemporalDep,
     stream_id: Annotated[uuid.UUID, Query(alias="id", description="The stream id")],
 ) -> StreamView:
-    """The stream's state, error reason, timestamps and redacted URL."""
-    return await _view_or_404(db, settings, stream_id)
+    """The stream's state, error reason, timestamps, redacted URL and live health."""
+    return await _view_or_404(db, settings, temporal, stream_id)
 
 
 @router.get("/state/{stream_id}", responses=NOT_FOUND)
-async def stream_state_by_path(db: DbDep, settings: SettingsDep, stream_id: uuid.UUID) -> StreamView:
+async def stream_state_by_path(
+    db: DbDep, settings: SettingsDep, temporal: TemporalDep, stream_id: uuid.UUID
+) -> StreamView:
     """Same as ``GET /state?id=``."""
-    return await _view_or_404(db, settings, stream_id)
+    return await _view_or_404(db, settings, temporal, stream_id)
 
 
 @router.get("/streams")
 async def streams(
     db: DbDep,
     settings: SettingsDep,
+    temporal: TemporalDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     state: StreamState | None = None,
 ) -> StreamList:
-    """Streams with their states, newest first."""
+    """Streams with their states and live health, newest first."""
     found = await list_streams(db, limit=limit, state=state)
-    return StreamList(streams=[to_view(stream, settings) for stream in found])
+    healths = await streams_health(temporal, settings, found)
+    return StreamList(streams=[to_view(s, settings, h) for s, h in zip(found, healths, strict=True)])
 
 
-async def _view_or_404(db: DbDep, settings: Settings, stream_id: uuid.UUID) -> StreamView:
+async def _view_or_404(
+    db: DbDep, settings: Settings, temporal: TemporalConnection, stream_id: uuid.UUID
+) -> StreamView:
     stream = await get_stream(db, stream_id)
     if stream is None:
         raise _not_found(stream_id)
-    return to_view(stream, settings)
+    return to_view(stream, settings, await stream_health(temporal, settings, stream))

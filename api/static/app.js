@@ -155,6 +155,7 @@ function createRow(stream) {
     url: el("div", { class: "stream-url" }),
     state: el("span", { class: "state" }),
     reason: el("p", { class: "reason", hidden: "" }),
+    health: el("td", { class: "health-cell" }),
     options: el("td", { class: "options-cell" }),
     updated: el("td", { class: "updated" }),
     frames: el("button", { type: "button", class: "secondary", "aria-pressed": "false" }, "Frames"),
@@ -170,6 +171,7 @@ function createRow(stream) {
   row.tr.append(
     el("td", {}, row.id, row.url),
     el("td", {}, row.state, row.reason),
+    row.health,
     row.options,
     row.updated,
     el("td", {}, el("div", { class: "actions" }, row.frames, row.workflow, row.stop)),
@@ -189,12 +191,41 @@ function updateRow(row, stream) {
   }
   row.reason.hidden = !stream.error_reason;
   setText(row.reason, stream.error_reason || "");
+  renderHealth(row.health, stream);
   setText(row.options, describeOptions(stream.options || {}));
   setText(row.updated, clockTime(stream.updated_at));
   row.stop.hidden = !ACTIVE_STATES.has(stream.state);
   const workflowUrl = safeHttpUrl(stream.workflow_url);
   row.workflow.hidden = workflowUrl === null;
   if (workflowUrl !== null && row.workflow.href !== workflowUrl) row.workflow.href = workflowUrl;
+}
+
+// Per service: its status from the lifecycle's watchdog, and its live figures as a tooltip.
+function renderHealth(cell, stream) {
+  const services = (stream.health && stream.health.services) || {};
+  const names = Object.keys(services).sort();
+  cell.replaceChildren();
+  if (names.length === 0) {
+    cell.append(el("span", { class: "health-none", text: stream.health_unavailable || "" }));
+    return;
+  }
+  for (const name of names) {
+    const service = services[name];
+    const figures = service.figures || {};
+    const parts = [`${name}: ${service.status}`];
+    if (figures.fps !== undefined) parts.push(`${figures.fps} fps`);
+    if (figures.newest_frame_age_s !== undefined && figures.newest_frame_age_s !== null)
+      parts.push(`newest frame ${figures.newest_frame_age_s} s old`);
+    if (figures.frames_dropped) parts.push(`${figures.frames_dropped} dropped`);
+    if (service.restarts) parts.push(`${service.restarts} restarts, last: ${service.last_restart_reason}`);
+    cell.append(
+      el("span", {
+        class: `health health-${service.status}`,
+        title: parts.join(" · "),
+        text: `${name} ${service.status.replace("_", " ")}`,
+      }),
+    );
+  }
 }
 
 async function stopStream(id, button) {

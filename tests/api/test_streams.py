@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import time
 import uuid
 
 import asyncpg
@@ -13,6 +15,8 @@ import pytest
 from core.messages import StateEvent, parse_command
 from core.settings import Settings
 from core.states import StreamState
+from tests.ports import free_port
+from tests.running_services import running_api
 
 pytestmark = pytest.mark.integration
 
@@ -383,3 +387,32 @@ async def test_streams_lists_the_newest_first_and_filters_by_state(
     assert (await api.get("/streams", params={"limit": 1})).json()["streams"][0]["id"] != older
     assert (await api.get("/streams", params={"state": "running"})).status_code == 422
     assert (await api.get("/streams", params={"limit": 0})).status_code == 422
+
+
+@pytest.mark.parametrize("temporal", ["stopped", "not answering"])
+async def test_state_answers_from_postgres_at_once_with_null_health_and_why_when_temporal_does_not(
+    settings: Settings, temporal: str
+) -> None:
+    if temporal == "stopped":
+        address = f"127.0.0.1:{free_port()}"  # nothing listens
+    else:
+        silent = socket.socket()  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+    async with running_api(settings.model_copy(update={"temporal_address": address})) as api:
+        stream_id = (await api.post("/init", json={"url": camera_url()})).json()["id"]
+        started = time.monotonic()
+        response = await api.get(f"/state/{stream_id}")
+        took = time.monotonic() - started
+        listed = await api.get("/streams", params={"limit": 5})
+
+    assert response.status_code == 200
+    body = response.json()
+    assert body["state"] == "init_startup" and body["health"] is None
+    assert body["health_unavailable"], body
+    assert took < 1.0, f"/state took {took:.2f}s without Temporal"
+    assert listed.status_code == 200
+    assert all(s["health"] is None and s["health_unavailable"] for s in listed.json()["streams"])
+    if temporal != "stopped":
+        silent.close()

@@ -6,28 +6,24 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
-import uuid
 from pathlib import Path
 
 import psutil
 import psycopg
 import pytest
 
-from deploy import servers
-from tests.ports import free_s3_port
+from tests.e2e.lookout_command import LOOKOUT, database_of, stack_env
 
 pytestmark = pytest.mark.e2e
 
-LOOKOUT = str(Path(sys.executable).parent / "lookout")
-# a progress line: "12:03:04  ml_started  newest frame 105 (0.6 s old)   4.8 frames/s   3 person, 1 car"
-PROGRESS = re.compile(r"^\d\d:\d\d:\d\d  (\w+) +(?:newest frame (\d+)|no frame stored yet)", re.M)
+# a progress line: "12:03:04  ml_started   stored 105   4.8 fps   newest 0.6 s old   3 person ..."
+PROGRESS = re.compile(r"^\d\d:\d\d:\d\d  (\w+) +stored (\d+|-)", re.M)
 
 
 def newest_frames(text: str) -> list[int]:
-    """The newest stored frame number of every progress line that shows one, in order."""
-    return [int(frame) for _, frame in PROGRESS.findall(text) if frame]
+    """The frames ML stored, as every progress line that shows a count says, in order."""
+    return [int(stored) for _, stored in PROGRESS.findall(text) if stored != "-"]
 
 
 def wait_until(check, timeout_s: float, what: str, log_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -49,7 +45,7 @@ def kill_9_and_see_it_restarted(part: str, data_dir: Path, log_path: Path, env: 
         log_path,
     )
     assert int((data_dir / "run" / f"{part}.pid").read_text()) != pid
-    # rows keep being stored: the newest frame number moves on, poll after poll
+    # rows keep being stored: the count ML reports moves on, poll after poll
     wait_until(
         lambda: len({f for f in newest_frames(log_path.read_text()) if f > before}) >= 3,
         90,
@@ -64,26 +60,8 @@ def kill_9_and_see_it_restarted(part: str, data_dir: Path, log_path: Path, env: 
 def test_demo_shows_detections_within_a_minute_rides_through_kill_9_of_each_stack_server_and_ctrl_c_stops_all(
     tmp_path: Path, pg_admin_url: str
 ) -> None:
-    database = f"lookout_demo_{uuid.uuid4().hex[:8]}"
-    ports = {name: str(servers.free_port()) for name in ("KAFKA", "TEMPORAL", "TEMPORAL_UI", "API", "CAM")}
-    ports["S3"] = str(free_s3_port())
-    env = {
-        **os.environ,
-        "LOOKOUT_DATA_DIR": str(tmp_path / "lookout"),
-        "LOOKOUT_DATABASE_URL": pg_admin_url.rsplit("/", 1)[0] + "/" + database,
-        "LOOKOUT_STACK_PG_PORT": str(servers.free_port()),
-        "LOOKOUT_STACK_S3_PORT": ports["S3"],
-        "LOOKOUT_STACK_KAFKA_PORT": ports["KAFKA"],
-        "LOOKOUT_STACK_TEMPORAL_PORT": ports["TEMPORAL"],
-        "LOOKOUT_STACK_TEMPORAL_UI_PORT": ports["TEMPORAL_UI"],
-        "LOOKOUT_API_PORT": ports["API"],
-        "LOOKOUT_DEMO_CAMERA_PORT": ports["CAM"],
-        # the metrics ports of the services: free ones, so a developer's running stack is no obstacle
-        **{
-            f"LOOKOUT_METRICS_PORT_{s}": str(servers.free_port())
-            for s in ("RUNNER", "ML", "RELAY", "BRIDGE", "WORKER")
-        },
-    }
+    env = stack_env(tmp_path / "lookout", pg_admin_url)
+    api_port, ui_port = env["LOOKOUT_API_PORT"], env["LOOKOUT_STACK_TEMPORAL_UI_PORT"]
     log_path = tmp_path / "demo.out"
     with open(log_path, "wb") as out:
         demo = subprocess.Popen(
@@ -108,14 +86,14 @@ def test_demo_shows_detections_within_a_minute_rides_through_kill_9_of_each_stac
             time.sleep(0.5)
         text = log_path.read_text()
         assert len(set(frames)) >= 5, text[-3000:]
-        assert frames == sorted(frames) and frames[-1] > frames[0], "the newest stored frame number grows"
+        assert frames == sorted(frames) and frames[-1] > frames[0], "the stored count grows"
         assert stack_up_at is not None and first_rows_at is not None
         assert first_rows_at - stack_up_at < 60, "the main job must show detections within a minute"
         first_ml = next(m.start() for m in PROGRESS.finditer(text) if m.group(1) == "ml_started")
         stack_ready = text.index("services running")
         assert first_ml > stack_ready
-        assert f"http://127.0.0.1:{ports['API']}/docs" in text
-        assert f"http://127.0.0.1:{ports['TEMPORAL_UI']}" in text
+        assert f"http://127.0.0.1:{api_port}/docs" in text
+        assert f"http://127.0.0.1:{ui_port}" in text
         for part in ("kafka", "s3", "temporal"):
             kill_9_and_see_it_restarted(part, tmp_path / "lookout", log_path, env)
             descendants |= {p.pid for p in psutil.Process(demo.pid).children(recursive=True)}
@@ -137,4 +115,4 @@ def test_demo_shows_detections_within_a_minute_rides_through_kill_9_of_each_stac
         ).fetchone()
         assert rows is not None and rows[0] > 0
     with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        conn.execute(f'DROP DATABASE IF EXISTS "{database_of(env)}" WITH (FORCE)')

@@ -38,7 +38,9 @@ log = logging.getLogger(__name__)
 
 @pytest.fixture(scope="module")
 async def pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
-    e2e_settings = await pipeline_settings(settings, ml_store_empty_frames=False, startup_deadline_s=30.0)
+    e2e_settings = await pipeline_settings(
+        settings, ml_store_empty_frames=False, startup_deadline_s=30.0, camera_retry_s=8.0
+    )
     async with running_pipeline(e2e_settings) as running:
         yield running
 
@@ -132,7 +134,7 @@ async def test_stream_runs_stores_person_detections_with_image_links_and_stops_l
     assert_no_process_left(pipeline, stream_id, pids)
 
 
-async def test_camera_killed_mid_stream_ends_in_inactive_error_naming_the_runner(
+async def test_camera_killed_mid_stream_is_retried_then_ends_in_inactive_error_naming_the_camera(
     pipeline: Pipeline, own_camera: TestCamera
 ) -> None:
     stream_id, _ = await start_running_stream(pipeline, own_camera.url("cam1"))
@@ -142,7 +144,7 @@ async def test_camera_killed_mid_stream_ends_in_inactive_error_naming_the_runner
     view = await wait_for_state(pipeline.api, stream_id, TERMINAL, timeout_s=45)
 
     assert view["state"] == "inactive_error", view
-    assert view["error_reason"].startswith("runner error:"), view["error_reason"]
+    assert view["error_reason"].startswith("camera unreachable for"), view["error_reason"]
     assert_no_process_left(pipeline, stream_id, pids)
 
 

@@ -202,6 +202,9 @@ async def test_stream_started_from_the_page_runs_shows_annotated_frames_and_stop
         await expect(state).to_have_text("ml_started", timeout=90_000)
         running_after = time.monotonic() - started
         await expect(row).to_contain_text("2 fps · confidence ≥ 0.3 · person · 320 px")
+        # the services' heartbeats reach the page as the stream's health
+        await expect(row.locator(".health-cell")).to_contain_text("ml ok", timeout=30_000)
+        await expect(row.locator(".health-cell")).to_contain_text("runner ok")
         workflow = row.get_by_role("link", name=f"Workflow of stream {short}")
         assert await workflow.get_attribute("href") == stream["workflow_url"]
         assert stream["workflow_url"].startswith(web_settings.temporal_ui_url)

@@ -11,7 +11,7 @@ from typing import Any
 from temporalio import activity
 from temporalio.client import Client
 
-from activities.models import RecordedState, StateChange, StreamRecord
+from activities.models import RecordedState, RestartRequest, StateChange, StreamRecord
 from core.messages import EventKind, Service, StateEvent, StopCommand
 from core.states import StreamState, may_advance
 
@@ -43,6 +43,7 @@ class FakeLifecycleStore:
         self._client = client
         self.streams: dict[str, FakeStream] = {}
         self.commands: list[StopCommand] = []
+        self.restarts: list[RestartRequest] = []
         self.answers: dict[Service, int] = {Service.RUNNER: 1, Service.ML: 1}
 
     def add_stream(self, state: StreamState = StreamState.INIT_STARTUP) -> str:
@@ -57,9 +58,22 @@ class FakeLifecycleStore:
     def stops(self, stream_id: str) -> list[StopCommand]:
         return [command for command in self.commands if command.stream_id == stream_id]
 
+    def restarts_of(self, stream_id: str) -> list[tuple[Service, str]]:
+        return [(r.service, r.reason) for r in self.restarts if r.stream_id == stream_id]
+
     @property
     def activities(self) -> list[Callable[..., Any]]:
-        return [self.load_stream, self.record_state, self.send_command]
+        return [self.load_stream, self.record_state, self.send_command, self.restart_service]
+
+    @activity.defn(name="restart_service")
+    async def restart_service(self, request: RestartRequest) -> bool:
+        if any(sent.command_id == request.command_id for sent in self.restarts):
+            return True
+        stream = self.streams.get(request.stream_id)
+        if stream is None or stream.state.is_shutting_down:
+            return False
+        self.restarts.append(request)
+        return True
 
     @activity.defn(name="load_stream")
     async def load_stream(self, stream_id: str) -> StreamRecord | None:

@@ -31,6 +31,12 @@ def test_histories_cover_every_recorded_path() -> None:
         "cancelled",
         "late_event_after_end",
         "continue_as_new",
+        # recorded with the self-healing lifecycle (the ones above replay the runs made before it)
+        "heartbeats_healthy",
+        "silent_service_restarts_then_gives_up",
+        "process_error_restarts",
+        "camera_gone_for_good",
+        "fatal_error_while_running",
     } <= names
 
 

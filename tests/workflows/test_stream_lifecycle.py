@@ -7,30 +7,36 @@ the outbox, the runner and ML. Every path of DESIGN.md "Lifecycle states" has a 
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
-from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import CancelledError, WorkflowAlreadyStartedError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from core.messages import EventKind, Service, StateEvent
+from core.messages import ErrorKind, EventKind, Service
 from core.settings import Settings
 from core.states import StreamState
 from core.temporal import STREAM_ID, STREAM_STATE, workflow_id
 from tests.conftest import make_settings
+from tests.workflows.driving import (
+    Handle,
+    event,
+    init_shutdown,
+    init_startup,
+    record_history,
+    send,
+    wait_for,
+    wait_for_state,
+)
 from tests.workflows.fakes import SECRET, FakeLifecycleStore
-from workflows.models import LifecycleParams, LifecycleStatus
-from workflows.starter import lifecycle_params, signal_with_start
+from workflows.models import LifecycleParams
+from workflows.starter import lifecycle_params
 from workflows.stream_lifecycle import MEMO_URL, StreamLifecycle
 
-HISTORIES = Path(__file__).parent / "histories"
 S = StreamState
-Handle = WorkflowHandle[StreamLifecycle, LifecycleStatus]
 
 
 @pytest.fixture
@@ -58,65 +64,6 @@ async def store(client: Client, settings: Settings) -> AsyncIterator[FakeLifecyc
         activities=fake.activities,
     ):
         yield fake
-
-
-def event(
-    stream_id: str,
-    service: Service,
-    kind: EventKind = EventKind.PROGRESS,
-    state: StreamState | None = None,
-    error: str | None = None,
-    event_id: str | None = None,
-) -> StateEvent:
-    return StateEvent(
-        event_id=event_id or str(uuid.uuid4()),
-        stream_id=stream_id,
-        service=service,
-        kind=kind,
-        state=state,
-        error=error,
-    )
-
-
-def init_startup(stream_id: str) -> StateEvent:
-    return event(stream_id, Service.API, state=S.INIT_STARTUP)
-
-
-def init_shutdown(stream_id: str) -> StateEvent:
-    return event(stream_id, Service.API, state=S.INIT_SHUTDOWN)
-
-
-async def send(client: Client, settings: Settings, *events: StateEvent) -> Handle:
-    """What the bridge does with each event: signal-with-start, one at a time."""
-    handle = None
-    for item in events:
-        handle = await signal_with_start(client, settings, item)
-    assert handle is not None
-    return handle
-
-
-async def wait_for(
-    handle: Handle, predicate: Callable[[LifecycleStatus], bool], what: str
-) -> LifecycleStatus:
-    """Ask the live state until ``predicate(status)`` holds (queries may run before a signal lands)."""
-    for _ in range(200):
-        status = await handle.query(StreamLifecycle.current_state)
-        if predicate(status):
-            return status
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"workflow never reached {what}: {status}")
-
-
-async def wait_for_state(handle: Handle, state: StreamState) -> LifecycleStatus:
-    return await wait_for(handle, lambda s: s.state is state, state.value)
-
-
-async def record_history(client: Client, handle: Handle, name: str, run_id: str | None = None) -> None:
-    if os.environ.get("LOOKOUT_RECORD_HISTORIES") != "1":
-        return
-    history = await client.get_workflow_handle(handle.id, run_id=run_id).fetch_history()
-    HISTORIES.mkdir(exist_ok=True)
-    (HISTORIES / f"{name}.json").write_text(history.to_json())
 
 
 async def test_happy_path_runs_then_shuts_down_to_inactive_with_one_stop(
@@ -218,7 +165,7 @@ async def test_service_answering_only_the_resent_stop_ends_inactive(
     assert len(store.stops(sid)) == 2
 
 
-async def test_service_error_while_running_compensates_to_inactive_error(
+async def test_fatal_service_error_while_running_compensates_to_inactive_error(
     client: Client, settings: Settings, store: FakeLifecycleStore
 ) -> None:
     sid = store.add_stream()
@@ -230,16 +177,18 @@ async def test_service_error_while_running_compensates_to_inactive_error(
         event(sid, Service.ML, state=S.ML_STARTED),
     )
     await wait_for_state(handle, S.ML_STARTED)
-    await send(client, settings, event(sid, Service.RUNNER, EventKind.ERROR, error="camera unreachable"))
+    fatal = event(sid, Service.ML, EventKind.ERROR, error="model failed to load", error_kind=ErrorKind.FATAL)
+    await send(client, settings, fatal)
 
     result = await handle.result()
 
     assert result.state is S.INACTIVE_ERROR
-    assert result.error_reason == "runner error: camera unreachable"
+    assert result.error_reason == "ml error: model failed to load"
     assert store.streams[sid].states[-3:] == [S.INIT_SHUTDOWN, S.IN_SHUTDOWN_PROCESSING, S.INACTIVE_ERROR]
-    assert store.streams[sid].changes[-3].reason == "runner error"
+    assert store.streams[sid].changes[-3].reason == "supervision gave up"
     assert len(store.stops(sid)) == 1
-    await record_history(client, handle, "service_error")
+    assert store.restarts_of(sid) == [], "no restart can help a fatal error"
+    await record_history(client, handle, "fatal_error_while_running")
 
 
 async def test_service_error_while_starting_compensates_to_inactive_error(

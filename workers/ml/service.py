@@ -30,11 +30,12 @@ from pydantic import ValidationError
 
 from core.kafka import ConsumerLagReporter, create_consumer, create_producer, ensure_topics
 from core.messages import (
+    ErrorKind,
     EventKind,
     FrameHeaders,
     Service,
     StartCommand,
-    StateEvent,
+    StreamFigures,
     StreamOptions,
     parse_command,
 )
@@ -46,6 +47,7 @@ from workers.entrypoint import run_service
 from workers.ml.offsets import OffsetTracker
 from workers.ml.preload import start_preloading
 from workers.ml.stream import QueuedFrame, StreamProcess, StreamStats
+from workers.state_events import Heartbeats, StateEventPublisher
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,8 @@ class MLService:
         self._offsets = OffsetTracker()
         self._background: set[asyncio.Task[Any]] = set()
         self._producer: AIOKafkaProducer | None = None
+        self._events: StateEventPublisher | None = None
+        self._heartbeats: asyncio.Task[None] | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._lag: ConsumerLagReporter | None = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -82,6 +86,11 @@ class MLService:
         start_preloading()
         self._producer = create_producer(self.settings, client_id="lookout-ml")
         await self._producer.start()
+        self._events = StateEventPublisher(self.settings, self._producer, Service.ML)
+        beats = Heartbeats(
+            self._events, self.settings.heartbeat_interval_s, self.figures, lambda f: f.frames_processed
+        )
+        self._heartbeats = asyncio.create_task(beats.run(), name="ml-heartbeats")
         self._consumer = create_consumer(
             self.settings, group_id=self.group_id, client_id="lookout-ml", assignors=(RangePartitionAssignor,)
         )
@@ -99,10 +108,11 @@ class MLService:
         Streams are not acknowledged: the service stopping is not a stream stopping, and frames not
         yet processed stay uncommitted so the next instance detects them.
         """
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+        for task in (self._loop_task, self._heartbeats):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self._hand_over(list(self.streams))
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
@@ -183,7 +193,13 @@ class MLService:
             return
         stream_id = command.stream_id
         if isinstance(command, StartCommand):
-            if stream_id in self.streams:
+            if not command.is_for(Service.ML):
+                pass
+            elif command.replace:
+                self._spawn(
+                    self._restart_stream(stream_id, command.options, token[0].partition, command.reason)
+                )
+            elif stream_id in self.streams:
                 self.streams[stream_id].update_options(command.options)
             elif stream_id in self.finished or stream_id in self._ending:
                 log.info("start of a stopped stream ignored", extra={"stream_id": stream_id})
@@ -201,7 +217,7 @@ class MLService:
         error = await asyncio.shield(task) if task is not None else None
         if task is None:
             self._remember_finished(stream_id, StreamStats())  # never seen: ignore its late frames
-        await self._publish(self._event(stream_id, EventKind.ACK, error=error))
+        await self._publish(stream_id, EventKind.ACK, error=error)
         log.info(
             "stop acknowledged", extra={"stream_id": stream_id, "command_id": command_id, "error": error}
         )
@@ -242,17 +258,20 @@ class MLService:
             log.exception("detection process did not start", extra={"stream_id": stream_id})
             self._remember_finished(stream_id, stream.stats)
             reason = f"detection process did not start: {type(err).__name__}: {err}"
-            self._spawn(self._publish(self._event(stream_id, EventKind.ERROR, error=reason)))
+            self._spawn(self._publish(stream_id, EventKind.ERROR, error=reason, error_kind=ErrorKind.PROCESS))
             return None
         self.streams[stream_id] = stream
         self._partition_of[stream_id] = partition
         return stream
 
-    def _end_stream(self, stream_id: str, *, handing_over: bool = False) -> asyncio.Task[str | None] | None:
+    def _end_stream(
+        self, stream_id: str, *, handing_over: bool = False, restarting: bool = False
+    ) -> asyncio.Task[str | None] | None:
         """Stop a stream's process once, however many stops, failures and shutdowns ask for it.
 
         ``handing_over``: this member is giving the stream up (shutdown, rebalance), not ending it;
         its unfinished frames stay uncommitted and a later frame may start it again.
+        ``restarting``: a new process takes over here; the stream is not remembered as finished.
         """
         if stream_id in self._ending:
             return self._ending[stream_id]
@@ -267,13 +286,29 @@ class MLService:
                 self.streams.pop(stream_id, None)
                 self._partition_of.pop(stream_id, None)
                 forget_stream(stream_id)  # ended here, or now another member's to count
-                if not handing_over:
+                if not (handing_over or restarting):
                     self._remember_finished(stream_id, stream.stats)
                 self._ending.pop(stream_id, None)
 
         task = asyncio.create_task(end(), name=f"ml-stop-{stream_id}")
         self._ending[stream_id] = task
         return task
+
+    async def _restart_stream(
+        self, stream_id: str, options: StreamOptions, partition: int, reason: str | None
+    ) -> None:
+        """A restart from the lifecycle: replace whatever process this service holds for the stream."""
+        log.info("restart: replacing the detection process", extra={"stream_id": stream_id, "reason": reason})
+        self.finished.pop(stream_id, None)
+        ending = self._end_stream(stream_id, restarting=True) or self._ending.get(stream_id)
+        if ending is not None:
+            await asyncio.gather(ending, return_exceptions=True)
+        if stream_id not in self.streams:  # a frame may have started it meanwhile
+            self._start_stream(stream_id, options, partition)
+
+    def figures(self) -> dict[str, StreamFigures]:
+        """The live figures of every stream whose detection process runs here (for the heartbeats)."""
+        return {stream_id: stream.figures() for stream_id, stream in self.streams.items()}
 
     async def _hand_over(self, stream_ids: list[str]) -> None:
         """Stop these streams' processes without acknowledging: another member (or run) takes over."""
@@ -296,11 +331,12 @@ class MLService:
 
     def first_frame_processed(self, stream_id: str) -> None:
         log.info("first frame processed", extra={"stream_id": stream_id})
-        self._spawn(self._publish(self._event(stream_id, EventKind.PROGRESS, state=StreamState.ML_STARTED)))
+        self._spawn(self._publish(stream_id, EventKind.PROGRESS, state=StreamState.ML_STARTED))
 
-    def stream_failed(self, stream_id: str, reason: str) -> None:
-        log.error("stream failed", extra={"stream_id": stream_id, "error": reason})
-        self._spawn(self._publish(self._event(stream_id, EventKind.ERROR, error=reason)))
+    def stream_failed(self, stream_id: str, reason: str, *, fatal: bool = False) -> None:
+        log.error("stream failed", extra={"stream_id": stream_id, "error": reason, "fatal": fatal})
+        kind = ErrorKind.FATAL if fatal else ErrorKind.PROCESS
+        self._spawn(self._publish(stream_id, EventKind.ERROR, error=reason, error_kind=kind))
         self._end_stream(stream_id)
 
     def stream_closed(self, stream_id: str) -> None:
@@ -308,29 +344,17 @@ class MLService:
 
     # --- publishing ---------------------------------------------------------------------------------
 
-    @staticmethod
-    def _event(
-        stream_id: str, kind: EventKind, *, state: StreamState | None = None, error: str | None = None
-    ) -> StateEvent:
-        return StateEvent(stream_id=stream_id, service=Service.ML, kind=kind, state=state, error=error)
-
-    async def _publish(self, event: StateEvent) -> None:
-        assert self._producer is not None
-        try:
-            await self._producer.send_and_wait(
-                self.settings.topic_states, event.model_dump_json().encode(), key=event.stream_id.encode()
-            )
-        except KafkaError as err:
-            # the lifecycle re-sends a stop it got no acknowledgement for; progress is re-derived
-            log.error(
-                "state event not published",
-                extra={"stream_id": event.stream_id, "kind": event.kind.value, "error": str(err)},
-            )
-            return
-        log.info(
-            "state event published",
-            extra={"stream_id": event.stream_id, "event_id": event.event_id, "kind": event.kind.value},
-        )
+    async def _publish(
+        self,
+        stream_id: str,
+        kind: EventKind,
+        *,
+        state: StreamState | None = None,
+        error: str | None = None,
+        error_kind: ErrorKind | None = None,
+    ) -> None:
+        assert self._events is not None
+        await self._events.publish(stream_id, kind, state=state, error=error, error_kind=error_kind)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

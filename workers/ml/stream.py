@@ -8,19 +8,21 @@ pipe only when the process has asked for one (so it is reading).
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
 from multiprocessing.context import ForkServerContext
 from typing import Generic, Protocol, TypeVar
 
-from core.messages import FrameHeaders, StreamOptions
+from core.messages import FrameHeaders, StreamFigures, StreamOptions
 from core.metrics import (
     CAPTURE_TO_ROW_SECONDS,
     DETECTIONS_STORED,
     FRAMES_DROPPED,
     FRAMES_PROCESSED,
     INFERENCE_SECONDS,
+    ML_QUEUE_DEPTH,
 )
 from core.settings import Settings
 from workers.child_process import ChildProcess, StopEnding
@@ -93,7 +95,7 @@ class StreamListener(Protocol):
 
     def first_frame_processed(self, stream_id: str) -> None: ...
 
-    def stream_failed(self, stream_id: str, reason: str) -> None: ...
+    def stream_failed(self, stream_id: str, reason: str, *, fatal: bool = False) -> None: ...
 
     def stream_closed(self, stream_id: str) -> None: ...
 
@@ -111,6 +113,8 @@ class StreamStats:
     queue_high_water: int = 0
     busy_at_stop: bool = False  # a frame was in hand when the stop came (and was let finish)
     inference_s: float = 0.0  # model time of the processed frames, summed
+    inferred: int = 0  # frames that went through the model
+    newest_capture_ts: float | None = None  # capture time of the newest frame finished
 
 
 class StreamProcess:
@@ -143,6 +147,7 @@ class StreamProcess:
         self._next_frame_id = 0
         self._started_reported = False
         self._ended = False  # failed, closed or stopping: no more frames go to the process
+        self._inference_seen = (0, 0.0)  # (frames inferred, seconds) at the last figures()
 
     @property
     def pid(self) -> int | None:
@@ -175,6 +180,24 @@ class StreamProcess:
                     extra={"stream_id": self.stream_id, "dropped": self.queue.dropped},
                 )
         self._hand_over()
+
+    def figures(self) -> StreamFigures:
+        """The stream's live figures now; the mean inference time covers the frames since the last call."""
+        stats = self.stats
+        inferred, inference_s = self._inference_seen
+        self._inference_seen = (stats.inferred, stats.inference_s)
+        count = stats.inferred - inferred
+        newest = stats.newest_capture_ts
+        ML_QUEUE_DEPTH.labels(self.stream_id).set(len(self.queue))
+        return StreamFigures(
+            frames_received=stats.received,
+            frames_processed=stats.processed,
+            frames_stored=stats.stored,
+            frames_dropped=stats.dropped,
+            queue_depth=len(self.queue),
+            inference_ms=round(1000 * (stats.inference_s - inference_s) / count, 2) if count > 0 else None,
+            newest_frame_age_s=round(max(0.0, time.time() - newest), 3) if newest is not None else None,
+        )
 
     def update_options(self, options: StreamOptions) -> None:
         if not self._ended:
@@ -245,7 +268,7 @@ class StreamProcess:
             self._on_frame_done(message)
         elif isinstance(message, ProcessFailed):
             self._end()
-            self._listener.stream_failed(self.stream_id, message.reason)
+            self._listener.stream_failed(self.stream_id, message.reason, fatal=message.fatal)
         elif isinstance(message, StreamClosed):
             log.info(
                 "stream without a row or shutting down: nothing to detect",
@@ -259,6 +282,7 @@ class StreamProcess:
         self.stats.stored += int(done.stored)
         self._count(done)
         if self._in_hand is not None and self._in_hand[0] == done.frame_id:
+            self.stats.newest_capture_ts = self._in_hand[1].headers.capture_ts
             self._listener.frame_settled(self._in_hand[1].token)
             self._in_hand = None
         if not self._started_reported:
@@ -272,6 +296,7 @@ class StreamProcess:
         sid = self.stream_id
         if done.inference_s is not None:
             self.stats.inference_s += done.inference_s
+            self.stats.inferred += 1
             FRAMES_PROCESSED.labels(sid).inc()
             INFERENCE_SECONDS.labels(sid).observe(done.inference_s)
         if done.stored:

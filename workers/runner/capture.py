@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from core.kafka import create_producer
-from core.messages import FrameHeaders
+from core.messages import CameraState, FrameHeaders
 from core.redact import redact_url
 from core.retry import delays
 from workers.child_process import EXIT_STOPPED
@@ -66,6 +66,9 @@ class CaptureSession:
         self._read_by_ended_readers = 0
         self.frames_published = 0
         self.frames_dropped = 0
+        self.reconnects = 0
+        self.camera = CameraState.CONNECTING
+        self.newest_capture_ts: float | None = None
         self._log_extra = {"stream_id": spec.stream_id, "url": redact_url(spec.url)}
 
     @property
@@ -80,6 +83,9 @@ class CaptureSession:
             frames_read=self.frames_read,
             frames_published=self.frames_published,
             frames_dropped=self.frames_dropped,
+            reconnects=self.reconnects,
+            camera=self.camera,
+            newest_capture_ts=self.newest_capture_ts,
         )
 
     async def run(self) -> int:
@@ -104,8 +110,9 @@ class CaptureSession:
                 return EXIT_STOPPED
             finished = done.pop()
             error = finished.exception()
-            reason = f"capture failed: {error!r}" if error is not None else str(finished.result())
-            return self._fail(reason)
+            if error is not None:
+                return self._fail(f"capture failed: {error!r}")
+            return self._fail(str(finished.result()), camera=True)  # the reconnect budget is spent
         finally:
             for task in tasks:
                 task.cancel()
@@ -118,9 +125,9 @@ class CaptureSession:
                 log.warning("frames producer did not close cleanly", extra=self._log_extra)
             self._report(self.counts())  # the last counts; the runner reads them before it reaps the child
 
-    def _fail(self, reason: str) -> int:
+    def _fail(self, reason: str, *, camera: bool = False) -> int:
         log.error("stream lost", extra={**self._log_extra, "reason": reason})
-        self._report(CaptureFailed(reason))
+        self._report(CaptureFailed(reason, camera=camera))
         return EXIT_FAILED
 
     async def _report_counts(self) -> None:
@@ -155,6 +162,8 @@ class CaptureSession:
             reader = self._start_reader()
             reason = await self._watch(reader, give_up_at=lost_since + budget_s)
             now = time.monotonic()
+            if reader.frames_grabbed or self.camera is not CameraState.CONNECTING:
+                self.camera = CameraState.RECONNECTING
             if reader.frames_grabbed:
                 # It streamed: this is a fresh loss, with a fresh budget.
                 lost_since, waits, attempts, cause = now, self._reconnect_waits(), 0, reason
@@ -177,6 +186,7 @@ class CaptureSession:
         settings = self._settings
         if self._reader is not None:
             self._read_by_ended_readers += self._reader.frames_grabbed
+            self.reconnects += 1
         reader = CameraReader(
             url=self.spec.url,
             open_timeout_ms=settings.runner_open_timeout_ms,
@@ -205,6 +215,7 @@ class CaptureSession:
             now = time.monotonic()
             if reader.frames_grabbed and not connected:
                 connected = True
+                self.camera = CameraState.STREAMING
                 log.info("camera connected", extra=self._log_extra)
             last_frame_at = reader.last_frame_at
             reason = None
@@ -241,7 +252,9 @@ class CaptureSession:
         key = self.spec.stream_id.encode()
         while True:
             frame = await self._queue.get()
-            self._seq += 1
+            # Numbered by the wall clock in milliseconds, never below the last number: a restarted
+            # capture process (a new process, a new runner) never reuses a number an earlier one gave.
+            self._seq = max(self._seq + 1, time.time_ns() // 1_000_000)
             headers = FrameHeaders(
                 stream_id=self.spec.stream_id,
                 frame_seq=self._seq,
@@ -258,6 +271,7 @@ class CaptureSession:
                 log.warning("frame not published", extra={**self._log_extra, "error": repr(exc)})
                 continue
             self.frames_published += 1
+            self.newest_capture_ts = frame.capture_ts
             if not self._first_reported:
                 self._first_reported = True
                 self._report(FirstFramePublished())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from core.messages import CameraState
 from core.settings import Settings
 
 EXIT_FAILED = 3  # gave up; the reason was reported over the pipe first (a stop ends with EXIT_STOPPED)
@@ -31,15 +32,20 @@ class FirstFramePublished:
 
 @dataclass(frozen=True)
 class CaptureCounts:
-    """Child → runner: the stream's frame counts so far, sent while they change and once more at the end."""
+    """Child → runner: the stream's figures so far, sent while they change and once more at the end."""
 
     frames_read: int = 0
     frames_published: int = 0
     frames_dropped: int = 0
+    reconnects: int = 0  # camera connections after the first
+    camera: CameraState = CameraState.CONNECTING
+    newest_capture_ts: float | None = None  # capture time of the newest frame published
 
 
 @dataclass(frozen=True)
 class CaptureFailed:
-    """Child → runner: the stream is lost for good (reconnect budget spent); the child exits next."""
+    """Child → runner: the stream is lost (the child exits next); ``camera``: because the camera
+    stayed unreachable for the reconnect budget, not because of the process itself."""
 
     reason: str
+    camera: bool = False

@@ -1,11 +1,15 @@
 """The runner service (``lookout-runner``): commands in, one capture process per stream, state events out.
 
 It consumes the commands topic in its own consumer group. ``start`` spawns the stream's capture
-process; ``stop`` stops it (cooperatively, then by force) and acknowledges on the states topic, also
-for a stream it does not run, so the lifecycle never waits for a runner that never started. It
-publishes ``runner_started`` once a stream's first frame is out and an ``error`` when a stream is lost
-or its process dies. Offsets are committed after a batch's commands are carried out (stops included),
-so a command is never lost, only possibly repeated; repeats are harmless.
+process (a restart, ``replace``, first stops the one it may still hold); ``stop`` stops it
+(cooperatively, then by force) and acknowledges on the states topic, also for a stream it does not
+run, so the lifecycle never waits for a runner that never started. It publishes ``runner_started``
+once a stream's first frame is out, a heartbeat per stream every ``heartbeat_interval_s``, and an
+``error`` when a stream is lost (the camera's fault or the process's). Stopping the service, or
+losing a stream's partition to another instance, stops its capture processes and reports nothing:
+the lifecycle's watchdog hands the streams to whichever runner is there. Offsets are committed after
+a batch's commands are carried out (stops included), so a command is never lost, only possibly
+repeated; repeats are harmless.
 """
 
 from __future__ import annotations
@@ -13,16 +17,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict
-from collections.abc import Coroutine
+from collections.abc import Collection, Coroutine
 from typing import Any
 
-from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from core.kafka import ConsumerLagReporter, create_consumer, create_producer, ensure_topics
-from core.messages import EventKind, Service, StartCommand, StateEvent, StopCommand, parse_command
+from core.messages import (
+    ErrorKind,
+    EventKind,
+    Service,
+    StartCommand,
+    StopCommand,
+    StreamFigures,
+    parse_command,
+)
 from core.metrics import BAD_MESSAGES, forget_stream
 from core.redact import redact_url
 from core.retry import KAFKA_DOWN, retrying
@@ -31,6 +44,7 @@ from core.states import StreamState
 from workers.entrypoint import run_service
 from workers.runner.messages import CaptureSpec
 from workers.runner.stream import CaptureProcess, StopOutcome
+from workers.state_events import Heartbeats, StateEventPublisher
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +62,23 @@ class RunnerService:
         self._stops: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._seen_starts: OrderedDict[str, None] = OrderedDict()
-        self._producer: AIOKafkaProducer | None = None
+        self._partition_of: dict[str, int] = {}  # commands partition of each running stream
+        self._events: StateEventPublisher | None = None
 
     async def run(self) -> None:
         """Serve until cancelled; on the way out every capture process is stopped and reported."""
         settings = self.settings
         await ensure_topics(settings, [settings.topic_commands, settings.topic_frames, settings.topic_states])
-        self._producer = create_producer(settings, client_id="lookout-runner")
-        await self._producer.start()
-        consumer = create_consumer(
-            settings, settings.topic_commands, group_id=self.group_id, client_id="lookout-runner"
+        producer = create_producer(settings, client_id="lookout-runner")
+        await producer.start()
+        self._events = StateEventPublisher(settings, producer, Service.RUNNER)
+        heartbeats = asyncio.create_task(
+            Heartbeats(
+                self._events, settings.heartbeat_interval_s, self.figures, lambda f: f.frames_published
+            ).run()
         )
+        consumer = create_consumer(settings, group_id=self.group_id, client_id="lookout-runner")
+        consumer.subscribe([settings.topic_commands], listener=_Rebalance(self))
         lag = ConsumerLagReporter(consumer, self.group_id)
         try:
             await consumer.start()
@@ -82,11 +102,12 @@ class RunnerService:
                         log.warning("commands offset commit failed", extra={"error": repr(err)})
                 await lag.update()
         finally:
+            heartbeats.cancel()
             await self._shutdown()
             with contextlib.suppress(KafkaError, OSError):
                 await consumer.stop()
             with contextlib.suppress(KafkaError, OSError):
-                await self._producer.stop()
+                await producer.stop()
 
     # --- commands ---------------------------------------------------------------------------------
 
@@ -102,11 +123,12 @@ class RunnerService:
             )
             return
         if isinstance(command, StartCommand):
-            await self._start(command)
+            if command.is_for(Service.RUNNER):
+                await self._start(command, record.partition)
         else:
             self._begin_stop(command)
 
-    async def _start(self, command: StartCommand) -> None:
+    async def _start(self, command: StartCommand, partition: int) -> None:
         stream_id = command.stream_id
         if command.command_id in self._seen_starts:
             log.info(
@@ -117,6 +139,12 @@ class RunnerService:
         pending_stop = self._stops.get(stream_id)
         if pending_stop is not None:  # stop then start of the same stream: the stop finishes first
             await asyncio.shield(pending_stop)
+        if stream_id in self.streams and command.replace:
+            log.info(
+                "restart: replacing the capture process",
+                extra={"stream_id": stream_id, "reason": command.reason},
+            )
+            await self._stop_quietly([stream_id])
         if stream_id in self.streams:
             log.info("stream already running; start ignored", extra={"stream_id": stream_id})
             return
@@ -128,6 +156,7 @@ class RunnerService:
         )
         process = CaptureProcess(spec, on_started=self._on_started, on_failed=self._on_failed)
         self.streams[stream_id] = process
+        self._partition_of[stream_id] = partition
         log.info(
             "starting stream",
             extra={"stream_id": stream_id, "url": redact_url(command.url), "fps": spec.fps},
@@ -136,10 +165,13 @@ class RunnerService:
             await process.start()
         except Exception as exc:
             log.exception("capture process did not start", extra={"stream_id": stream_id})
-            self.streams.pop(stream_id, None)
+            self._forget(stream_id)
             forget_stream(stream_id)
             await self._publish(
-                stream_id, EventKind.ERROR, error=f"could not start the capture process: {exc!r}"
+                stream_id,
+                EventKind.ERROR,
+                error=f"could not start the capture process: {exc!r}",
+                error_kind=ErrorKind.PROCESS,
             )
 
     def _begin_stop(self, command: StopCommand) -> None:
@@ -153,13 +185,14 @@ class RunnerService:
         stream_id = command.stream_id
         if after is not None:
             await asyncio.shield(after)
-        process = self.streams.pop(stream_id, None)
+        process = self.streams.get(stream_id)
+        self._forget(stream_id)
         if process is None:
             outcome = StopOutcome()
             log.info("stop for a stream not running here; acknowledged", extra={"stream_id": stream_id})
         else:
             outcome = await process.stop()
-            forget_stream(stream_id)
+            forget_stream(stream_id)  # after its last counts, which the child sends as it exits
             log.info("stream stopped", extra={"stream_id": stream_id, "error": outcome.error})
         await self._publish(stream_id, EventKind.ACK, error=outcome.error)
 
@@ -186,9 +219,29 @@ class RunnerService:
 
     def _on_failed(self, process: CaptureProcess, reason: str) -> None:
         if self.streams.get(process.stream_id) is process:
-            del self.streams[process.stream_id]
-            forget_stream(process.stream_id)
-        self._in_background(self._publish(process.stream_id, EventKind.ERROR, error=reason))
+            self._forget(process.stream_id)
+            forget_stream(process.stream_id)  # on_failed comes once the process is reaped
+        kind = ErrorKind.CAMERA if process.camera_failure else ErrorKind.PROCESS
+        self._in_background(self._publish(process.stream_id, EventKind.ERROR, error=reason, error_kind=kind))
+
+    def figures(self) -> dict[str, StreamFigures]:
+        """The live figures of every stream whose capture process runs here (for the heartbeats)."""
+        now = time.time()
+        figures = {}
+        for stream_id, process in self.streams.items():
+            if process.exited:
+                continue
+            counts = process.counts
+            newest = counts.newest_capture_ts
+            figures[stream_id] = StreamFigures(
+                frames_read=counts.frames_read,
+                frames_published=counts.frames_published,
+                frames_dropped=counts.frames_dropped,
+                reconnects=counts.reconnects,
+                camera=counts.camera,
+                newest_frame_age_s=round(max(0.0, now - newest), 3) if newest is not None else None,
+            )
+        return figures
 
     def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -196,42 +249,64 @@ class RunnerService:
         task.add_done_callback(self._background.discard)
 
     async def _publish(
-        self, stream_id: str, kind: EventKind, *, state: StreamState | None = None, error: str | None = None
+        self,
+        stream_id: str,
+        kind: EventKind,
+        *,
+        state: StreamState | None = None,
+        error: str | None = None,
+        error_kind: ErrorKind | None = None,
     ) -> None:
-        event = StateEvent(stream_id=stream_id, service=Service.RUNNER, kind=kind, state=state, error=error)
-        assert self._producer is not None
-        try:
-            await self._producer.send_and_wait(
-                self.settings.topic_states, value=event.model_dump_json().encode(), key=stream_id.encode()
-            )
-        except KafkaError:
-            log.exception("state event not published", extra={"stream_id": stream_id, "kind": kind})
-            return
-        log.info(
-            "state event published",
-            extra={
-                "stream_id": stream_id,
-                "event_id": event.event_id,
-                "kind": kind,
-                "state": state,
-                "error": error,
-            },
-        )
+        assert self._events is not None
+        await self._events.publish(stream_id, kind, state=state, error=error, error_kind=error_kind)
 
-    # --- shutdown ---------------------------------------------------------------------------------
+    def _forget(self, stream_id: str) -> None:
+        """The stream no longer runs here (its metrics go once its process is gone)."""
+        self.streams.pop(stream_id, None)
+        self._partition_of.pop(stream_id, None)
 
-    async def _shutdown(self) -> None:
-        """Stop every capture process; a stream cut off by the runner's own exit is reported as an error."""
-        running = list(self.streams.values())
-        self.streams.clear()
-        await asyncio.gather(*(p.stop() for p in running), *self._stops.values(), return_exceptions=True)
+    # --- giving streams up: shutdown, partitions moving away --------------------------------------
+
+    async def _stop_quietly(self, stream_ids: list[str]) -> None:
+        """Stop these streams' capture processes and report nothing: the streams go on elsewhere (a
+        restart here, another runner, this runner once it is back), driven by the lifecycle."""
+        running = [self.streams[sid] for sid in stream_ids if sid in self.streams]
+        for process in running:
+            self._forget(process.stream_id)
+        await asyncio.gather(*(p.stop() for p in running), return_exceptions=True)
         for process in running:
             forget_stream(process.stream_id)
-            await self._publish(
-                process.stream_id, EventKind.ERROR, error="runner shut down while the stream was running"
-            )
+
+    async def partitions_assigned(self, partitions: set[int]) -> None:
+        """Give up the streams whose commands partition went to another runner. (A rebalance revokes
+        every partition first and gives most back: only those not given back have moved.)"""
+        moving = [sid for sid, partition in self._partition_of.items() if partition not in partitions]
+        if moving:
+            log.info("handing streams over", extra={"streams": moving})
+            await self._stop_quietly(moving)
+
+    async def _shutdown(self) -> None:
+        """Stop every capture process. The service stopping is not the streams stopping: nothing is
+        reported, and they resume when a runner is back (the lifecycle's watchdog restarts them)."""
+        await self._stop_quietly(list(self.streams))
+        if self._stops:
+            await asyncio.gather(*self._stops.values(), return_exceptions=True)
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Stops the streams of commands partitions that a rebalance gave to another runner."""
+
+    def __init__(self, service: RunnerService) -> None:
+        self._service = service
+
+    async def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
+        pass
+
+    async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
+        log.info("partitions assigned", extra={"partitions": sorted(tp.partition for tp in assigned)})
+        await self._service.partitions_assigned({tp.partition for tp in assigned})
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:

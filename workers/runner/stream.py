@@ -14,7 +14,7 @@ import multiprocessing
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from core.metrics import FRAMES_DROPPED, FRAMES_PUBLISHED, FRAMES_READ
+from core.metrics import CAMERA_RECONNECTS, FRAMES_DROPPED, FRAMES_PUBLISHED, FRAMES_READ
 from core.redact import redact_url
 from workers.child_process import EXIT_STOPPED, ChildProcess, StopEnding, StopResult
 from workers.runner.child import run_capture_process
@@ -66,6 +66,7 @@ class CaptureProcess:
         )
         self.started = False
         self.failure: str | None = None
+        self.camera_failure = False  # the failure is the camera's (unreachable), not the process's
         self.counts = CaptureCounts()
 
     @property
@@ -132,6 +133,7 @@ class CaptureProcess:
             self._count(report)
         elif isinstance(report, CaptureFailed):
             self.failure = report.reason
+            self.camera_failure = report.camera
 
     def _count(self, counts: CaptureCounts) -> None:
         """Add what the child counted since its last report to the runner's metrics."""
@@ -143,6 +145,8 @@ class CaptureProcess:
             FRAMES_PUBLISHED.labels(sid).inc(counts.frames_published - last.frames_published)
         if counts.frames_dropped > last.frames_dropped:
             FRAMES_DROPPED.labels("runner", sid).inc(counts.frames_dropped - last.frames_dropped)
+        if counts.reconnects > last.reconnects:
+            CAMERA_RECONNECTS.labels(sid).inc(counts.reconnects - last.reconnects)
 
     def _on_exit(self) -> None:
         stopping = self._child.stopping

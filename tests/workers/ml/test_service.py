@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from core.messages import EventKind, StartCommand, StopCommand, StreamOptions
+from core.messages import ErrorKind, EventKind, Service, StartCommand, StopCommand, StreamOptions
 from core.settings import Settings
 from core.states import StreamState
 from core.storage import create_s3_client, presigned_get
@@ -257,6 +259,7 @@ async def test_model_that_fails_to_load_reports_an_error_event_with_the_reason(
         error = await collected.wait_for(lambda e: e.stream_id == stream_id and e.kind is EventKind.ERROR, 60)
         assert error.service.value == "ml"
         assert error.error is not None and "broken.pt" in error.error and "failed to load" in error.error
+        assert error.error_kind is ErrorKind.FATAL, "no restart makes a broken model load"
         await eventually(lambda: stream_id in service.finished, 10)
         await send.frame(stream_id, 1, bus_jpeg)  # frames of a failed stream start nothing
         await stop_and_wait_for_ack(send, collected, stream_id)
@@ -327,3 +330,63 @@ async def test_frames_left_queued_at_service_shutdown_are_detected_by_the_next_r
         async with MLService(own, group_id=group):  # the next run of the same consumer group
             await eventually(lambda: rows_count_is(db_pool, stream_id, 7), 60)
             await send.command(stream_id, StopCommand(stream_id=stream_id).model_dump_json())
+
+
+async def test_a_stream_has_heartbeats_with_its_live_figures_and_a_restart_replaces_its_process(
+    ml_service: MLService,
+    sender: FrameSender,
+    events: StateEvents,
+    db_pool: asyncpg.Pool,
+    bus_jpeg: bytes,
+) -> None:
+    stream_id = await insert_stream(db_pool, FAST)
+    await start(sender, stream_id)
+    for seq in range(1, 4):  # one at a time: this module's queue holds two
+        await sender.frame(stream_id, seq, bus_jpeg)
+        await eventually(lambda n=seq: rows_count_is(db_pool, stream_id, n), 60)
+
+    beat = await events.wait_for(
+        lambda e: (
+            e.stream_id == stream_id
+            and e.kind is EventKind.HEARTBEAT
+            and e.figures is not None
+            and e.figures.frames_stored == 3
+        ),
+        10,
+    )
+    figures = beat.figures
+    assert figures is not None and beat.service is Service.ML
+    assert figures.frames_processed == figures.frames_received == 3 and figures.frames_stored == 3
+    assert figures.queue_depth == 0 and figures.frames_dropped == 0
+    assert figures.newest_frame_age_s is not None
+
+    old_pid = ml_service.streams[stream_id].pid
+    restart = StartCommand(stream_id=stream_id, url="rtsp://camera.test/live", options=FAST, replace=True)
+    await sender.command(stream_id, restart.model_dump_json())
+    await eventually(
+        lambda: stream_id in ml_service.streams and ml_service.streams[stream_id].pid != old_pid, 30
+    )
+    await sender.frame(stream_id, 4, bus_jpeg)
+    await eventually(lambda: rows_count_is(db_pool, stream_id, 4), 60)
+    assert not [e for e in events.of(stream_id) if e.kind is EventKind.ERROR]
+    await stop_and_wait_for_ack(sender, events, stream_id)
+
+
+async def test_a_killed_detection_process_is_reported_as_a_process_error(
+    ml_service: MLService,
+    sender: FrameSender,
+    events: StateEvents,
+    db_pool: asyncpg.Pool,
+    bus_jpeg: bytes,
+) -> None:
+    stream_id = await insert_stream(db_pool, FAST)
+    await start(sender, stream_id)
+    await sender.frame(stream_id, 1, bus_jpeg)
+    await eventually(lambda: rows_count_is(db_pool, stream_id, 1), 60)
+    pid = ml_service.streams[stream_id].pid
+    assert pid is not None
+
+    os.kill(pid, signal.SIGKILL)
+    error = await events.wait_for(lambda e: e.stream_id == stream_id and e.kind is EventKind.ERROR, 10)
+    assert error.error_kind is ErrorKind.PROCESS and "exit code -9" in (error.error or "")
+    await stop_and_wait_for_ack(sender, events, stream_id)

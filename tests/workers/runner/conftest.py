@@ -64,6 +64,7 @@ def runner_settings(kafka_bootstrap: str, **overrides: object) -> Settings:
         "runner_reconnect_budget_s": RECONNECT_BUDGET_S,
         "runner_max_side": MAX_SIDE,
         "runner_jpeg_quality": JPEG_QUALITY,
+        "heartbeat_interval_s": 1.0,
     }
     return make_settings(**(base | overrides))
 

@@ -15,7 +15,16 @@ import numpy as np
 import psutil
 import pytest
 
-from core.messages import EventKind, StateEvent, StopCommand
+from core.messages import (
+    CameraState,
+    ErrorKind,
+    EventKind,
+    Service,
+    StartCommand,
+    StateEvent,
+    StopCommand,
+    StreamOptions,
+)
 from core.states import StreamState
 from deploy.camera.control import TestCamera
 from tests.workers.runner.conftest import (
@@ -23,6 +32,7 @@ from tests.workers.runner.conftest import (
     OPEN_TIMEOUT_MS,
     READ_TIMEOUT_MS,
     RECONNECT_BUDGET_S,
+    Event,
     Frame,
     RunnerHarness,
     runner_settings,
@@ -42,6 +52,13 @@ def is_runner_started(event: StateEvent) -> bool:
 
 def is_ack(event: StateEvent) -> bool:
     return event.kind == EventKind.ACK
+
+
+def assert_numbered_by_the_clock(seqs: list[int]) -> None:
+    """Frame numbers strictly increase and come from the wall clock in milliseconds, so a restarted
+    capture process never reuses one."""
+    assert seqs == sorted(set(seqs)), "frame numbers must strictly increase"
+    assert abs(seqs[-1] / 1000 - time.time()) < 60
 
 
 def is_error(event: StateEvent) -> bool:
@@ -99,7 +116,7 @@ async def test_start_publishes_decodable_frames_at_the_requested_rate_then_runne
 
     assert 4.0 <= measured_fps(frames) <= 6.0
     seqs = [f.headers.frame_seq for f in frames]
-    assert seqs == list(range(1, len(seqs) + 1))  # strictly increasing, none missing
+    assert_numbered_by_the_clock(seqs)
     captured = [f.headers.capture_ts for f in frames]
     assert captured == sorted(captured)
     assert abs(captured[-1] - time.time()) < 10
@@ -143,8 +160,7 @@ async def test_four_streams_at_once_each_at_its_own_rate(runner: RunnerHarness, 
     for stream_id, fps in streams.items():
         frames = await runner.collect_frames(stream_id, spans(5.0), within=20)
         assert 0.8 * fps <= measured_fps(frames) <= 1.2 * fps, (fps, measured_fps(frames))
-        seqs = [f.headers.frame_seq for f in frames]
-        assert seqs == list(range(1, len(seqs) + 1))
+        assert_numbered_by_the_clock([f.headers.frame_seq for f in frames])
 
     acks = await asyncio.gather(*(stop_and_wait_ack(runner, s) for s in streams))
     assert max(acks) < 3
@@ -165,6 +181,7 @@ async def test_killed_camera_is_retried_then_reported_as_error_within_the_budget
     assert error.event.error is not None
     attempts = re.search(r"after (\d+) connection attempt", error.event.error)
     assert attempts is not None and int(attempts.group(1)) >= 2, error.event.error
+    assert error.event.error_kind is ErrorKind.CAMERA  # retried by the lifecycle for its window
     assert pid is not None and pid_gone(pid)
     assert stream_id not in runner.service.streams
     assert await stop_and_wait_ack(runner, stream_id) < 3  # nothing left to stop, still acknowledged
@@ -182,8 +199,7 @@ async def test_camera_back_within_the_budget_resumes_the_stream(
     own_camera.start(port=own_camera.port)
     after = await runner.collect_frames(stream_id, lambda f: len(f) >= len(before) + 10, within=15)
 
-    seqs = [f.headers.frame_seq for f in after]
-    assert seqs == list(range(1, len(seqs) + 1))  # numbering carries on across the reconnect
+    assert_numbered_by_the_clock([f.headers.frame_seq for f in after])  # carries on across the reconnect
     assert not [e for e in runner.events_of(stream_id) if is_error(e.event)]
     assert await stop_and_wait_ack(runner, stream_id) < 3
 
@@ -203,6 +219,7 @@ async def test_frozen_camera_is_detected_within_twice_the_read_timeout(
 
     reason = error.event.error or ""
     assert "frozen" in reason, reason
+    assert error.event.error_kind is ErrorKind.CAMERA
     # The budget runs from the detection; the reason says how long it ran.
     spent = re.search(r"attempt\(s\) in ([\d.]+)s", reason)
     assert spent is not None, reason
@@ -240,6 +257,7 @@ async def test_capture_process_that_dies_is_reported_at_once(
 
     assert error.received_at - killed_at < 1.0
     assert "exit code -9" in (error.event.error or "")
+    assert error.event.error_kind is ErrorKind.PROCESS  # the lifecycle restarts the runner for it
     assert stream_id not in runner.service.streams
 
 
@@ -259,7 +277,7 @@ async def test_stuck_capture_process_is_killed_and_the_stop_still_acked_within_3
     assert pid_gone(pid)
 
 
-async def test_runner_shutdown_stops_its_capture_processes_and_reports_them(
+async def test_runner_shutdown_stops_its_capture_processes_and_fails_no_stream(
     kafka_bootstrap: str, camera: TestCamera
 ) -> None:
     harness = RunnerHarness(runner_settings(kafka_bootstrap))
@@ -273,7 +291,70 @@ async def test_runner_shutdown_stops_its_capture_processes_and_reports_them(
         await harness.stop_service()
 
         assert pid_gone(pid)
-        error = await harness.wait_event(stream_id, is_error, within=5)
-        assert "runner shut down" in (error.event.error or "")
+        for _ in range(20):  # nothing comes: the lifecycle restarts the stream once a runner is back
+            await harness.states.poll()
+        assert not [e for e in harness.events_of(stream_id) if is_error(e.event)]
     finally:
         await harness.close()
+
+
+def is_heartbeat(event: StateEvent) -> bool:
+    return event.kind == EventKind.HEARTBEAT
+
+
+async def test_a_running_stream_has_heartbeats_with_its_live_figures(
+    runner: RunnerHarness, camera: TestCamera
+) -> None:
+    stream_id = await runner.start_stream(camera.url("cam2"), fps=5)
+    await runner.wait_event(stream_id, is_runner_started, within=20)
+    await runner.collect_frames(stream_id, spans(2.0), within=15)
+
+    steady_at = time.monotonic() + 1.5  # one heartbeat interval on, the rate is the stream's
+
+    async def steady_heartbeat() -> Event:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            beats = [
+                e for e in runner.events_of(stream_id) if is_heartbeat(e.event) and e.received_at > steady_at
+            ]
+            if beats:
+                return beats[0]
+            await runner.states.poll()
+        raise AssertionError("no heartbeat")
+
+    later = await steady_heartbeat()
+    figures = later.event.figures
+    assert figures is not None and figures.camera is CameraState.STREAMING
+    assert (
+        figures.frames_published and figures.frames_read and figures.frames_read >= figures.frames_published
+    )
+    assert 3.0 <= figures.fps <= 7.0, figures
+    assert figures.newest_frame_age_s is not None and figures.newest_frame_age_s < 2.0
+    assert figures.reconnects == 0
+    assert later.event.service is Service.RUNNER and later.event.state is None
+    assert await stop_and_wait_ack(runner, stream_id) < 3
+
+
+async def test_a_restart_replaces_the_capture_process_and_frame_numbers_keep_increasing(
+    runner: RunnerHarness, camera: TestCamera
+) -> None:
+    stream_id = await runner.start_stream(camera.url("cam3"), fps=5)
+    await runner.wait_event(stream_id, is_runner_started, within=20)
+    before = await runner.collect_frames(stream_id, lambda f: len(f) >= 3, within=10)
+    old_pid = runner.service.streams[stream_id].pid
+
+    restart = StartCommand(
+        stream_id=stream_id, url=camera.url("cam3"), options=StreamOptions(fps=5), replace=True, reason="test"
+    )
+    await runner.send(restart)
+    after = await runner.collect_frames(stream_id, lambda f: len(f) >= len(before) + 5, within=20)
+
+    new_pid = runner.service.streams[stream_id].pid
+    assert new_pid != old_pid and old_pid is not None and pid_gone(old_pid)
+    assert_numbered_by_the_clock([f.headers.frame_seq for f in after])
+    assert not [e for e in runner.events_of(stream_id) if is_error(e.event)]
+    # a command for ML only is not the runner's
+    await runner.send(restart.model_copy(update={"command_id": "ml-only", "service": Service.ML}))
+    await runner.collect_frames(stream_id, lambda f: len(f) >= len(after) + 3, within=10)
+    assert runner.service.streams[stream_id].pid == new_pid
+    assert await stop_and_wait_ack(runner, stream_id) < 3

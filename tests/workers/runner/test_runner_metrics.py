@@ -45,6 +45,15 @@ async def test_runner_metrics_count_frames_read_and_published_per_stream_and_for
         await send(settings, start)
         scraped = await wait_for_metrics(port, lambda m: published(m) >= 3, service=runner)
 
+        # the heartbeats' figures too: the stream's rate and the age of its newest frame
+        beat = await wait_for_metrics(
+            port,
+            lambda m: (m.value("lookout_stream_fps", service="runner", stream_id=stream_id) or 0) > 0,
+            service=runner,
+        )
+        assert (
+            beat.value("lookout_newest_frame_age_seconds", service="runner", stream_id=stream_id) or 99
+        ) < 5
         read = scraped.value("lookout_frames_read_total", stream_id=stream_id)
         # the camera sends 25 fps and the stream asks for 5: more frames are read than published
         assert read is not None and read > published(scraped)

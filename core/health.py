@@ -1,0 +1,51 @@
+"""The live health of a running stream: what its lifecycle's watchdog knows of each service.
+
+The lifecycle workflow holds it (its ``health`` query, which the Temporal Web UI shows too) and the
+API returns it with ``GET /state``; both read this one model.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, Field
+
+from core.messages import Service, StreamFigures
+
+# The lifecycle workflow's query that answers a StreamHealth.
+HEALTH_QUERY = "health"
+
+
+class HealthStatus(StrEnum):
+    """How one service is doing with a running stream, as the lifecycle's watchdog sees it."""
+
+    OK = "ok"
+    DEGRADED = "degraded"  # running, but its bounded queue dropped frames since the last heartbeat
+    RECOVERING = "recovering"  # restarted (or starting): waiting for its first heartbeat
+    CAMERA_UNREACHABLE = "camera_unreachable"  # runner: the camera does not answer; retried
+    LOST = "lost"  # no heartbeat for the liveness timeout
+
+
+class ServiceHealth(BaseModel):
+    """One service's health for a stream: its latest figures and what the watchdog did about it."""
+
+    status: HealthStatus = HealthStatus.RECOVERING
+    figures: StreamFigures | None = None
+    last_heartbeat_at: datetime | None = None
+    restarts: int = 0
+    last_restart_at: datetime | None = None
+    last_restart_reason: str | None = None
+    restart_times: list[datetime] = Field(default_factory=list)  # within the budget's window
+    restarts_unanswered: int = 0  # restarts since its last heartbeat: the backoff grows with them
+
+
+class StreamHealth(BaseModel):
+    """The live health of a running stream, held by its lifecycle (the ``health`` query)."""
+
+    services: dict[Service, ServiceHealth] = Field(default_factory=dict)
+    supervised_since: datetime | None = None  # the stream reached ml_started
+    camera_unreachable_since: datetime | None = None
+    camera_error: str | None = None  # the runner's last word on the camera during an outage
+    camera_retries: int = 0
+    next_camera_retry_at: datetime | None = None

@@ -1,0 +1,214 @@
+"""Self-healing streams end to end: real servers, the real model, the real camera, services as real
+processes. Each test breaks something while a stream runs and asserts that detection rows resume
+(frames captured after the break, new images in S3) while the stored state stays honest."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+
+from core.settings import Settings
+from deploy.camera.control import TestCamera
+from tests.e2e.healing import HEALING, HealingPipeline, healing_pipeline
+from tests.e2e.pipeline import TERMINAL
+from tests.running_services import wait_for_state
+
+pytestmark = pytest.mark.e2e
+
+log = logging.getLogger(__name__)
+RECOVERY_S = 60.0  # from the break to the first new row, at most (liveness 4 s + restarts)
+
+
+@pytest.fixture(scope="module")
+async def healing(
+    settings: Settings, db_pool: asyncpg.Pool, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[HealingPipeline]:
+    async with healing_pipeline(settings, db_pool, tmp_path_factory.mktemp("healing")) as pipeline:
+        yield pipeline
+
+
+@pytest.fixture
+def own_camera(tmp_path: Path) -> Iterator[TestCamera]:
+    cam = TestCamera(log_dir=tmp_path).start(mounts=["cam1"])
+    yield cam
+    cam.stop()
+
+
+async def assert_rows_resume(
+    healing: HealingPipeline, stream_id: str, broken_at: datetime, what: str
+) -> float:
+    """New rows of frames captured after the break, with fresh images in S3; the state ml_started."""
+    before = await healing.newest_frame(stream_id)
+    took = await healing.wait_for_rows(stream_id, after=broken_at, timeout_s=RECOVERY_S, watch_state=True)
+    log.info("%s: first row of a frame captured after it %.1f s later", what, took)
+    newest = await healing.newest_frame(stream_id)
+    assert newest["frame_seq"] > before["frame_seq"]
+    async with httpx.AsyncClient(timeout=10) as s3:
+        assert (await s3.get(newest["image_url"])).status_code == 200
+    return took
+
+
+async def finish(healing: HealingPipeline, stream_id: str) -> None:
+    view, took = await healing.shut_down(stream_id)
+    assert view["state"] == "inactive", view
+    assert took <= healing.settings.ack_deadline_s, f"inactive {took:.1f}s after /shutdown"
+
+
+async def test_kill_9_of_the_runner_service_restarts_the_stream_on_the_new_runner(
+    healing: HealingPipeline, camera: TestCamera
+) -> None:
+    stream_id = await healing.start_stream(camera.url("cam1"))
+    broken_at = datetime.now(UTC)
+    os.kill(healing.pid_of("lookout-runner"), signal.SIGKILL)
+
+    await assert_rows_resume(healing, stream_id, broken_at, "kill -9 of the runner service")
+    health = (await healing.view(stream_id))["health"]
+    assert health["services"]["runner"]["restarts"] >= 1
+    assert health["services"]["runner"]["last_restart_reason"].startswith("no heartbeat for")
+    await finish(healing, stream_id)
+
+
+async def test_kill_9_of_the_ml_service_brings_detection_back(
+    healing: HealingPipeline, camera: TestCamera
+) -> None:
+    stream_id = await healing.start_stream(camera.url("cam2"))
+    broken_at = datetime.now(UTC)
+    os.kill(healing.pid_of("lookout-ml"), signal.SIGKILL)
+
+    await assert_rows_resume(healing, stream_id, broken_at, "kill -9 of the ML service")
+    await finish(healing, stream_id)
+
+
+@pytest.mark.parametrize(
+    ("service_name", "started"),
+    [("lookout-runner", "capture process started"), ("lookout-ml", "detection process started")],
+)
+async def test_kill_9_of_one_stream_process_restarts_it(
+    healing: HealingPipeline, camera: TestCamera, service_name: str, started: str
+) -> None:
+    stream_id = await healing.start_stream(camera.url("cam3"))
+    pid = healing.logged_pid(service_name, started, stream_id)
+    broken_at = datetime.now(UTC)
+    os.kill(pid, signal.SIGKILL)
+
+    await assert_rows_resume(healing, stream_id, broken_at, f"kill -9 of one {started.split()[0]} process")
+    assert healing.logged_pid(service_name, started, stream_id) != pid
+    health = (await healing.view(stream_id))["health"]
+    restarted = "runner" if service_name == "lookout-runner" else "ml"
+    assert health["services"][restarted]["restarts"] >= 1
+    await finish(healing, stream_id)
+
+
+async def test_a_camera_back_within_the_retry_window_is_detected_again_without_the_user(
+    healing: HealingPipeline, own_camera: TestCamera
+) -> None:
+    stream_id = await healing.start_stream(own_camera.url("cam1"))
+    own_camera.kill()
+    down_at = time.monotonic()
+
+    async def camera_unreachable() -> bool:
+        health = (await healing.view(stream_id))["health"]
+        return bool(health and health["services"]["runner"]["status"] == "camera_unreachable")
+
+    while not await camera_unreachable():
+        assert time.monotonic() - down_at < 30, "health never said camera_unreachable"
+        await asyncio.sleep(0.3)
+    back_at = datetime.now(UTC)
+    own_camera.start(port=own_camera.port, mounts=["cam1"])
+
+    await assert_rows_resume(healing, stream_id, back_at, "camera back")
+    view = await healing.view(stream_id)
+    assert view["health"]["camera_unreachable_since"] is None
+    await finish(healing, stream_id)
+
+
+async def test_a_camera_gone_for_good_ends_the_stream_after_the_window_naming_the_camera(
+    healing: HealingPipeline, own_camera: TestCamera
+) -> None:
+    stream_id = await healing.start_stream(own_camera.url("cam1"))
+    own_camera.kill()
+    gone_at = time.monotonic()
+    window_s = float(HEALING["camera_retry_s"])
+
+    view = await wait_for_state(healing.api, stream_id, TERMINAL, timeout_s=window_s + 60)
+
+    took = time.monotonic() - gone_at
+    log.info("camera gone for good: inactive_error %.1f s after the kill (window %g s)", took, window_s)
+    assert view["state"] == "inactive_error"
+    assert view["error_reason"].startswith("camera unreachable for"), view["error_reason"]
+    assert window_s <= took <= window_s + float(HEALING["runner_reconnect_budget_s"]) + 20
+
+
+async def test_a_shutdown_during_a_restart_ends_the_stream_within_the_ack_deadline(
+    healing: HealingPipeline, camera: TestCamera
+) -> None:
+    stream_id = await healing.start_stream(camera.url("cam4"))
+    os.kill(healing.pid_of("lookout-runner"), signal.SIGKILL)
+    await finish(healing, stream_id)
+
+
+async def test_a_shutdown_during_a_camera_outage_ends_the_stream_within_the_ack_deadline(
+    healing: HealingPipeline, own_camera: TestCamera
+) -> None:
+    stream_id = await healing.start_stream(own_camera.url("cam1"))
+    own_camera.kill()
+    deadline = time.monotonic() + 30
+    while (await healing.view(stream_id))["health"]["services"]["runner"]["status"] != "camera_unreachable":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.3)
+    await finish(healing, stream_id)
+
+
+async def test_two_runners_and_two_ml_instances_one_of_each_killed_the_survivors_take_its_streams(
+    settings: Settings, db_pool: asyncpg.Pool, camera: TestCamera, tmp_path: Path
+) -> None:
+    async with healing_pipeline(settings, db_pool, tmp_path, instances=2, supervised=False) as pair:
+        streams = [await pair.start_stream(camera.url(mount)) for mount in ("cam1", "cam2", "cam3", "cam4")]
+        runs_on = {
+            sid: _instance_running(pair, "lookout-runner", "capture process started", sid) for sid in streams
+        }
+        assert set(runs_on.values()) == {"-0", "-1"}, (
+            f"the streams did not spread over both runners: {runs_on}"
+        )
+        broken_at = datetime.now(UTC)
+        os.kill(pair.pid_of("lookout-runner-0"), signal.SIGKILL)
+        os.kill(pair.pid_of("lookout-ml-0"), signal.SIGKILL)
+
+        for stream_id in streams:
+            took = await pair.wait_for_rows(
+                stream_id, after=broken_at, timeout_s=RECOVERY_S, watch_state=True
+            )
+            log.info(
+                "take-over: stream %s (runner%s) stores rows again after %.1f s",
+                stream_id,
+                runs_on[stream_id],
+                took,
+            )
+        moved = [sid for sid, instance in runs_on.items() if instance == "-0"]
+        for stream_id in moved:
+            assert _instance_running(pair, "lookout-runner", "capture process started", stream_id) == "-1"
+        for stream_id in streams:
+            await finish(pair, stream_id)
+
+
+def _instance_running(pipeline: HealingPipeline, service: str, event: str, stream_id: str) -> str:
+    """Which instance (``-0`` or ``-1``) logged ``event`` for the stream last."""
+    newest: tuple[str, str] = ("", "")
+    for instance in ("-0", "-1"):
+        path = pipeline.service(f"{service}{instance}").log_path
+        for line in path.read_text().splitlines():
+            if f'"event": "{event}"' in line and stream_id in line:
+                stamp = line.split('"time": "', 1)[1][:29]
+                newest = max(newest, (stamp, instance))
+    assert newest[1], f"no {service} instance logged {event!r} for {stream_id}"
+    return newest[1]

@@ -1,0 +1,101 @@
+"""``lookout up`` stopped with Ctrl-C and started again: a stream that ran before runs again after,
+detected without any user action (the box restarted for an upgrade must not end every camera)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+
+from deploy.camera.control import TestCamera
+from tests.e2e.lookout_command import LOOKOUT, database_of, stack_env
+
+pytestmark = pytest.mark.e2e
+
+log = logging.getLogger(__name__)
+
+
+class LookoutUp:
+    """``lookout up`` as a process, its output in a file."""
+
+    def __init__(self, env: dict[str, str], out: Path) -> None:
+        self.env, self.out = env, out
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        """Start it and wait until its services run."""
+        with open(self.out, "ab") as out:
+            self.proc = subprocess.Popen([LOOKOUT, "up"], env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        self.starts += 1
+        deadline = time.monotonic() + 240
+        while self.out.read_text().count("services running") < self.starts:
+            assert self.proc.poll() is None, self.out.read_text()[-3000:]
+            assert time.monotonic() < deadline, self.out.read_text()[-3000:]
+            time.sleep(0.5)
+
+    def ctrl_c(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(120)
+
+
+@pytest.fixture
+def up(tmp_path: Path, pg_admin_url: str) -> Iterator[LookoutUp]:
+    env = stack_env(tmp_path / "lookout", pg_admin_url, liveness_timeout_s="4", heartbeat_interval_s="1")
+    run = LookoutUp(env, tmp_path / "up.out")
+    yield run
+    if run.proc is not None and run.proc.poll() is None:
+        run.ctrl_c()
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{database_of(env)}" WITH (FORCE)')
+
+
+def rows_after(api: httpx.Client, stream_id: str, after: datetime) -> int:
+    items = api.get("/detection_result", params={"id": stream_id, "limit": 50}).json()["items"]
+    return sum(1 for item in items if datetime.fromisoformat(item["capture_time"]) > after)
+
+
+def wait_for(check, timeout_s: float, what: str) -> float:  # type: ignore[no-untyped-def]
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < timeout_s, what
+        time.sleep(0.5)
+    return time.monotonic() - started
+
+
+def test_lookout_up_stopped_and_started_again_resumes_the_running_stream(
+    up: LookoutUp, camera: TestCamera
+) -> None:
+    up.start()
+    api = httpx.Client(base_url=f"http://127.0.0.1:{up.env['LOOKOUT_API_PORT']}", timeout=10)
+    stream_id = api.post(
+        "/init", json={"url": camera.url("cam1"), "options": {"fps": 5, "imgsz": 320}}
+    ).json()["id"]
+    started_at = datetime.now(UTC)
+    wait_for(lambda: rows_after(api, stream_id, started_at) > 0, 120, "no rows before the restart")
+
+    assert up.ctrl_c() == 0, up.out.read_text()[-3000:]
+    with pytest.raises(httpx.TransportError):  # everything `up` started is down
+        api.get("/healthz")
+    up.start()
+    restarted_at = datetime.now(UTC)
+    took = wait_for(lambda: rows_after(api, stream_id, restarted_at) > 0, 90, "no rows after the restart")
+
+    view = api.get(f"/state/{stream_id}").json()
+    assert view["state"] == "ml_started", view
+    assert view["error_reason"] is None
+    restarts = {name: s["restarts"] for name, s in view["health"]["services"].items()}
+    assert restarts["runner"] >= 1 and restarts["ml"] >= 1, restarts
+    log.info("stack restart: first row of a frame captured after it %.1f s after `lookout up` was back", took)
+    assert api.post("/shutdown", json={"id": stream_id}).status_code == 202
+    wait_for(lambda: api.get(f"/state/{stream_id}").json()["state"] == "inactive", 30, "not inactive")
+    assert up.ctrl_c() == 0

@@ -1,0 +1,226 @@
+"""The watchdog of a running stream: what the lifecycle does about heartbeats, errors and silence.
+
+Pure decisions, no Temporal calls: the lifecycle workflow feeds it the stream's heartbeats and
+errors with ``workflow.now()`` and carries out what it answers (restart a service, end the stream),
+so the rules are deterministic under replay and testable on their own.
+
+- A service whose heartbeat is older than the liveness timeout has lost the stream: it is
+  restarted; while it stays silent the waits double (from the timeout, up to the backoff maximum).
+  Past ``restart_budget`` restarts within ``restart_window_s`` the stream ends, naming the service.
+- A process error (a capture or detection process died) restarts that service at once, within the
+  same budget; a fatal error (no restart can help) ends the stream.
+- The camera unreachable (the runner spent its reconnect budget) is retried with backoff for up to
+  ``camera_retry_s`` (0: for ever), without counting against the services' budget; a heartbeat that
+  shows the camera streaming again ends the outage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from core.health import HealthStatus, ServiceHealth, StreamHealth
+from core.messages import CameraState, ErrorKind, Service, StateEvent, StreamFigures
+from workflows.models import LifecycleParams
+
+SUPERVISED = (Service.RUNNER, Service.ML)
+CAMERA_RETRY_MAX_S = 60.0
+
+
+@dataclass(frozen=True)
+class Restart:
+    """Send ``service`` a restart for the stream."""
+
+    service: Service
+    reason: str
+    camera: bool = False  # a retry of the camera, outside the services' restart budget
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    """End the stream in ``inactive_error`` with ``reason``."""
+
+    reason: str
+
+
+Decision = Restart | GiveUp
+
+
+def _span(seconds: float) -> str:
+    return f"{seconds / 60:g} min" if seconds >= 120 else f"{seconds:g}s"
+
+
+class StreamSupervisor:
+    """Decides, for one running stream, when a service is restarted and when the stream is lost."""
+
+    def __init__(self, params: LifecycleParams, health: StreamHealth) -> None:
+        self._params = params
+        self.health = health
+        for service in SUPERVISED:
+            health.services.setdefault(service, ServiceHealth())
+
+    def supervise_from(self, now: datetime) -> None:
+        """The stream runs (``ml_started``): liveness counts from now."""
+        if self.health.supervised_since is None:
+            self.health.supervised_since = now
+
+    @property
+    def supervising(self) -> bool:
+        return self.health.supervised_since is not None
+
+    def heartbeat(self, event: StateEvent, now: datetime) -> None:
+        """A service's live figures for the stream."""
+        health = self.health.services.get(event.service)
+        if health is None:
+            return
+        figures = event.figures or StreamFigures()
+        dropped = health.figures is not None and figures.frames_dropped > health.figures.frames_dropped
+        health.figures = figures
+        health.last_heartbeat_at = now
+        health.restarts_unanswered = 0
+        if event.service is Service.RUNNER and figures.camera is CameraState.RECONNECTING:
+            health.status = HealthStatus.CAMERA_UNREACHABLE
+            return
+        if event.service is Service.RUNNER and figures.camera is CameraState.STREAMING:
+            self.health.camera_unreachable_since = None  # the camera is back
+            self.health.camera_retries = 0
+            self.health.next_camera_retry_at = None
+            self.health.camera_error = None
+        if figures.camera is CameraState.CONNECTING:
+            health.status = HealthStatus.RECOVERING
+        elif self.health.camera_unreachable_since is not None and event.service is Service.RUNNER:
+            health.status = HealthStatus.CAMERA_UNREACHABLE
+        else:
+            health.status = HealthStatus.DEGRADED if dropped else HealthStatus.OK
+
+    def error(self, event: StateEvent, now: datetime) -> Decision | None:
+        """A service's error while the stream runs: restart it, retry the camera, or give up."""
+        health = self.health.services.get(event.service)
+        if health is None:
+            return None
+        detail = event.error or "no details"
+        if event.error_kind is ErrorKind.FATAL:
+            health.status = HealthStatus.LOST
+            return GiveUp(f"{event.service.value} error: {detail}")
+        if event.error_kind is ErrorKind.CAMERA:
+            return self._camera_lost(health, detail, now)
+        return self._restart_or_give_up(event.service, f"{event.service.value} error: {detail}", now)
+
+    def due(self, now: datetime) -> list[Decision]:
+        """What the watchdog must do now: restarts of silent services, a camera retry, or giving up."""
+        decisions: list[Decision] = []
+        give_up_at = self._camera_window_ends_at()
+        if give_up_at is not None and now >= give_up_at:
+            return [self._camera_given_up(now)]
+        camera_retry_at = self.health.next_camera_retry_at
+        if camera_retry_at is not None and now >= camera_retry_at:
+            self.health.next_camera_retry_at = None
+            self.health.camera_retries += 1
+            decisions.append(
+                Restart(
+                    Service.RUNNER, f"camera unreachable: retry {self.health.camera_retries}", camera=True
+                )
+            )
+        for service in SUPERVISED:
+            if decisions and service is Service.RUNNER:
+                continue  # just retried for the camera: its liveness counts from that restart
+            due_at = self._liveness_due_at(service)
+            if due_at is None or now < due_at:
+                continue
+            silent_s = (now - self._last_sign_of_life(service)).total_seconds()
+            decision = self._restart_or_give_up(service, f"no heartbeat for {silent_s:.0f}s", now, lost=True)
+            decisions.append(decision)
+            if isinstance(decision, GiveUp):
+                return [decision]
+        return decisions
+
+    def restarted(self, restart: Restart, now: datetime) -> None:
+        """Record that ``restart`` was sent."""
+        health = self.health.services[restart.service]
+        health.restarts += 1
+        health.last_restart_at = now
+        health.last_restart_reason = restart.reason
+        if restart.camera:
+            health.status = HealthStatus.CAMERA_UNREACHABLE
+            return
+        health.restart_times.append(now)
+        health.restarts_unanswered += 1
+        health.status = HealthStatus.RECOVERING
+
+    def next_check_at(self) -> datetime | None:
+        """When ``due`` may next have something to do (None: nothing is pending)."""
+        if not self.supervising:
+            return None
+        times = [t for s in SUPERVISED if (t := self._liveness_due_at(s)) is not None]
+        for camera_time in (self.health.next_camera_retry_at, self._camera_window_ends_at()):
+            if camera_time is not None:
+                times.append(camera_time)
+        return min(times) if times else None
+
+    # --- rules ---------------------------------------------------------------------------------------
+
+    def _camera_lost(self, health: ServiceHealth, detail: str, now: datetime) -> Decision | None:
+        health.status = HealthStatus.CAMERA_UNREACHABLE
+        self.health.camera_error = detail
+        if self.health.camera_unreachable_since is None:
+            self.health.camera_unreachable_since = now
+        give_up_at = self._camera_window_ends_at()
+        if give_up_at is not None and now >= give_up_at:
+            return self._camera_given_up(now)
+        wait_s = min(self._params.liveness_timeout_s / 4 * 2**self.health.camera_retries, CAMERA_RETRY_MAX_S)
+        retry_at = now + timedelta(seconds=wait_s)
+        self.health.next_camera_retry_at = min(retry_at, give_up_at) if give_up_at else retry_at
+        return None
+
+    def _camera_window_ends_at(self) -> datetime | None:
+        since = self.health.camera_unreachable_since
+        if since is None or not self._params.camera_retry_s:
+            return None
+        return since + timedelta(seconds=self._params.camera_retry_s)
+
+    def _camera_given_up(self, now: datetime) -> GiveUp:
+        since = self.health.camera_unreachable_since
+        assert since is not None
+        self.health.services[Service.RUNNER].status = HealthStatus.LOST
+        return GiveUp(
+            f"camera unreachable for {(now - since).total_seconds():.0f}s (retried"
+            f" {self.health.camera_retries} times within {_span(self._params.camera_retry_s)}):"
+            f" {self.health.camera_error or 'no details'}"
+        )
+
+    def _restart_or_give_up(
+        self, service: Service, why: str, now: datetime, *, lost: bool = False
+    ) -> Decision:
+        health = self.health.services[service]
+        window_start = now - timedelta(seconds=self._params.restart_window_s)
+        health.restart_times = [t for t in health.restart_times if t > window_start]
+        if len(health.restart_times) >= self._params.restart_budget:
+            health.status = HealthStatus.LOST
+            tried = len(health.restart_times)
+            window = _span(self._params.restart_window_s)
+            return GiveUp(
+                f"{service.value} lost the stream: {why}; {tried} restarts in the last {window} did not bring"
+                f" it back (last: {health.last_restart_reason or 'none'})"
+            )
+        if lost:
+            health.status = HealthStatus.LOST
+        return Restart(service, why)
+
+    def _last_sign_of_life(self, service: Service) -> datetime:
+        health = self.health.services[service]
+        known = [
+            t for t in (health.last_heartbeat_at, health.last_restart_at, self.health.supervised_since) if t
+        ]
+        return max(known)
+
+    def _liveness_due_at(self, service: Service) -> datetime | None:
+        if not self.supervising:
+            return None
+        if service is Service.RUNNER and self.health.next_camera_retry_at is not None:
+            return None  # the camera retry brings the runner back
+        health = self.health.services[service]
+        wait_s = min(
+            self._params.liveness_timeout_s * 2**health.restarts_unanswered,
+            max(self._params.liveness_timeout_s, self._params.restart_backoff_max_s),
+        )
+        return self._last_sign_of_life(service) + timedelta(seconds=wait_s)
