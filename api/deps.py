@@ -1,4 +1,5 @@
-"""Dependencies of the routes: ``DbDep``, ``SettingsDep`` and ``TemporalDep``, set up by the lifespan."""
+"""Dependencies of the routes: ``DbDep``, ``SettingsDep``, ``TemporalDep`` and ``InitLimiterDep``, set up
+by the lifespan."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Annotated, cast
 import asyncpg
 from fastapi import Depends, Request
 
+from api.limits import RateLimiter
 from api.readiness import TemporalConnection
 from core.settings import Settings
 
@@ -23,6 +25,11 @@ def get_temporal(request: Request) -> TemporalConnection:
     return cast(TemporalConnection, request.app.state.temporal)
 
 
+def get_init_limiter(request: Request) -> RateLimiter:
+    return cast(RateLimiter, request.app.state.init_limiter)
+
+
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 DbDep = Annotated[asyncpg.Pool, Depends(get_db)]
 TemporalDep = Annotated[TemporalConnection, Depends(get_temporal)]
+InitLimiterDep = Annotated[RateLimiter, Depends(get_init_limiter)]

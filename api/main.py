@@ -13,8 +13,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
 
+from api.limits import MaxBodySize, RateLimiter
 from api.readiness import TemporalConnection
-from api.routes import detections, health, streams, ui
+from api.routes import detections, health, keys, streams, ui
 from core.db import create_pool
 from core.logs import configure_logging
 from core.settings import Settings, get_settings
@@ -31,6 +32,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.db = await create_pool(settings)
         app.state.temporal = TemporalConnection(settings)
+        app.state.init_limiter = RateLimiter(settings.init_rate_per_minute)
         log.info("api started")
         try:
             yield
@@ -45,8 +47,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_exception_handler(RequestValidationError, validation_error_without_input)  # type: ignore[arg-type]
-    for router in (streams.router, detections.router, health.router, ui.router):
+    for router in (streams.router, detections.router, keys.router, health.router, ui.router):
         app.include_router(router)
+    app.add_middleware(MaxBodySize, max_bytes=settings.max_request_bytes)
     app.mount("/metrics", make_asgi_app())
     return app
 

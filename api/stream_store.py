@@ -16,13 +16,23 @@ import asyncpg
 from core.messages import EventKind, Service, StartCommand, StateEvent, StreamOptions
 from core.outbox import command_message, enqueue, event_message
 from core.redact import redact_url
+from core.sealing import UrlSealer
 from core.settings import Settings
 from core.states import StreamState
-from core.streams import COLUMNS, StreamRow, insert_stream, record_state
+from core.streams import COLUMNS, StreamRow, count_active, insert_stream, record_state
 
 
 class IdempotencyConflict(Exception):
     """An Idempotency-Key was reused for a different request."""
+
+
+class CapacityReached(Exception):
+    """As many streams as the box may run are not yet inactive."""
+
+    def __init__(self, active: int, limit: int) -> None:
+        super().__init__(
+            f"{active} streams are active and this box runs at most {limit} (LOOKOUT_MAX_ACTIVE_STREAMS)"
+        )
 
 
 @dataclass(frozen=True)
@@ -50,16 +60,30 @@ async def create_stream(
     options: StreamOptions,
     idempotency_key: str | None,
 ) -> InitOutcome:
-    """Store a new stream in ``init_startup`` with its start command and ``init_startup`` event."""
+    """Store a new stream in ``init_startup`` with its start command and ``init_startup`` event.
+
+    The URL is sealed before anything is stored or queued; at most ``max_active_streams`` streams
+    may be not yet inactive (``CapacityReached``).
+    """
     stream_id = uuid.uuid4()
-    command = StartCommand(stream_id=str(stream_id), url=url, options=options)
+    sealer = UrlSealer(settings)
+    sealed, digest = sealer.seal(url), sealer.digest(url)
+    command = StartCommand(stream_id=str(stream_id), url_sealed=sealed, options=options)
     event = _api_event(stream_id, StreamState.INIT_STARTUP)
     async with pool.acquire() as conn, conn.transaction():
+        if idempotency_key is not None:
+            earlier = await _replay(conn, idempotency_key, digest, options)
+            if earlier is not None:
+                return InitOutcome(stream=earlier, created=False)
+        active = await count_active(conn)
+        if active >= settings.max_active_streams:
+            raise CapacityReached(active, settings.max_active_streams)
         row = await insert_stream(
             conn,
             stream_id=stream_id,
             url_redacted=redact_url(url),
-            url_full=url,
+            url_sealed=sealed,
+            url_digest=digest,
             options=options,
             idempotency_key=idempotency_key,
             reason="POST /init",
@@ -67,16 +91,27 @@ async def create_stream(
             event_id=event.event_id,
             outbox=[command_message(settings, command), event_message(settings, event)],
         )
-        if row is None:  # the key is taken; ON CONFLICT waited for the other transaction to commit
-            existing = await conn.fetchrow(
-                f"SELECT {COLUMNS}, url_full FROM streams WHERE idempotency_key = $1", idempotency_key
-            )
-            assert existing is not None, "ON CONFLICT reported a key that no row holds"
-            earlier = StreamRow.from_record(existing)
-            if existing["url_full"] != url or earlier.options != options:
-                raise IdempotencyConflict
+        if row is None:  # the key was taken meanwhile; ON CONFLICT waited for that transaction
+            earlier = await _replay(conn, idempotency_key or "", digest, options)
+            assert earlier is not None, "ON CONFLICT reported a key that no row holds"
             return InitOutcome(stream=earlier, created=False)
     return InitOutcome(stream=row, created=True)
+
+
+async def _replay(
+    conn: asyncpg.Connection, idempotency_key: str, digest: str, options: StreamOptions
+) -> StreamRow | None:
+    """The stream an earlier request with this key created; IdempotencyConflict when it asked for
+    another camera or other options."""
+    existing = await conn.fetchrow(
+        f"SELECT {COLUMNS}, url_digest FROM streams WHERE idempotency_key = $1", idempotency_key
+    )
+    if existing is None:
+        return None
+    earlier = StreamRow.from_record(existing)
+    if existing["url_digest"] != digest or earlier.options != options:
+        raise IdempotencyConflict
+    return earlier
 
 
 async def request_shutdown(

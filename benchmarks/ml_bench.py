@@ -193,7 +193,7 @@ class Bench:
                 "INSERT INTO streams (id, url_redacted, url_full, state) VALUES ($1, 'bench', 'bench', 'runner_started')",
                 uuid.UUID(stream_id),
             )
-            start = StartCommand(stream_id=stream_id, url="rtsp://bench.invalid/live")
+            start = StartCommand(stream_id=stream_id, url_sealed="gAAAAA-ML-never-opens-it")
             await self.producer.send_and_wait(
                 self.settings.topic_commands, start.model_dump_json().encode(), key=stream_id.encode()
             )

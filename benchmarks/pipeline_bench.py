@@ -52,7 +52,9 @@ sys.path.insert(0, str(REPO_ROOT))
 from workers.ml.detector import load_detector, resolve_device  # noqa: E402, I001
 
 from cli.supervisor import ServiceSupervisor  # noqa: E402
+from core.api_keys import Scope, create_key  # noqa: E402
 from core.kafka import ensure_topics  # noqa: E402
+from core.sealing import generate_key  # noqa: E402
 from core.settings import Settings, settings_env  # noqa: E402
 from core.temporal import SEARCH_ATTRIBUTES  # noqa: E402
 from deploy import servers  # noqa: E402
@@ -414,6 +416,7 @@ async def run(args: argparse.Namespace, root: Path) -> str:
     ):
         settings = Settings(  # type: ignore[call-arg]
             _env_file=None,
+            secret_key=SecretStr(generate_key()),
             database_url=SecretStr(db_url),
             kafka_bootstrap=addresses["kafka"],
             s3_endpoint=addresses["s3"],
@@ -453,7 +456,10 @@ async def measure(
     load_before: float,
 ) -> str:
     base_url = f"http://{settings.api_host}:{settings.api_port}"
-    async with httpx.AsyncClient(base_url=base_url, timeout=30) as api:
+    token = await admin_token(settings)
+    async with httpx.AsyncClient(
+        base_url=base_url, timeout=30, headers={"Authorization": f"Bearer {token}"}
+    ) as api:
         deadline = time.monotonic() + 120
         while True:
             with contextlib.suppress(httpx.HTTPError):
@@ -481,6 +487,16 @@ async def measure(
         finally:
             await db.close()
     return report(settings, args.seconds, bare, ultralytics, scenarios, cold_start_s, load_before)
+
+
+async def admin_token(settings: Settings) -> str:
+    """An admin key in the benchmark's database, for its calls to the API."""
+    pool = await asyncpg.create_pool(settings.database_url.get_secret_value(), min_size=1, max_size=1)
+    try:
+        _key, token = await create_key(pool, name="pipeline bench", scope=Scope.ADMIN)
+        return token
+    finally:
+        await pool.close()
 
 
 def parse_args() -> argparse.Namespace:

@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from core.kafka import create_producer, ensure_topics  # noqa: E402
 from core.messages import FrameHeaders, StartCommand, StateEvent, StopCommand, StreamOptions  # noqa: E402
+from core.sealing import UrlSealer, generate_key  # noqa: E402
 from core.settings import Settings, settings_env  # noqa: E402
 from core.states import StreamState  # noqa: E402
 from deploy import servers  # noqa: E402
@@ -97,7 +98,11 @@ async def run_scenario(
     mounts = [camera.mounts[i % len(camera.mounts)] for i in range(streams)]
     try:
         for stream_id, mount in zip(stream_ids, mounts, strict=True):
-            command = StartCommand(stream_id=stream_id, url=camera.url(mount), options=StreamOptions(fps=fps))
+            command = StartCommand(
+                stream_id=stream_id,
+                url_sealed=UrlSealer(settings).seal(camera.url(mount)),
+                options=StreamOptions(fps=fps),
+            )
             await producer.send_and_wait(
                 settings.topic_commands, command.model_dump_json().encode(), key=stream_id.encode()
             )
@@ -210,6 +215,7 @@ def bench(args: argparse.Namespace) -> list[ScenarioResult]:
         settings = Settings(  # type: ignore[call-arg]
             _env_file=None,
             kafka_bootstrap=bootstrap,
+            secret_key=generate_key(),  # type: ignore[arg-type]
             topic_commands=f"{prefix}.commands",
             topic_frames=f"{prefix}.frames",
             topic_states=f"{prefix}.states",

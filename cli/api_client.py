@@ -19,8 +19,9 @@ class ApiError(RuntimeError):
 class LookoutClient:
     """Calls the API at ``base_url`` (e.g. ``http://127.0.0.1:8000``) and returns the JSON bodies."""
 
-    def __init__(self, base_url: str, timeout: float = 10.0) -> None:
-        self._http = httpx.Client(base_url=base_url, timeout=timeout)
+    def __init__(self, base_url: str, timeout: float = 10.0, *, api_key: str | None = None) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=base_url, timeout=timeout, headers=headers)
 
     def close(self) -> None:
         """Close the connection pool."""
@@ -61,6 +62,15 @@ class LookoutClient:
         if cursor:
             params["cursor"] = cursor
         return self._call("GET", "/detection_result", params=params)
+
+    def create_key(self, name: str, scope: str) -> Any:
+        return self._call("POST", "/keys", json={"name": name, "scope": scope})
+
+    def keys(self) -> Any:
+        return self._call("GET", "/keys")
+
+    def revoke_key(self, key_id: str) -> Any:
+        return self._call("DELETE", f"/keys/{key_id}")
 
     def ready(self) -> bool:
         """True when ``/readyz`` answers 200 (Postgres, Kafka and Temporal reachable)."""

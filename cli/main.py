@@ -11,6 +11,7 @@ trace in ``<data_dir>/logs/lookout.log``), 2 an error the API answered with (``l
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from io import TextIOWrapper
 from pathlib import Path
@@ -21,9 +22,11 @@ import typer
 from cli.api_client import ApiError
 from cli.output import say
 from cli.stack import stack_app
-from cli.streams import streams_app
+from cli.streams import keys_app, streams_app
+from core.db import create_pool
 from core.logs import JsonFormatter, configure_logging
-from core.settings import get_settings
+from core.sealing import SealingKeyMissing, seal_stored_urls
+from core.settings import Settings, get_settings
 
 log = logging.getLogger("lookout")
 
@@ -39,6 +42,7 @@ db_app = typer.Typer(name="db", help="The database schema.", no_args_is_help=Tru
 app.add_typer(stack_app)
 app.add_typer(db_app)
 app.add_typer(streams_app)
+app.add_typer(keys_app, name="keys")
 
 
 @db_app.command()
@@ -48,8 +52,23 @@ def migrate() -> None:
 
     # compose runs this in a container: its log records belong on stderr, for the orchestrator
     configure_logging("lookout", level="WARNING")
-    migrate_schema(get_settings().database_url.get_secret_value())
+    settings = get_settings()
+    migrate_schema(settings.database_url.get_secret_value())
     say("schema migrated to head")
+    try:
+        sealed = asyncio.run(_seal_stored_urls(settings))
+    except SealingKeyMissing:
+        say("no secret key configured: camera URLs stored in clear by an earlier release stay so")
+    else:
+        say(f"camera URLs sealed with the current secret key: {sealed}")
+
+
+async def _seal_stored_urls(settings: Settings) -> int:
+    pool = await create_pool(settings)
+    try:
+        return await seal_stored_urls(pool, settings)
+    finally:
+        await pool.close()
 
 
 @app.command()

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 
@@ -21,6 +22,7 @@ from cli.api_client import ApiError, LookoutClient
 from cli.output import say
 from cli.progress import StreamProgress
 from cli.stack import parts_table
+from cli.streams import configured_api_key
 from cli.supervisor import ServiceSupervisor, Supervised, SupervisedServer
 from core.settings import Settings, settings_env
 from core.states import StreamState
@@ -88,7 +90,7 @@ class LookoutRun:
             on_restart=self._restarted,
         )
         self.supervisor.start()
-        client = LookoutClient(self.api_url)
+        client = LookoutClient(self.api_url, api_key=self.api_key)
         self._wait_until_ready(client, api_ready_timeout)
         say(f"services running (logs in {self.log_dir})")
         self.print_addresses()
@@ -105,10 +107,17 @@ class LookoutRun:
         count = self.stack.record_restart(part.name)
         say(f"{part.name} had died and was restarted (restart {count})")
 
+    @property
+    def api_key(self) -> str | None:
+        """The admin key ``stack up`` made (``LOOKOUT_API_KEY`` when set)."""
+        return configured_api_key(self.settings) or _read(self.stack.api_key_path)
+
     def print_addresses(self) -> None:
-        """The addresses a user opens: API docs, web page, metrics, Temporal Web UI."""
+        """The addresses a user opens: API docs, web page (its link carries the key, in the fragment
+        a browser never sends), metrics, Temporal Web UI."""
         say(f"  API docs        {self.api_url}/docs")
-        say(f"  web page        {self.api_url}/")
+        key = self.api_key
+        say(f"  web page        {self.api_url}/" + (f"#key={key}" if key else ""))
         say(f"  metrics         {self.api_url}/metrics")
         say(f"  Temporal Web UI {self.runtime.temporal_ui_url}")
 
@@ -192,3 +201,7 @@ def shutdown_stream(client: LookoutClient, stream_id: str, timeout: float = 30.0
         say(f"stream {stream_id} not inactive after {timeout:.0f}s")
     except (ApiError, httpx.HTTPError, OSError) as exc:
         say(f"could not shut the stream down cleanly: {exc}")
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text().strip() if path.exists() else None

@@ -6,6 +6,7 @@ API answers with becomes ``ApiError``, which ``cli.main`` reports with exit code
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
@@ -16,7 +17,10 @@ from rich.text import Text
 
 from cli.api_client import LookoutClient
 from cli.output import column_table, say, say_json
-from core.settings import get_settings
+from core.api_keys import Scope
+from core.api_keys import create_key as create_key_in_db
+from core.db import create_pool
+from core.settings import Settings, get_settings
 
 streams_app = typer.Typer()
 
@@ -27,12 +31,21 @@ ApiOption = Annotated[
 StreamId = Annotated[str, typer.Argument(metavar="ID", help="The stream id that `lookout init` returned")]
 
 
+def configured_api_key(settings: Settings) -> str | None:
+    """The key the command sends: ``LOOKOUT_API_KEY``, else the embedded stack's ``.lookout/api-key``."""
+    key = settings.api_key.get_secret_value()
+    if key:
+        return key
+    path = settings.data_dir / "api-key"
+    return path.read_text().strip() if path.exists() else None
+
+
 @contextmanager
 def api_client(api: str | None) -> Iterator[LookoutClient]:
     """A client of the API at ``api``, else at the configured host and port; closed afterwards."""
     settings = get_settings()
     base_url = api or f"http://{settings.api_host}:{settings.api_port}"
-    client = LookoutClient(base_url)
+    client = LookoutClient(base_url, api_key=configured_api_key(settings))
     try:
         yield client
     except httpx.TransportError as exc:  # say where it looked: a wrong --api is the usual cause
@@ -126,3 +139,64 @@ def results(
     """A stream's newest detections with fresh links to the annotated images."""
     with api_client(api) as client:
         say_json(client.results(stream_id, limit=limit, cursor=cursor))
+
+
+keys_app = typer.Typer(help="API keys: create (the token is shown once), list, revoke.")
+
+
+@keys_app.command("create")
+def create_key(
+    name: Annotated[str, typer.Option(help="Who or what uses the key")],
+    scope: Annotated[
+        str, typer.Option(help="read (state, streams, results) or admin (also init, shutdown, keys)")
+    ] = "read",
+    api: ApiOption = None,
+) -> None:
+    """Create an API key and print it with its token (shown this once)."""
+    with api_client(api) as client:
+        say_json(client.create_key(name, scope))
+
+
+@keys_app.command("list")
+def list_keys(api: ApiOption = None) -> None:
+    """Every API key, revoked ones included (never a token)."""
+    with api_client(api) as client:
+        keys = client.keys()["keys"]
+    table = column_table("ID", "NAME", "SCOPE", "PREFIX", "CREATED", "REVOKED")
+    for key in keys:
+        cells = (
+            key["id"],
+            key["name"],
+            key["scope"],
+            key["prefix"],
+            key["created_at"],
+            key.get("revoked_at") or "",
+        )
+        table.add_row(*(Text(str(cell)) for cell in cells))
+    say(table)
+
+
+@keys_app.command("revoke")
+def revoke_key(
+    key_id: Annotated[str, typer.Argument(help="The key's id (`lookout keys list`)")], api: ApiOption = None
+) -> None:
+    """Revoke an API key: calls with it are refused from now on."""
+    with api_client(api) as client:
+        say_json(client.revoke_key(key_id))
+
+
+@keys_app.command("bootstrap")
+def bootstrap_key(name: Annotated[str, typer.Option(help="Who or what uses the key")] = "admin") -> None:
+    """Create an admin key straight in the database (LOOKOUT_DATABASE_URL): the first one, before
+    any key can call the API. Prints its token, once."""
+    settings = get_settings()
+
+    async def create() -> str:
+        pool = await create_pool(settings)
+        try:
+            _key, token = await create_key_in_db(pool, name=name, scope=Scope.ADMIN)
+            return token
+        finally:
+            await pool.close()
+
+    say(asyncio.run(create()))

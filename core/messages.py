@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.states import StreamState
+from core.text import StorableText
 
 
 def _now() -> datetime:
@@ -79,12 +80,15 @@ class StreamOptions(BaseModel):
 
     fps: float | None = Field(default=None, gt=0, le=60, description="Target frames per second")
     confidence: float | None = Field(default=None, ge=0, le=1, description="Minimum confidence")
-    classes: list[str] | None = Field(default=None, description="Class names to keep (all if unset)")
+    classes: list[StorableText] | None = Field(
+        default=None, max_length=80, description="Class names to keep (all if unset)"
+    )
     imgsz: int | None = Field(default=None, ge=32, le=4096, description="Model input size")
 
 
 class StartCommand(BaseModel):
-    """Start reading and detecting a stream. Carries the full URL: only runner and ML read it.
+    """Start reading and detecting a stream. Carries the camera URL sealed (core/sealing.py): only the
+    runner opens it.
 
     A restart (``replace``) from the lifecycle's watchdog makes the service replace whatever it still
     holds for the stream; ``service`` limits a command to one of them (None: both).
@@ -93,7 +97,7 @@ class StartCommand(BaseModel):
     kind: Literal["start"] = "start"
     command_id: str = Field(default_factory=_new_id)
     stream_id: str
-    url: str
+    url_sealed: str
     options: StreamOptions = Field(default_factory=StreamOptions)
     replace: bool = False
     service: Service | None = None

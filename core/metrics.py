@@ -92,6 +92,9 @@ CONSUMER_LAG = Gauge(
 BAD_MESSAGES = Counter(
     "lookout_bad_messages_total", "Malformed messages logged and skipped", ["service", "topic"]
 )
+DEAD_LETTERED = Counter(
+    "lookout_dead_lettered_total", "Records copied to the dead-letter topic", ["service", "topic"]
+)
 
 # --- outbox relay ------------------------------------------------------------------------------------
 

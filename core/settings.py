@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     s3_secure: bool = False
     s3_region: str = "us-east-1"
     s3_bucket_frames: str = "lookout-frames"
-    s3_presign_expiry_s: int = 3600
+    s3_presign_expiry_s: int = 300  # links to annotated frames expire this soon (they are made per read)
     # host:port that users' browsers reach S3 at, for presigned links (empty: s3_endpoint). In
     # compose the services reach `minio:9000`, which a browser on the host cannot resolve.
     s3_public_endpoint: str = ""
@@ -84,11 +84,22 @@ class Settings(BaseSettings):
     ml_torch_threads: int = 1
     ml_store_empty_frames: bool = False
 
+    # Camera URLs are sealed with this key (Fernet: AES-128-CBC + HMAC-SHA256, urlsafe base64 of 32
+    # bytes), or the one in secret_key_file (`stack up` writes .lookout/secret-key; compose: a
+    # secret). After a rotation the older keys, comma-separated, still open what they sealed.
+    secret_key: SecretStr = SecretStr("")
+    secret_key_file: Path | None = None
+    secret_keys_previous: SecretStr = SecretStr("")
+
     # API
+    api_key: SecretStr = SecretStr("")  # the key the `lookout` command sends (empty: .lookout/api-key)
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_health_timeout_s: float = 0.3  # how long /state waits for a stream's health from Temporal
     max_url_length: int = 2048
+    max_request_bytes: int = 64 * 1024  # a larger request body is refused with 413
+    max_active_streams: int = 8  # /init beyond this many streams not yet inactive: 503 with the reason
+    init_rate_per_minute: int = 30  # /init calls per API key per minute (a burst of as many): then 429
 
     # Prometheus metrics of the workers, at http://metrics_host:PORT/metrics (the API serves /metrics
     # on its own port); 0 turns a worker's endpoint off

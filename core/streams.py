@@ -21,8 +21,9 @@ from core.outbox import OutboxMessage, command_message, enqueue
 from core.settings import Settings
 from core.states import StreamState, may_advance
 
-# Every column but url_full, which may hold credentials and is read only where it is needed.
+# Every column but url_full (the camera URL, sealed) and url_digest, read only where they are needed.
 COLUMNS = "id, state, error_reason, url_redacted, options, version, created_at, updated_at"
+CAPACITY_LOCK = 0x6C6F6F6C  # advisory lock key ("lool") serialising the active-stream count of /init
 
 
 class StreamRow(BaseModel):
@@ -67,7 +68,8 @@ async def insert_stream(
     *,
     stream_id: uuid.UUID,
     url_redacted: str,
-    url_full: str,
+    url_sealed: str,
+    url_digest: str,
     options: StreamOptions,
     idempotency_key: str | None,
     reason: str,
@@ -79,14 +81,15 @@ async def insert_stream(
     when ``idempotency_key`` is already taken. Call it inside the caller's transaction."""
     record = await conn.fetchrow(
         f"""
-        INSERT INTO streams (id, url_redacted, url_full, options, state, version, idempotency_key)
-        VALUES ($1, $2, $3, $4, $5, 1, $6)
+        INSERT INTO streams (id, url_redacted, url_full, url_digest, options, state, version, idempotency_key)
+        VALUES ($1, $2, $3, $4, $5, $6, 1, $7)
         ON CONFLICT (idempotency_key) DO NOTHING
         RETURNING {COLUMNS}
         """,
         stream_id,
         url_redacted,
-        url_full,
+        url_sealed,
+        url_digest,
         options.model_dump(exclude_none=True),
         StreamState.INIT_STARTUP.value,
         idempotency_key,
@@ -162,7 +165,7 @@ async def queue_restart(
         command = StartCommand(
             command_id=command_id,
             stream_id=str(stream_id),
-            url=record["url_full"],
+            url_sealed=record["url_full"],  # sealed as stored: nothing here opens it
             options=StreamOptions.model_validate(record["options"]),
             replace=True,
             service=service,
@@ -181,6 +184,16 @@ async def queue_restart(
                 command_id,
             )
     return True
+
+
+async def count_active(conn: asyncpg.Connection) -> int:
+    """Streams not yet inactive; under ``CAPACITY_LOCK`` (held to the end of the transaction) no
+    other ``/init`` counts at the same time."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", CAPACITY_LOCK)
+    count: int = await conn.fetchval(
+        "SELECT count(*) FROM streams WHERE state NOT IN ('inactive', 'inactive_error')"
+    )
+    return count
 
 
 async def get_stream(pool: asyncpg.Pool, stream_id: uuid.UUID) -> StreamRow | None:

@@ -13,15 +13,18 @@ import contextlib
 import io
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from minio.error import S3Error
 
-from core.db import ensure_database, migrate
+from core.api_keys import Scope, create_key, key_known
+from core.db import create_pool, ensure_database, migrate
 from core.kafka import ensure_topics
 from core.redact import redact_url
+from core.sealing import generate_key, seal_stored_urls
 from core.settings import Settings
 from core.storage import create_s3_client, ensure_bucket
 from core.temporal import SEARCH_ATTRIBUTES
@@ -122,6 +125,8 @@ class LocalStack:
             )
         asyncio.run(ensure_database(db_url))
         migrate(db_url)
+        self._ensure_secret_key()
+        asyncio.run(self._prepare_database(db_url))
 
         self._set_aside_juicefs_data()
         for spec in self.server_specs():
@@ -133,6 +138,42 @@ class LocalStack:
         asyncio.run(ensure_topics(runtime))
         self._write_env(db_url)
         return report
+
+    @property
+    def secret_key_path(self) -> Path:
+        """The key that seals camera URLs, made by ``up`` unless one is configured."""
+        return self.data_dir / "secret-key"
+
+    @property
+    def api_key_path(self) -> Path:
+        """The first admin API key's token, which the ``lookout`` command and the demo use."""
+        return self.data_dir / "api-key"
+
+    def _ensure_secret_key(self) -> None:
+        s = self.settings
+        if s.secret_key.get_secret_value() or s.secret_key_file is not None or self.secret_key_path.exists():
+            return
+        _write_private(self.secret_key_path, generate_key())
+        self.notices.append(f"made the key that seals camera URLs: {self.secret_key_path} (keep it private)")
+
+    async def _prepare_database(self, db_url: str) -> None:
+        """Seal the camera URLs stored in clear (earlier releases) and make sure an admin key exists."""
+        runtime = self.runtime_settings(db_url)
+        pool = await create_pool(runtime.model_copy(update={"db_pool_min": 1, "db_pool_max": 2}))
+        try:
+            if sealed := await seal_stored_urls(pool, runtime):
+                log.info("camera URLs sealed", extra={"rows": sealed})
+            path = self.api_key_path
+            if path.exists():
+                token = path.read_text().strip()
+                if not await key_known(pool, token):  # a fresh database: the key file still stands
+                    await create_key(pool, name="embedded stack", scope=Scope.ADMIN, token=token)
+            else:
+                _key, token = await create_key(pool, name="embedded stack", scope=Scope.ADMIN)
+                _write_private(path, token)
+                self.notices.append(f"made the first admin API key: {path} (the lookout command uses it)")
+        finally:
+            await pool.close()
 
     def _set_aside_juicefs_data(self) -> None:
         """Move the S3 folder of the juicefs gateway of earlier releases out of SeaweedFS's way."""
@@ -285,8 +326,15 @@ class LocalStack:
                 "s3_endpoint": f"127.0.0.1:{s.stack_s3_port}",
                 "temporal_address": f"127.0.0.1:{s.stack_temporal_port}",
                 "temporal_ui_url": f"http://127.0.0.1:{s.stack_temporal_ui_port}",
+                **self._secret_key_setting(),
             }
         )
+
+    def _secret_key_setting(self) -> dict[str, Path]:
+        s = self.settings
+        if s.secret_key.get_secret_value() or s.secret_key_file is not None:
+            return {}
+        return {"secret_key_file": self.secret_key_path}
 
     def _write_env(self, db_url: str) -> None:
         runtime = self.runtime_settings(db_url)
@@ -297,8 +345,18 @@ class LocalStack:
             f"LOOKOUT_TEMPORAL_ADDRESS={runtime.temporal_address}",
             f"LOOKOUT_TEMPORAL_UI_URL={runtime.temporal_ui_url}",
         ]
+        if runtime.secret_key_file is not None:
+            lines.append(f"LOOKOUT_SECRET_KEY_FILE={runtime.secret_key_file}")
         (self.data_dir / "stack.env").write_text("\n".join(lines) + "\n")
 
 
 def _redact_db(url: str) -> str:
     return redact_url(url)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a secret readable by its owner only (created so, never widened first)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text + "\n")

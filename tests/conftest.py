@@ -18,6 +18,7 @@ import pytest
 
 from core.db import create_pool
 from core.kafka import ensure_topics
+from core.sealing import generate_key
 from core.settings import Settings
 from core.temporal import SEARCH_ATTRIBUTES
 from deploy import servers
@@ -27,6 +28,7 @@ from tests.ports import free_s3_port
 
 S3_ACCESS_KEY = "lookout-test"
 S3_SECRET_KEY = "lookout-test-secret"
+TEST_SECRET_KEY = generate_key()  # seals the camera URLs of this test session
 ADMIN_PG_URL = os.environ.get("LOOKOUT_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
@@ -123,6 +125,10 @@ def make_settings(**overrides: object) -> Settings:
         "s3_secret_key": S3_SECRET_KEY,
         "startup_deadline_s": 20.0,
         "ack_deadline_s": 5.0,
+        "secret_key": TEST_SECRET_KEY,
+        # the suite's many streams share a database and a few keys: the limits have tests of their own
+        "max_active_streams": 100_000,
+        "init_rate_per_minute": 100_000,
     }
     return Settings(_env_file=None, **(base | overrides))  # type: ignore[call-arg, arg-type]
 

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from core.kafka import create_consumer, create_producer
 from core.messages import EventKind, Service, StartCommand, StateEvent, StopCommand, parse_command
+from core.sealing import UrlSealer
 from core.settings import Settings
 from core.states import StreamState
 
@@ -79,7 +80,7 @@ class ScriptedParticipant:
         self.handled.append(command)
         stream_id = command.stream_id
         if isinstance(command, StartCommand):
-            self._urls[stream_id] = command.url
+            self._urls[stream_id] = UrlSealer(self.settings).open(command.url_sealed)
             await asyncio.sleep(self.start_delay_s)
             if self._behaves(stream_id, "error"):
                 event = self._event(stream_id, EventKind.ERROR, error=f"{self.service.value} could not start")

@@ -26,6 +26,7 @@ from pydantic import SecretStr
 from temporalio.client import Client
 
 from api.main import create_app
+from core.api_keys import Scope, create_key
 from core.db import create_pool
 from core.kafka import ensure_topics
 from core.messages import StateEvent
@@ -62,15 +63,33 @@ async def isolated_settings(base: Settings, **overrides: Any) -> Settings:
     return settings
 
 
+async def new_api_key(settings: Settings, scope: Scope = Scope.ADMIN) -> str:
+    """A fresh key of ``scope`` in the settings' database; its token."""
+    pool = await create_pool(settings)
+    try:
+        _key, token = await create_key(pool, name=f"test {scope.value}", scope=scope)
+        return token
+    finally:
+        await pool.close()
+
+
 @contextlib.asynccontextmanager
-async def running_api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """The API app with its lifespan entered, behind an in-process httpx client."""
+async def running_api(
+    settings: Settings, *, scope: Scope | None = Scope.ADMIN
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The API app with its lifespan entered, behind an in-process httpx client that sends a new key
+    of ``scope`` (None: no key)."""
     app = create_app(settings)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://lookout-api") as client,
-    ):
-        yield client
+    async with app.router.lifespan_context(app):
+        headers = {}
+        if scope is not None:
+            _key, token = await create_key(app.state.db, name=f"test {scope.value}", scope=scope)
+            headers["Authorization"] = f"Bearer {token}"
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://lookout-api", headers=headers
+        ) as client:
+            yield client
 
 
 @contextlib.asynccontextmanager

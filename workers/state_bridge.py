@@ -36,6 +36,7 @@ from core.metrics import (
 from core.retry import Stopped, retrying
 from core.settings import Settings
 from core.temporal import connect_temporal
+from workers.dead_letters import dead_letter
 from workers.entrypoint import run_service
 from workflows.starter import signal_with_start
 
@@ -251,18 +252,16 @@ class StateBridge:
         stop: asyncio.Event,
     ) -> None:
         """Copy the record to the dead-letter topic with why and where from; retried while Kafka is down."""
-        headers = [
-            ("error", reason.encode()),
-            ("source_topic", record.topic.encode()),
-            ("source_partition", str(record.partition).encode()),
-            ("source_offset", str(record.offset).encode()),
-            ("consumer_group", self._group_id.encode()),
-        ]
-        async for attempt in self._retrying("dead-letter publish", stop, context={"offset": record.offset}):
-            with attempt:
-                await producer.send_and_wait(
-                    self._settings.topic_dead_letter, record.value or b"", key=record.key, headers=headers
-                )
+        await dead_letter(
+            producer,
+            self._settings,
+            record,
+            reason,
+            group=self._group_id,
+            service="state-bridge",
+            stop=stop,
+            max_s=self._max_backoff_s,
+        )
         BRIDGE_DEAD_LETTERED.inc()
 
     async def _commit(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:

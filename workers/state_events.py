@@ -30,7 +30,7 @@ class StateEventPublisher:
 
     def __init__(self, settings: Settings, producer: AIOKafkaProducer, service: Service) -> None:
         self._settings = settings
-        self._producer = producer
+        self.producer = producer
         self.service = service
 
     async def publish(
@@ -54,7 +54,7 @@ class StateEventPublisher:
             figures=figures,
         )
         try:
-            await self._producer.send_and_wait(
+            await self.producer.send_and_wait(
                 self._settings.topic_states, event.model_dump_json().encode(), key=stream_id.encode()
             )
         except KafkaError as err:

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi.exceptions import RequestValidationError
 from minio import Minio
 from pydantic import BaseModel, Field
 
+from api.auth import AUTH_RESPONSES, ReadKey
 from api.deps import DbDep, SettingsDep
 from core.detections import DetectedObject
 from core.storage import create_s3_client, presigned_get
 
-router = APIRouter(tags=["detections"])
+router = APIRouter(tags=["detections"], responses=AUTH_RESPONSES)
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No stream has this id"}}
 
@@ -61,11 +64,23 @@ class DetectionPage(BaseModel):
     links_expire_in_s: int = Field(description="How long each image_url stays valid")
 
 
+MAX_CURSOR = 2**63 - 1  # frame_seq is a bigint
+
+
 def _parse_cursor(cursor: str | None) -> int | None:
+    """The frame number a cursor stands for; 422 unless it is a plain non-negative int64 decimal."""
     if cursor is None:
         return None
-    if not cursor.isdigit():
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail="cursor must come from next_cursor")
+    if not re.fullmatch(r"[0-9]{1,19}", cursor) or int(cursor) > MAX_CURSOR:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "value_error",
+                    "loc": ("query", "cursor"),
+                    "msg": "cursor must be a next_cursor value: a whole number from 0 to 2^63-1",
+                }
+            ]
+        )
     return int(cursor)
 
 
@@ -74,6 +89,7 @@ async def detection_result(
     db: DbDep,
     settings: SettingsDep,
     s3: S3Dep,
+    _key: ReadKey,
     stream_id: Annotated[uuid.UUID, Query(alias="id", description="The stream id")],
     limit: Annotated[int, Query(ge=1, le=200, description="Detections per page")] = 20,
     cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None,

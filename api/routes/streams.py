@@ -9,7 +9,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from fastapi.exceptions import RequestValidationError
 
-from api.deps import DbDep, SettingsDep, TemporalDep
+from api.auth import AUTH_RESPONSES, BODY_RESPONSES, AdminKey, ReadKey
+from api.deps import DbDep, InitLimiterDep, SettingsDep, TemporalDep
 from api.health import Health, stream_health, streams_health
 from api.readiness import TemporalConnection
 from api.schemas import (
@@ -20,16 +21,17 @@ from api.schemas import (
     StreamView,
     stream_url_problem,
 )
-from api.stream_store import IdempotencyConflict, create_stream, request_shutdown
+from api.stream_store import CapacityReached, IdempotencyConflict, create_stream, request_shutdown
 from core import metrics
 from core.settings import Settings
 from core.states import StreamState
 from core.streams import StreamRow, get_stream, list_streams
 from core.temporal import workflow_id
+from core.text import text_problem
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(tags=["streams"])
+router = APIRouter(tags=["streams"], responses=AUTH_RESPONSES | BODY_RESPONSES)
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No stream has this id"}}
 
@@ -59,13 +61,19 @@ def _not_found(stream_id: uuid.UUID) -> HTTPException:
 @router.post(
     "/init",
     status_code=status.HTTP_202_ACCEPTED,
-    responses={409: {"description": "Idempotency-Key reused with a different request"}},
+    responses={
+        409: {"description": "Idempotency-Key reused with a different request"},
+        429: {"description": "Too many /init calls with this key; Retry-After says when to try again"},
+        503: {"description": "As many streams as this box may run are active"},
+    },
 )
 async def init_stream(
     body: InitRequest,
     db: DbDep,
     settings: SettingsDep,
     response: Response,
+    key: AdminKey,
+    limiter: InitLimiterDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -79,6 +87,17 @@ async def init_stream(
     problem = stream_url_problem(body.url, max_length=settings.max_url_length)
     if problem is not None:
         raise RequestValidationError([{"type": "value_error", "loc": ("body", "url"), "msg": problem}])
+    if idempotency_key is not None and (key_problem := text_problem(idempotency_key)) is not None:
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": ("header", "idempotency-key"), "msg": key_problem}]
+        )
+    wait_s = limiter.take(key.id)
+    if wait_s is not None:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            detail=f"more than {limiter.per_minute} /init calls a minute with this key",
+            headers={"Retry-After": str(max(1, round(wait_s)))},
+        )
     try:
         outcome = await create_stream(
             db, settings=settings, url=body.url, options=body.options, idempotency_key=idempotency_key
@@ -86,6 +105,10 @@ async def init_stream(
     except IdempotencyConflict:
         raise HTTPException(
             status.HTTP_409_CONFLICT, detail="Idempotency-Key was already used for a different request"
+        ) from None
+    except CapacityReached as err:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(err), headers={"Retry-After": "30"}
         ) from None
     stream = outcome.stream
     if outcome.created:
@@ -106,6 +129,7 @@ async def init_stream(
 async def shutdown_stream(
     db: DbDep,
     settings: SettingsDep,
+    _admin: AdminKey,
     response: Response,
     body: ShutdownRequest | None = None,
     stream_id: Annotated[uuid.UUID | None, Query(alias="id", description="Instead of the body")] = None,
@@ -141,6 +165,7 @@ async def stream_state(
     db: DbDep,
     settings: SettingsDep,
     temporal: TemporalDep,
+    _key: ReadKey,
     stream_id: Annotated[uuid.UUID, Query(alias="id", description="The stream id")],
 ) -> StreamView:
     """The stream's state, error reason, timestamps, redacted URL and live health."""
@@ -149,7 +174,7 @@ async def stream_state(
 
 @router.get("/state/{stream_id}", responses=NOT_FOUND)
 async def stream_state_by_path(
-    db: DbDep, settings: SettingsDep, temporal: TemporalDep, stream_id: uuid.UUID
+    db: DbDep, settings: SettingsDep, temporal: TemporalDep, _key: ReadKey, stream_id: uuid.UUID
 ) -> StreamView:
     """Same as ``GET /state?id=``."""
     return await _view_or_404(db, settings, temporal, stream_id)
@@ -160,6 +185,7 @@ async def streams(
     db: DbDep,
     settings: SettingsDep,
     temporal: TemporalDep,
+    _key: ReadKey,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     state: StreamState | None = None,
 ) -> StreamList:

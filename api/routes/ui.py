@@ -12,6 +12,9 @@ from pathlib import Path
 from fastapi import APIRouter, HTTPException, status
 from fastapi.responses import FileResponse
 
+from api.deps import SettingsDep
+from core.settings import Settings
+
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
 # name under /static/ -> media type; everything the page loads is listed here
@@ -21,12 +24,18 @@ ASSETS: dict[str, str] = {
     "favicon.svg": "image/svg+xml",
 }
 
-# Scripts and styles only from this origin; images also from the S3 endpoint the presigned links
-# point at, which is another origin (and may be another host in production).
-CONTENT_SECURITY_POLICY = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: http: https:; "
-    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
-)
+
+def content_security_policy(settings: Settings) -> str:
+    """Scripts and styles only from this origin, images also from the S3 endpoint the presigned links
+    point at (another origin, maybe another host): nothing else may load or run."""
+    s3 = (
+        f"{'https' if settings.s3_secure else 'http'}://{settings.s3_public_endpoint or settings.s3_endpoint}"
+    )
+    return (
+        f"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: {s3}; "
+        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    )
+
 
 # The files are small and change with the code: browsers revalidate (ETag) rather than cache blindly.
 HEADERS = {
@@ -39,12 +48,15 @@ router = APIRouter(tags=["web page"], include_in_schema=False)
 
 
 @router.get("/")
-async def web_page() -> FileResponse:
-    """The Lookout web page: streams, their states, a start form, stop buttons and a frame gallery."""
+async def web_page(settings: SettingsDep) -> FileResponse:
+    """The Lookout web page: streams, their states, a start form, stop buttons and a frame gallery.
+
+    The page itself holds no data: it asks for an API key and sends it with every call it makes.
+    """
     return FileResponse(
         STATIC_DIR / "index.html",
         media_type="text/html; charset=utf-8",
-        headers=HEADERS | {"Content-Security-Policy": CONTENT_SECURITY_POLICY},
+        headers=HEADERS | {"Content-Security-Policy": content_security_policy(settings)},
     )
 
 

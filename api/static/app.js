@@ -28,7 +28,16 @@ const FIELD_LABELS = {
 
 const $ = (id) => document.getElementById(id);
 
-let selectedId = new URLSearchParams(location.hash.slice(1)).get("stream");
+const KEY_STORAGE = "lookout.apiKey";
+const NEEDS_KEY = "This page needs an API key (`lookout keys create`, or the one in .lookout/api-key).";
+const hashParams = new URLSearchParams(location.hash.slice(1));
+let selectedId = hashParams.get("stream");
+// An API key in the link (`lookout demo` prints one: #key=...) is kept for this tab's session and
+// taken out of the address bar. The fragment never reaches a server or its logs.
+if (hashParams.get("key")) {
+  sessionStorage.setItem(KEY_STORAGE, hashParams.get("key"));
+  history.replaceState(null, "", selectedId ? `#stream=${encodeURIComponent(selectedId)}` : location.pathname);
+}
 const rows = new Map(); // stream id -> its <tr> and the cells updated in place
 const shownFrames = new Map(); // frame key -> <li>, so a frame's image loads once, not every refresh
 
@@ -44,6 +53,12 @@ class ApiError extends Error {
 
 async function api(method, path, body) {
   const init = { method, headers: { Accept: "application/json" } };
+  const key = sessionStorage.getItem(KEY_STORAGE);
+  if (!key) {
+    askForKey(NEEDS_KEY);
+    throw new ApiError(401, NEEDS_KEY);
+  }
+  init.headers.Authorization = `Bearer ${key}`;
   if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
@@ -61,9 +76,30 @@ async function api(method, path, body) {
     // not JSON: the status says enough
   }
   if (!response.ok) {
-    throw new ApiError(response.status, payload && payload.detail !== undefined ? payload.detail : null);
+    const error = new ApiError(response.status, payload && payload.detail !== undefined ? payload.detail : null);
+    if (response.status === 401 || response.status === 403) askForKey(error.message);
+    throw error;
   }
   return payload;
+}
+
+// --- the API key: asked for once per tab session -------------------------------------------------
+
+function askForKey(why) {
+  const card = $("key-card");
+  card.hidden = false;
+  setText($("key-status"), why || "This page needs an API key.");
+  $("api-key").focus();
+}
+
+function useKey(event) {
+  event.preventDefault();
+  const key = $("api-key").value.trim();
+  if (!key) return;
+  sessionStorage.setItem(KEY_STORAGE, key);
+  $("api-key").value = "";
+  $("key-card").hidden = true;
+  refreshStreams();
 }
 
 // --- small DOM helpers -------------------------------------------------------------------------
@@ -448,5 +484,7 @@ function every(ms, task) {
 }
 
 $("start-form").addEventListener("submit", startStream);
+$("key-form").addEventListener("submit", useKey);
+if (!sessionStorage.getItem(KEY_STORAGE)) askForKey(NEEDS_KEY);
 every(STREAMS_EVERY_MS, refreshStreams);
 every(FRAMES_EVERY_MS, refreshFrames);

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from core.messages import StateEvent, parse_command
+from core.sealing import UrlSealer
 from core.settings import Settings
 from core.states import StreamState
 from tests.ports import free_port
@@ -53,7 +54,9 @@ async def test_init_stores_stream_audit_and_both_outbox_messages(
     row = await db_pool.fetchrow(
         "SELECT url_full, state, version FROM streams WHERE id = $1", uuid.UUID(stream_id)
     )
-    assert dict(row) == {"url_full": url, "state": "init_startup", "version": 1}
+    assert (row["state"], row["version"]) == ("init_startup", 1)
+    # sealed at rest: only the runner opens it
+    assert SECRET not in row["url_full"] and UrlSealer(settings).open(row["url_full"]) == url
     audit = await db_pool.fetch(
         "SELECT to_state, version, source FROM stream_events WHERE stream_id = $1", uuid.UUID(stream_id)
     )
@@ -62,7 +65,9 @@ async def test_init_stores_stream_audit_and_both_outbox_messages(
     command_row, event_row = await outbox_rows(db_pool, stream_id)
     assert command_row["topic"] == settings.topic_commands
     command = parse_command(command_row["payload"])
-    assert command.kind == "start" and command.url == url and command.options.fps == 2
+    assert command.kind == "start" and command.options.fps == 2
+    assert SECRET not in command_row["payload"].decode(), "the start command carries the URL sealed"
+    assert UrlSealer(settings).open(command.url_sealed) == url
     assert event_row["topic"] == settings.topic_states
     event = StateEvent.model_validate_json(event_row["payload"])
     assert (event.stream_id, event.service, event.kind, event.state) == (
@@ -92,13 +97,17 @@ async def test_init_writes_nothing_when_an_outbox_insert_fails(
         """
     )
     try:
-        with pytest.raises(asyncpg.RaiseError):
-            await api.post("/init", json={"url": f"rtsp://camera.test/{marker}"})
+        with pytest.raises(asyncpg.RaiseError):  # the marker rides in the start command's options
+            await api.post(
+                "/init", json={"url": f"rtsp://camera.test/{marker}", "options": {"classes": [marker]}}
+            )
     finally:
         await db_pool.execute(
             f"DROP TRIGGER {marker.replace('-', '_')} ON outbox; DROP FUNCTION {marker.replace('-', '_')}()"
         )
-    assert await db_pool.fetchval("SELECT count(*) FROM streams WHERE url_full LIKE $1", f"%{marker}") == 0
+    assert (
+        await db_pool.fetchval("SELECT count(*) FROM streams WHERE url_redacted LIKE $1", f"%{marker}") == 0
+    )
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -12,16 +15,27 @@ import pytest
 from core.settings import Settings
 from tests.e2e.pipeline import served_api
 from tests.participants import running_participants
-from tests.running_services import isolated_settings, running_lifecycle, wait_for_state
+from tests.running_services import isolated_settings, new_api_key, running_lifecycle, wait_for_state
 
 pytestmark = pytest.mark.integration
 
 LOOKOUT = str(Path(sys.executable).parent / "lookout")
+TOKENS: dict[str, str] = {}  # base URL of a served API -> an admin key for it
 
 
-async def lookout(api: str, *args: str) -> tuple[int, str, str]:
+@contextlib.asynccontextmanager
+async def served_with_a_key(settings: Settings) -> AsyncIterator[str]:
+    """The API over HTTP; the CLI calls it with a new admin key."""
+    token = await new_api_key(settings)
+    async with served_api(settings) as api:
+        TOKENS[api] = token
+        yield api
+
+
+async def lookout(api: str, *args: str, key: str | None = None) -> tuple[int, str, str]:
+    env = {**os.environ, "LOOKOUT_API_KEY": key or TOKENS[api]}
     proc = await asyncio.create_subprocess_exec(
-        LOOKOUT, *args, "--api", api, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        LOOKOUT, *args, "--api", api, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
@@ -35,7 +49,7 @@ async def test_cli_starts_lists_reads_and_stops_a_stream_without_showing_credent
     async with (
         running_participants(isolated),
         running_lifecycle(isolated) as stack,
-        served_api(isolated) as api,
+        served_with_a_key(isolated) as api,
     ):
         code, out, err = await lookout(
             api, "init", "rtsp://viewer:hunter2@cam.example:8554/cli", "--fps", "2", "--classes", "person,car"
@@ -64,8 +78,43 @@ async def test_cli_starts_lists_reads_and_stops_a_stream_without_showing_credent
 
 
 async def test_cli_reports_api_errors_with_their_reason_and_a_failing_exit_code(settings: Settings) -> None:
-    async with served_api(settings) as api:
+    async with served_with_a_key(settings) as api:
         code, _, err = await lookout(api, "init", "http://not-a-camera/x")
         assert code == 2 and "422" in err and "rtsp" in err
         code, _, err = await lookout(api, "state", "00000000-0000-4000-8000-000000000000")
         assert code == 2 and "404" in err
+
+
+async def test_cli_creates_lists_and_revokes_api_keys_and_a_revoked_key_is_refused(
+    settings: Settings,
+) -> None:
+    async with served_with_a_key(settings) as api:
+        code, out, err = await lookout(api, "keys", "create", "--name", "wall display", "--scope", "read")
+        assert code == 0, err
+        created = json.loads(out)
+        assert created["scope"] == "read" and created["token"].startswith("lk_")
+
+        code, out, _ = await lookout(api, "streams", key=created["token"])
+        assert code == 0, "a read key lists streams"
+        code, _, err = await lookout(api, "init", "rtsp://camera.test/x", key=created["token"])
+        assert code == 2 and "403" in err and "needs admin" in err
+
+        code, out, _ = await lookout(api, "keys", "list")
+        assert code == 0 and "wall display" in out and created["token"] not in out
+        code, out, _ = await lookout(api, "keys", "revoke", created["id"])
+        assert code == 0 and json.loads(out)["revoked_at"]
+        code, _, err = await lookout(api, "streams", key=created["token"])
+        assert code == 2 and "401" in err and "revoked" in err
+
+
+async def test_keys_bootstrap_makes_a_first_admin_key_straight_in_the_database(settings: Settings) -> None:
+    env = {**os.environ, "LOOKOUT_DATABASE_URL": settings.database_url.get_secret_value()}
+    proc = await asyncio.create_subprocess_exec(
+        LOOKOUT, "keys", "bootstrap", "--name", "first", stdout=asyncio.subprocess.PIPE, env=env
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    token = out.decode().strip()
+    assert proc.returncode == 0 and token.startswith("lk_")
+    async with served_api(settings) as api:
+        code, out, err = await lookout(api, "keys", "list", key=token)
+    assert code == 0 and "first" in out, err

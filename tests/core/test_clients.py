@@ -31,7 +31,7 @@ async def test_migrated_schema_has_every_table_and_the_frame_uniqueness(db_pool:
     }
     assert {"streams", "outbox", "stream_events", "detections", "alembic_version"} <= tables
     head = ScriptDirectory.from_config(alembic_config("postgresql://unused/x")).get_current_head()
-    assert head == "0002"
+    assert head == "0003"
     assert await db_pool.fetchval("SELECT version_num FROM alembic_version") == head
 
     stream_id = uuid.uuid4()

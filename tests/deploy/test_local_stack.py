@@ -99,6 +99,13 @@ async def test_stack_up_is_idempotent_reports_health_and_down_stops_only_what_it
     )
     with psycopg.connect(stack_env["LOOKOUT_DATABASE_URL"]) as conn:
         assert conn.execute("SELECT count(*) FROM streams").fetchone() == (0,)
+        # the first admin key, made once, its token only in a file of the owner's
+        assert conn.execute("SELECT name, scope FROM api_keys").fetchall() == [("embedded stack", "admin")]
+    data_dir = Path(stack_env["LOOKOUT_DATA_DIR"])
+    for secret in ("api-key", "secret-key"):
+        assert (data_dir / secret).stat().st_mode & 0o777 == 0o600, secret
+    assert "made the first admin API key" in first.stdout and "made the first" not in again.stdout
+    assert f"LOOKOUT_SECRET_KEY_FILE={data_dir / 'secret-key'}" in env_file.read_text()
 
     down = lookout(stack_env, "stack", "down")
     assert down.returncode == 0, down.stderr

@@ -133,10 +133,16 @@ class HealingPipeline:
 
 @contextlib.asynccontextmanager
 async def healing_pipeline(
-    base: Settings, db: asyncpg.Pool, log_dir: Path, *, instances: int = 1, supervised: bool = True
+    base: Settings,
+    db: asyncpg.Pool,
+    log_dir: Path,
+    *,
+    instances: int = 1,
+    supervised: bool = True,
+    **overrides: Any,
 ) -> AsyncIterator[HealingPipeline]:
     """Runner and ML (``instances`` of each) as processes, restarted when they die if ``supervised``."""
-    settings = await pipeline_settings(base, **HEALING)
+    settings = await pipeline_settings(base, **(HEALING | overrides))
     names = [("lookout-runner", f"-{i}" if instances > 1 else "") for i in range(instances)]
     names += [("lookout-ml", f"-{i}" if instances > 1 else "") for i in range(instances)]
     services = [service(name, settings, log_dir, instance) for name, instance in names]

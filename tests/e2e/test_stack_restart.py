@@ -76,7 +76,12 @@ def test_lookout_up_stopped_and_started_again_resumes_the_running_stream(
     up: LookoutUp, camera: TestCamera
 ) -> None:
     up.start()
-    api = httpx.Client(base_url=f"http://127.0.0.1:{up.env['LOOKOUT_API_PORT']}", timeout=10)
+    token = (Path(up.env["LOOKOUT_DATA_DIR"]) / "api-key").read_text().strip()  # made by `stack up`
+    api = httpx.Client(
+        base_url=f"http://127.0.0.1:{up.env['LOOKOUT_API_PORT']}",
+        timeout=10,
+        headers={"Authorization": f"Bearer {token}"},
+    )
     stream_id = api.post(
         "/init", json={"url": camera.url("cam1"), "options": {"fps": 5, "imgsz": 320}}
     ).json()["id"]

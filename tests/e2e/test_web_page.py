@@ -26,7 +26,7 @@ from core.settings import Settings
 from deploy.camera.control import TestCamera, free_port
 from tests.conftest import make_settings
 from tests.e2e.pipeline import pipeline_settings, running_pipeline, served_api
-from tests.running_services import running_api, wait_for_state
+from tests.running_services import new_api_key, running_api, wait_for_state
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -75,12 +75,15 @@ class PageWatch:
 
 
 @contextlib.asynccontextmanager
-async def open_page(browser: Browser, url: str) -> AsyncIterator[tuple[Page, PageWatch]]:
+async def open_page(
+    browser: Browser, url: str, key: str | None = None
+) -> AsyncIterator[tuple[Page, PageWatch]]:
+    """The page in a new browser context; with ``key`` opened by a link that carries it, as the demo's."""
     context = await browser.new_context(viewport={"width": 1280, "height": 1000})
     try:
         page = await context.new_page()
         watch = PageWatch(page)
-        await page.goto(url)
+        await page.goto(url + (f"/#key={key}" if key else ""))
         yield page, watch
     finally:
         await context.close()
@@ -126,10 +129,25 @@ async def test_page_and_its_assets_are_served_with_their_content_types(page_sett
 
 
 @pytest.mark.integration
-async def test_page_shows_why_init_refused_a_stream(
+async def test_page_asks_for_a_key_once_then_shows_why_init_refused_a_stream(
     browser: Browser, page_settings: Settings, tmp_path: Path
 ) -> None:
+    token = await new_api_key(page_settings)
     async with served_api(page_settings) as base_url, open_page(browser, base_url) as (page, watch):
+        key_card = page.locator("#key-card")
+        await expect(key_card).to_be_visible()
+        await expect(key_card).to_contain_text("needs an API key")
+        await page.screenshot(path=tmp_path / "web-page-key.png", full_page=True)
+        await page.get_by_role("textbox", name="API key").fill("lk_wrong")
+        await page.get_by_role("button", name="Use this key").click()
+        await expect(key_card).to_contain_text("unknown or revoked API key")  # the API said why
+        await page.get_by_role("textbox", name="API key").fill(token)
+        await page.get_by_role("button", name="Use this key").click()
+        await expect(key_card).to_be_hidden()
+        await page.reload()  # kept for the tab's session: not asked again
+        await expect(page.locator("#streams-status")).to_contain_text("Live")
+        await expect(key_card).to_be_hidden()
+
         url_input = page.get_by_label("Stream URL")
         errors = page.get_by_role("alert").filter(has_text="The stream was not started")
 
@@ -146,7 +164,8 @@ async def test_page_shows_why_init_refused_a_stream(
         await expect(url_input).not_to_have_attribute("aria-invalid", "true")
         await page.screenshot(path=tmp_path / "web-page-422.png", full_page=True)
 
-    assert [e for e in watch.errors if "422" not in e] == []  # the browser logs the 422s themselves
+    # the browser logs the refused calls themselves: the wrong key's 401 and the 422s
+    assert [e for e in watch.errors if "422" not in e and "401" not in e] == []
     assert watch.foreign_requests == []
 
 
@@ -176,7 +195,7 @@ async def test_stream_started_from_the_page_runs_shows_annotated_frames_and_stop
     async with (
         running_pipeline(web_settings) as pipeline,
         served_api(web_settings) as base_url,
-        open_page(browser, base_url) as (page, watch),
+        open_page(browser, base_url, await new_api_key(web_settings)) as (page, watch),
     ):
         # a stream whose camera does not answer: it ends in inactive_error, with the reason shown
         async with page.expect_response(lambda r: r.url.endswith("/init")) as init:

@@ -43,6 +43,7 @@ from core.metrics import BAD_MESSAGES, forget_stream
 from core.retry import KAFKA_DOWN, retrying
 from core.settings import Settings
 from core.states import StreamState
+from workers.dead_letters import dead_letter
 from workers.entrypoint import run_service
 from workers.ml.offsets import OffsetTracker
 from workers.ml.preload import start_preloading
@@ -166,9 +167,12 @@ class MLService:
         except (ValidationError, UnicodeDecodeError) as err:
             BAD_MESSAGES.labels("ml", record.topic).inc()
             log.error(
-                "frame without valid headers skipped", extra={"offset": record.offset, "error": str(err)}
+                "frame without valid headers skipped",
+                extra={"offset": record.offset, "error": type(err).__name__},
             )
-            self.frame_settled(token)
+            self._spawn(
+                self._dead_letter(record, f"frame without valid headers: {type(err).__name__}", token)
+            )
             return
         stream_id = headers.stream_id
         stream = self.streams.get(stream_id)
@@ -188,8 +192,12 @@ class MLService:
             command = parse_command(record.value or b"")
         except ValidationError as err:
             BAD_MESSAGES.labels("ml", record.topic).inc()
-            log.error("unreadable command skipped", extra={"offset": record.offset, "error": str(err)})
-            self.frame_settled(token)
+            # the value may hold a camera URL: say where it was and what failed, never what it says
+            log.error(
+                "unreadable command skipped", extra={"offset": record.offset, "errors": err.error_count()}
+            )
+            reason = f"malformed command: {err.error_count()} validation error(s)"
+            self._spawn(self._dead_letter(record, reason, token))
             return
         stream_id = command.stream_id
         if isinstance(command, StartCommand):
@@ -343,6 +351,14 @@ class MLService:
         self._end_stream(stream_id)
 
     # --- publishing ---------------------------------------------------------------------------------
+
+    async def _dead_letter(
+        self, record: ConsumerRecord[bytes, bytes], reason: str, token: tuple[TopicPartition, int]
+    ) -> None:
+        """Copy a record this service cannot use to the dead-letter topic, then let its offset go."""
+        assert self._producer is not None
+        await dead_letter(self._producer, self.settings, record, reason, group=self.group_id, service="ml")
+        self.frame_settled(token)
 
     async def _publish(
         self,

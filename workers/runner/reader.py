@@ -26,8 +26,13 @@ FROZEN_FRACTION = 0.9  # of the read timeout: OpenCV's timer fires a little earl
 
 
 def configure_ffmpeg_capture() -> None:
-    """Set the FFmpeg capture options for this process (read by OpenCV at every open)."""
+    """Set the FFmpeg capture options for this process (read by OpenCV at every open).
+
+    FFmpeg's own messages are silenced: they may quote the camera URL, password and all, on the
+    process's stderr (the service's log); the reader reports every failure in words of its own.
+    """
     os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = CAPTURE_OPTIONS
+    os.environ["OPENCV_FFMPEG_LOGLEVEL"] = "-8"  # AV_LOG_QUIET
 
 
 class CameraReader(threading.Thread):

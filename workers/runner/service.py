@@ -24,6 +24,7 @@ from typing import Any
 
 from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
+from cryptography.fernet import InvalidToken
 from pydantic import ValidationError
 
 from core.kafka import ConsumerLagReporter, create_consumer, create_producer, ensure_topics
@@ -39,8 +40,10 @@ from core.messages import (
 from core.metrics import BAD_MESSAGES, forget_stream
 from core.redact import redact_url
 from core.retry import KAFKA_DOWN, retrying
+from core.sealing import UrlSealer
 from core.settings import Settings
 from core.states import StreamState
+from workers.dead_letters import dead_letter
 from workers.entrypoint import run_service
 from workers.runner.messages import CaptureSpec
 from workers.runner.stream import CaptureProcess, StopOutcome
@@ -63,6 +66,7 @@ class RunnerService:
         self._background: set[asyncio.Task[None]] = set()
         self._seen_starts: OrderedDict[str, None] = OrderedDict()
         self._partition_of: dict[str, int] = {}  # commands partition of each running stream
+        self._sealer = UrlSealer(settings)  # only the runner opens the camera URLs
         self._events: StateEventPublisher | None = None
 
     async def run(self) -> None:
@@ -121,6 +125,11 @@ class RunnerService:
                 "malformed command skipped",
                 extra={"partition": record.partition, "offset": record.offset, "errors": exc.error_count()},
             )
+            assert self._events is not None
+            reason = f"malformed command: {exc.error_count()} validation error(s)"
+            await dead_letter(
+                self._events.producer, self.settings, record, reason, group=self.group_id, service="runner"
+            )
             return
         if isinstance(command, StartCommand):
             if command.is_for(Service.RUNNER):
@@ -148,9 +157,21 @@ class RunnerService:
         if stream_id in self.streams:
             log.info("stream already running; start ignored", extra={"stream_id": stream_id})
             return
+        try:
+            url = self._sealer.open(command.url_sealed)
+        except InvalidToken:
+            # sealed with a key this runner does not have (or altered): no restart can open it
+            log.error("camera URL cannot be opened", extra={"stream_id": stream_id})
+            await self._publish(
+                stream_id,
+                EventKind.ERROR,
+                error="the camera URL cannot be opened with this runner's secret keys",
+                error_kind=ErrorKind.FATAL,
+            )
+            return
         spec = CaptureSpec(
             stream_id=stream_id,
-            url=command.url,
+            url=url,
             fps=command.options.fps or self.settings.runner_default_fps,
             settings=self.settings,
         )
@@ -159,7 +180,7 @@ class RunnerService:
         self._partition_of[stream_id] = partition
         log.info(
             "starting stream",
-            extra={"stream_id": stream_id, "url": redact_url(command.url), "fps": spec.fps},
+            extra={"stream_id": stream_id, "url": redact_url(url), "fps": spec.fps},
         )
         try:
             await process.start()

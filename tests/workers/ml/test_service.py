@@ -37,7 +37,8 @@ from workers.ml.service import MLService
 
 pytestmark = pytest.mark.integration
 
-FAST = StreamOptions(imgsz=320)  # the service's default stays 640; tests keep the model cheap
+FAST = StreamOptions(imgsz=320)
+SEALED_URL = "gAAAAA-ML-never-opens-it"  # the camera URL is the runner's only  # the service's default stays 640; tests keep the model cheap
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ async def rows_of(pool: asyncpg.Pool, stream_id: str) -> list[asyncpg.Record]:
 
 
 async def start(sender: FrameSender, stream_id: str, options: StreamOptions = FAST) -> None:
-    command = StartCommand(stream_id=stream_id, url="rtsp://user:pw@camera.test/live", options=options)
+    command = StartCommand(stream_id=stream_id, url_sealed=SEALED_URL, options=options)
     await sender.command(stream_id, command.model_dump_json())
 
 
@@ -361,7 +362,7 @@ async def test_a_stream_has_heartbeats_with_its_live_figures_and_a_restart_repla
     assert figures.newest_frame_age_s is not None
 
     old_pid = ml_service.streams[stream_id].pid
-    restart = StartCommand(stream_id=stream_id, url="rtsp://camera.test/live", options=FAST, replace=True)
+    restart = StartCommand(stream_id=stream_id, url_sealed=SEALED_URL, options=FAST, replace=True)
     await sender.command(stream_id, restart.model_dump_json())
     await eventually(
         lambda: stream_id in ml_service.streams and ml_service.streams[stream_id].pid != old_pid, 30

@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaConsumer
 
 from core.kafka import create_producer, ensure_topics
 from core.messages import FrameHeaders, StartCommand, StateEvent, StopCommand, StreamOptions
+from core.sealing import UrlSealer
 from core.settings import Settings
 from deploy.camera.control import TestCamera
 from tests.conftest import make_settings
@@ -153,8 +154,14 @@ class RunnerHarness:
 
     async def start_stream(self, url: str, *, fps: float | None = None, stream_id: str | None = None) -> str:
         stream_id = stream_id or f"s-{uuid.uuid4().hex[:8]}"
-        await self.send(StartCommand(stream_id=stream_id, url=url, options=StreamOptions(fps=fps)))
+        await self.send(
+            StartCommand(stream_id=stream_id, url_sealed=self.seal(url), options=StreamOptions(fps=fps))
+        )
         return stream_id
+
+    def seal(self, url: str) -> str:
+        """The URL as the API seals it (only the runner opens it)."""
+        return UrlSealer(self.settings).seal(url)
 
     def events_of(self, stream_id: str) -> list[Event]:
         return [

@@ -344,7 +344,11 @@ async def test_a_restart_replaces_the_capture_process_and_frame_numbers_keep_inc
     old_pid = runner.service.streams[stream_id].pid
 
     restart = StartCommand(
-        stream_id=stream_id, url=camera.url("cam3"), options=StreamOptions(fps=5), replace=True, reason="test"
+        stream_id=stream_id,
+        url_sealed=runner.seal(camera.url("cam3")),
+        options=StreamOptions(fps=5),
+        replace=True,
+        reason="test",
     )
     await runner.send(restart)
     after = await runner.collect_frames(stream_id, lambda f: len(f) >= len(before) + 5, within=20)

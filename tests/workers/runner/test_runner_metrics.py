@@ -8,6 +8,7 @@ import pytest
 
 from core.kafka import create_producer, ensure_topics
 from core.messages import StartCommand, StopCommand, StreamOptions
+from core.sealing import UrlSealer
 from core.settings import Settings
 from deploy import servers
 from deploy.camera.control import TestCamera
@@ -41,7 +42,11 @@ async def test_runner_metrics_count_frames_read_and_published_per_stream_and_for
         return scraped.value("lookout_frames_published_total", stream_id=stream_id) or 0
 
     async with running_service("lookout-runner", settings) as runner:
-        start = StartCommand(stream_id=stream_id, url=camera.url("cam1"), options=StreamOptions(fps=5))
+        start = StartCommand(
+            stream_id=stream_id,
+            url_sealed=UrlSealer(settings).seal(camera.url("cam1")),
+            options=StreamOptions(fps=5),
+        )
         await send(settings, start)
         scraped = await wait_for_metrics(port, lambda m: published(m) >= 3, service=runner)
 
