@@ -164,6 +164,16 @@ async def test_page_asks_for_a_key_once_then_shows_why_init_refused_a_stream(
         await expect(url_input).not_to_have_attribute("aria-invalid", "true")
         await page.screenshot(path=tmp_path / "web-page-422.png", full_page=True)
 
+        # user data is rendered inert: markup in a stream's URL shows as text, runs nothing
+        markup = "<img/src=x/onerror=window.pwned=1><b>bold</b>"
+        await url_input.fill(f"rtsp://camera.local/{markup}")
+        await page.get_by_label("Frames per second").fill("1")
+        await page.get_by_role("button", name="Start stream").click()
+        streams = page.locator("#streams-body")
+        await expect(streams).to_contain_text("<b>bold</b>")
+        assert await streams.locator("b, img").count() == 0
+        assert await page.evaluate("window.pwned") is None
+
     # the browser logs the refused calls themselves: the wrong key's 401 and the 422s
     assert [e for e in watch.errors if "422" not in e and "401" not in e] == []
     assert watch.foreign_requests == []
