@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.inference import Backend, Precision
 from core.states import StreamState
 from core.text import StorableText
 
@@ -71,6 +72,9 @@ class StreamFigures(BaseModel):
     camera: CameraState | None = None  # runner
     queue_depth: int | None = None  # ml: frames waiting for the model
     inference_ms: float | None = None  # ml: mean model time per frame over the last interval
+    frames_skipped: int | None = None  # ml: skipped by motion gating (nothing moved), no row stored
+    backend: str | None = None  # ml: what the detection process runs, e.g. "openvino fp32"
+    threads: int | None = None  # ml: the detection process's inference threads
 
 
 class StreamOptions(BaseModel):
@@ -84,6 +88,19 @@ class StreamOptions(BaseModel):
         default=None, max_length=80, description="Class names to keep (all if unset)"
     )
     imgsz: int | None = Field(default=None, ge=32, le=4096, description="Model input size")
+    backend: Backend | None = Field(
+        default=None, description="Inference backend for this stream (default: the ML service's ml_backend)"
+    )
+    precision: Precision | None = Field(
+        default=None,
+        description="fp32 or int8 (INT8 on openvino and tensorrt, kept only when it agrees with FP32)",
+    )
+    motion_gating: bool = Field(
+        default=False, description="Skip inference on frames where nothing moves (no row is stored for them)"
+    )
+    motion_max_skip_s: float | None = Field(
+        default=None, gt=0, le=3600, description="With motion gating: detect at least this often all the same"
+    )
 
 
 class StartCommand(BaseModel):

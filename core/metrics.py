@@ -35,6 +35,11 @@ FRAMES_DROPPED = Counter(
 # --- per stream: ml ----------------------------------------------------------------------------------
 
 FRAMES_PROCESSED = Counter("lookout_frames_processed_total", "Frames run through the model", ["stream_id"])
+FRAMES_SKIPPED = Counter(
+    "lookout_frames_skipped_total",
+    "Frames skipped by motion gating: nothing moved, no row (ml)",
+    ["stream_id"],
+)
 DETECTIONS_STORED = Counter(
     "lookout_detections_stored_total", "Detection rows inserted (one per frame with objects)", ["stream_id"]
 )
@@ -73,6 +78,7 @@ PER_STREAM = (
     FRAMES_PUBLISHED,
     FRAMES_DROPPED,
     FRAMES_PROCESSED,
+    FRAMES_SKIPPED,
     DETECTIONS_STORED,
     INFERENCE_SECONDS,
     CAPTURE_TO_ROW_SECONDS,

@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.inference import Backend, Precision
+
 
 class Settings(BaseSettings):
     """Configuration shared by the API, the workers and the local stack."""
@@ -81,8 +83,22 @@ class Settings(BaseSettings):
     ml_imgsz: int = 640
     ml_confidence: float = 0.25
     ml_queue_size: int = 4
-    ml_torch_threads: int = 1
     ml_store_empty_frames: bool = False
+    # Inference backend and precision (core/inference.py; README "Inference backends"). Exported
+    # models are cached in ml_models_dir (empty: <data_dir>/models), keyed by weights hash, backend,
+    # input size and precision; INT8 is kept only when its boxes agree with FP32's this much.
+    ml_backend: Backend = Backend.AUTO
+    ml_precision: Precision = Precision.FP32
+    ml_models_dir: Path | None = None
+    ml_int8_min_agreement: float = Field(default=0.9, ge=0, le=1)
+    ml_calibration_video: Path | None = None  # empty: the demo clip, <data_dir>/camera/vtest.h264
+    # Threads of each detection process; 0: the cores shared out among the running streams' processes
+    ml_threads: int = Field(default=0, ge=0)
+    ml_cores: int = Field(default=0, ge=0)  # the cores detection may use; 0: all this process may run on
+    # Motion gating (per-stream option `motion_gating`): below this fraction of changed pixels a frame
+    # is skipped, and a frame is detected at least every motion_max_skip_s all the same
+    motion_min_changed: float = Field(default=0.002, gt=0, lt=1)
+    motion_max_skip_s: float = Field(default=10.0, gt=0)
 
     # Camera URLs are sealed with this key (Fernet: AES-128-CBC + HMAC-SHA256, urlsafe base64 of 32
     # bytes), or the one in secret_key_file (`stack up` writes .lookout/secret-key; compose: a
@@ -119,12 +135,24 @@ class Settings(BaseSettings):
     stack_temporal_ui_port: int = 8233
     demo_camera_port: int = 8554
 
+    @property
+    def models_dir(self) -> Path:
+        """Where exported models are cached (the compose file mounts a volume there)."""
+        return self.ml_models_dir or self.data_dir / "models"
+
+    @property
+    def calibration_video(self) -> Path:
+        """The frames INT8 is calibrated and checked on (workers/ml/models.py)."""
+        return self.ml_calibration_video or self.data_dir / "camera" / "vtest.h264"
+
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """``settings`` as the ``LOOKOUT_*`` environment of a child process, so that it sees exactly
     these settings (secrets in clear: pass it to a child's environment only, never to a log)."""
     env = {}
     for name, value in settings.model_dump().items():
+        if value is None:  # unset: the child takes the default too (str() would make "None" of it)
+            continue
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
         env[f"LOOKOUT_{name.upper()}"] = str(value)

@@ -24,6 +24,9 @@ const FIELD_LABELS = {
   confidence: "Minimum confidence",
   classes: "Classes to keep",
   imgsz: "Model input size",
+  backend: "Inference backend",
+  motion_gating: "Motion gating",
+  motion_max_skip_s: "Detect at least every (s)",
 };
 
 const $ = (id) => document.getElementById(id);
@@ -144,6 +147,8 @@ function describeOptions(options) {
   if (options.confidence != null) parts.push(`confidence ≥ ${options.confidence}`);
   if (options.classes && options.classes.length) parts.push(options.classes.join(", "));
   if (options.imgsz != null) parts.push(`${options.imgsz} px`);
+  if (options.backend) parts.push(options.backend);
+  if (options.motion_gating) parts.push("motion gating");
   return parts.length ? parts.join(" · ") : "defaults";
 }
 
@@ -253,6 +258,8 @@ function renderHealth(cell, stream) {
     if (figures.newest_frame_age_s !== undefined && figures.newest_frame_age_s !== null)
       parts.push(`newest frame ${figures.newest_frame_age_s} s old`);
     if (figures.frames_dropped) parts.push(`${figures.frames_dropped} dropped`);
+    if (figures.frames_skipped) parts.push(`${figures.frames_skipped} skipped (no motion)`);
+    if (figures.backend) parts.push(figures.threads ? `${figures.backend}, ${figures.threads} threads` : figures.backend);
     if (service.restarts) parts.push(`${service.restarts} restarts, last: ${service.last_restart_reason}`);
     cell.append(
       el("span", {
@@ -294,13 +301,15 @@ function hideNotice() {
 function readForm(form) {
   const problems = [];
   const options = {};
-  for (const name of ["fps", "confidence", "imgsz"]) {
+  for (const name of ["fps", "confidence", "imgsz", "motion_max_skip_s"]) {
     const input = form.elements[name];
     if (input.validity.badInput) problems.push({ field: name, msg: "is not a number" });
     else if (input.value !== "") options[name] = Number(input.value);
   }
   const classes = form.elements.classes.value.split(",").map((c) => c.trim()).filter(Boolean);
   if (classes.length) options.classes = classes;
+  if (form.elements.backend.value) options.backend = form.elements.backend.value;
+  if (form.elements.motion_gating.checked) options.motion_gating = true;
   return { body: { url: form.elements.url.value.trim(), options }, problems };
 }
 

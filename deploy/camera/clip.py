@@ -20,6 +20,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CLIP_DIR = REPO_ROOT / ".lookout" / "camera"
 CLIP_NAME = "vtest.h264"
+STILL_CLIP_NAME = "vtest-still.h264"
+STILL_SECONDS = 10
 CLIP_FPS = 10  # vtest.avi's frame rate; the server paces the loop with it
 INSTALLED_SOURCE = Path("/usr/share/doc/opencv-doc/examples/data/vtest.avi")
 
@@ -52,6 +54,28 @@ def ensure_clip(clip_dir: Path | None = None) -> Path:
         )  # fmt: skip
         os.replace(partial, clip)  # atomic: concurrent callers never see half a clip
     return clip
+
+
+def ensure_still_clip(clip_dir: Path | None = None) -> Path:
+    """A clip in which nothing moves: the demo clip's first frame for 10 s, as the same kind of
+    H.264 stream (for motion gating). Made from the demo clip on first use."""
+    source = ensure_clip(clip_dir)
+    still = source.with_name(STILL_CLIP_NAME)
+    if still.is_file() and still.stat().st_size > 0:
+        return still
+    partial = still.with_name(f".{STILL_CLIP_NAME}.{os.getpid()}.part")
+    _run(
+        [
+            "ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-i", str(source), "-an",
+            "-vf", f"select=eq(n\\,0),loop=loop={STILL_SECONDS * CLIP_FPS - 1}:size=1:start=0,setpts=N/{CLIP_FPS}/TB",
+            "-c:v", "libx264", "-preset", "veryfast", "-profile:v", "main", "-bf", "0",
+            "-g", str(CLIP_FPS), "-keyint_min", str(CLIP_FPS), "-sc_threshold", "0",
+            "-pix_fmt", "yuv420p", "-crf", "26", "-r", str(CLIP_FPS), "-f", "h264", str(partial),
+        ],
+        "make the still clip",
+    )  # fmt: skip
+    os.replace(partial, still)
+    return still
 
 
 def _download_source(workdir: Path) -> Path:

@@ -25,12 +25,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from deploy.camera.clip import CLIP_FPS, DEFAULT_CLIP_DIR, ensure_clip
+from deploy.camera.clip import CLIP_FPS, DEFAULT_CLIP_DIR, ensure_clip, ensure_still_clip
 from deploy.servers import free_port
 
 SYSTEM_PYTHON = os.environ.get("LOOKOUT_CAMERA_PYTHON", "/usr/bin/python3")
 SERVER_SCRIPT = Path(__file__).resolve().with_name("rtsp_server.py")
 DEFAULT_MOUNTS = ("cam1", "cam2", "cam3", "cam4")
+STILL_MOUNT = "still"  # always served beside the others: the clip's first frame, nothing moves
 
 
 class CameraError(RuntimeError):
@@ -54,8 +55,18 @@ class TestCamera:
 
     __test__ = False  # not a pytest test class despite the name
 
-    def __init__(self, *, host: str = "127.0.0.1", clip_dir: Path | None = None, log_dir: Path | None = None):
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        clip_dir: Path | None = None,
+        log_dir: Path | None = None,
+        fps: int = CLIP_FPS,
+    ):
+        """``fps``: the rate the clips are played at; above the clip's 10 it plays faster (the
+        benchmark sends 30 fps so that one stream is limited by its model, not by the camera)."""
         self.host = host
+        self.fps = fps
         self.clip_dir = clip_dir or DEFAULT_CLIP_DIR
         self.log_dir = log_dir or self.clip_dir
         self.port: int | None = None
@@ -81,9 +92,10 @@ class TestCamera:
         self.port = port or self.port or free_port()
         self.mounts = tuple(mounts or self.mounts)
         argv = [SYSTEM_PYTHON, str(SERVER_SCRIPT), "--host", self.host, "--port", str(self.port)]
-        argv += ["--clip", str(clip), "--fps", str(CLIP_FPS)]
+        argv += ["--clip", str(clip), "--fps", str(self.fps)]
         for mount in self.mounts:
             argv += ["--mount", mount]
+        argv += ["--mount", f"{STILL_MOUNT}={ensure_still_clip(self.clip_dir)}"]
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"rtsp-server-{self.port}.log"
         with open(log_path, "ab") as log:

@@ -4,7 +4,7 @@ Run by the *system* Python (it needs ``python3-gi`` and ``gir1.2-gst-rtsp-server
 virtual environment does not see)::
 
     /usr/bin/python3 deploy/camera/rtsp_server.py --port 8554 --clip .lookout/camera/vtest.h264 \
-        --mount cam1 --mount cam2
+        --mount cam1 --mount cam2 --mount still=.lookout/camera/vtest-still.h264
 
 The clip is an Annex-B H.264 elementary stream without B-frames and with a keyframe about every
 second (``deploy/camera/clip.py`` makes one). ``multifilesrc loop=true`` re-reads the file forever
@@ -56,19 +56,18 @@ def _on_media_configure(_factory: GstRtspServer.RTSPMediaFactory, media: GstRtsp
 
 
 def build_server(
-    *, host: str, port: int, clip: Path, mounts: list[str], fps: int, threads: int
+    *, host: str, port: int, mounts: dict[str, Path], fps: int, threads: int
 ) -> GstRtspServer.RTSPServer:
-    """An RTSP server with one shared, looping media factory per mount point."""
+    """An RTSP server with one shared, looping media factory per mount point, each on its clip."""
     server = GstRtspServer.RTSPServer()
     server.set_address(host)
     server.set_service(str(port))
     pool = server.get_thread_pool()
     pool.set_max_threads(threads)
     mount_points = server.get_mount_points()
-    launch = PIPELINE.format(clip=clip, fps=fps)
-    for mount in mounts:
+    for mount, clip in mounts.items():
         factory = GstRtspServer.RTSPMediaFactory()
-        factory.set_launch(launch)
+        factory.set_launch(PIPELINE.format(clip=clip, fps=fps))
         factory.set_shared(True)
         factory.connect("media-configure", _on_media_configure)
         mount_points.add_factory("/" + mount.strip("/"), factory)
@@ -82,20 +81,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--clip", type=Path, required=True, help="Annex-B H.264 file without B-frames")
-    parser.add_argument("--mount", action="append", default=[], help="mount point name (repeatable)")
-    parser.add_argument("--fps", type=int, default=10, help="frame rate of the clip")
+    parser.add_argument(
+        "--mount", action="append", default=[], help="mount point NAME or NAME=CLIP (repeatable)"
+    )
+    parser.add_argument("--fps", type=int, default=10, help="frame rate the clips are played at")
     parser.add_argument("--threads", type=int, default=8, help="RTSP server thread pool size (> 1)")
     args = parser.parse_args(argv)
-    if not args.clip.is_file():
-        parser.error(f"clip not found: {args.clip}")
-    mounts = args.mount or ["cam1"]
+    mounts = {}
+    for mount in args.mount or ["cam1"]:
+        name, _, clip = mount.partition("=")
+        mounts[name] = Path(clip) if clip else args.clip
+    for clip in mounts.values():
+        if not clip.is_file():
+            parser.error(f"clip not found: {clip}")
 
     Gst.init(None)
     server = build_server(
         host=args.host,
         port=args.port,
-        clip=args.clip.resolve(),
-        mounts=mounts,
+        mounts={name: clip.resolve() for name, clip in mounts.items()},
         fps=args.fps,
         threads=max(2, args.threads),
     )

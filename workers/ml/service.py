@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Collection, Coroutine, Hashable
+from multiprocessing.process import BaseProcess
 from types import TracebackType
 from typing import Any, cast
 
@@ -28,6 +30,7 @@ from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
+from core.inference import detection_threads
 from core.kafka import ConsumerLagReporter, create_consumer, create_producer, ensure_topics
 from core.messages import (
     ErrorKind,
@@ -46,7 +49,7 @@ from core.states import StreamState
 from workers.dead_letters import dead_letter
 from workers.entrypoint import run_service
 from workers.ml.offsets import OffsetTracker
-from workers.ml.preload import start_preloading
+from workers.ml.preload import prepare_default_model, start_preloading
 from workers.ml.stream import QueuedFrame, StreamProcess, StreamStats
 from workers.state_events import Heartbeats, StateEventPublisher
 
@@ -79,12 +82,15 @@ class MLService:
         self._lag: ConsumerLagReporter | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._last_commit = 0.0
+        self._cores = settings.ml_cores or len(os.sched_getaffinity(0))
+        self._preparing: BaseProcess | None = None
 
     # --- lifecycle of the service -----------------------------------------------------------------
 
     async def start(self) -> None:
         """Start preloading the detection processes' imports, connect, consume commands and frames."""
-        start_preloading()
+        start_preloading(self.settings)
+        self._preparing = prepare_default_model(self.settings)
         self._producer = create_producer(self.settings, client_id="lookout-ml")
         await self._producer.start()
         self._events = StateEventPublisher(self.settings, self._producer, Service.ML)
@@ -115,6 +121,9 @@ class MLService:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self._hand_over(list(self.streams))
+        if self._preparing is not None and self._preparing.is_alive():
+            self._preparing.terminate()  # an export cut short leaves nothing: the next start makes it
+            await asyncio.to_thread(self._preparing.join, 5.0)
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         if self._consumer is not None:
@@ -259,7 +268,8 @@ class MLService:
     def _start_stream(
         self, stream_id: str, options: StreamOptions | None, partition: int
     ) -> StreamProcess | None:
-        stream = StreamProcess(self.settings, stream_id, options, self)
+        threads = detection_threads(self._cores, len(self.streams) + 1, self.settings.ml_threads)
+        stream = StreamProcess(self.settings, stream_id, options, self, threads=threads)
         try:
             stream.start()
         except Exception as err:  # e.g. out of memory or processes: report it, keep serving others
@@ -270,7 +280,14 @@ class MLService:
             return None
         self.streams[stream_id] = stream
         self._partition_of[stream_id] = partition
+        self._share_cores()
         return stream
+
+    def _share_cores(self) -> None:
+        """Give every running detection process its share of the cores (core/inference.py)."""
+        threads = detection_threads(self._cores, len(self.streams), self.settings.ml_threads)
+        for stream in self.streams.values():
+            stream.set_threads(threads)
 
     def _end_stream(
         self, stream_id: str, *, handing_over: bool = False, restarting: bool = False
@@ -297,6 +314,7 @@ class MLService:
                 if not (handing_over or restarting):
                     self._remember_finished(stream_id, stream.stats)
                 self._ending.pop(stream_id, None)
+                self._share_cores()
 
         task = asyncio.create_task(end(), name=f"ml-stop-{stream_id}")
         self._ending[stream_id] = task

@@ -21,6 +21,7 @@ from core.metrics import (
     DETECTIONS_STORED,
     FRAMES_DROPPED,
     FRAMES_PROCESSED,
+    FRAMES_SKIPPED,
     INFERENCE_SECONDS,
     ML_QUEUE_DEPTH,
 )
@@ -33,8 +34,10 @@ from workers.ml.messages import (
     ProcessFailed,
     ProcessMessage,
     ReadyForFrames,
+    SetThreads,
     StopProcess,
     StreamClosed,
+    ThreadsSet,
     UpdateOptions,
 )
 from workers.ml.preload import detection_context
@@ -106,7 +109,7 @@ class StreamStats:
 
     received: int = 0
     handed: int = 0  # frames given to the process
-    processed: int = 0  # frames the process finished (stored, empty, duplicate or failed)
+    processed: int = 0  # frames the process finished (stored, empty, duplicate, failed or skipped)
     stored: int = 0
     dropped: int = 0  # dropped by the bounded queue under overload
     discarded: int = 0  # still queued when the stream stopped
@@ -114,6 +117,7 @@ class StreamStats:
     busy_at_stop: bool = False  # a frame was in hand when the stop came (and was let finish)
     inference_s: float = 0.0  # model time of the processed frames, summed
     inferred: int = 0  # frames that went through the model
+    skipped: int = 0  # motion gating: nothing moved, the model did not run
     newest_capture_ts: float | None = None  # capture time of the newest frame finished
 
 
@@ -127,16 +131,20 @@ class StreamProcess:
         options: StreamOptions | None,
         listener: StreamListener,
         *,
+        threads: int = 1,
         context: ForkServerContext | None = None,
     ) -> None:
         self.stream_id = stream_id
+        self.threads = threads  # asked of the process; what it runs on is in self.running_threads
+        self.running_threads: int | None = None
+        self.backend: str | None = None  # what the process runs, once it is ready
         self.queue: FrameQueue[QueuedFrame] = FrameQueue(settings.ml_queue_size)
         self.stats = StreamStats()
         self._listener = listener
         self._child: ChildProcess[ProcessMessage] = ChildProcess(
             context or detection_context(),
             target=run_detection_process,
-            args=(settings, stream_id, options),
+            args=(settings, stream_id, options, threads),
             name=f"lookout-ml-{stream_id}",
             duplex=True,
             on_message=self._on_message,
@@ -191,13 +199,22 @@ class StreamProcess:
         ML_QUEUE_DEPTH.labels(self.stream_id).set(len(self.queue))
         return StreamFigures(
             frames_received=stats.received,
-            frames_processed=stats.processed,
+            frames_processed=stats.processed - stats.skipped,  # through the model
             frames_stored=stats.stored,
             frames_dropped=stats.dropped,
             queue_depth=len(self.queue),
             inference_ms=round(1000 * (stats.inference_s - inference_s) / count, 2) if count > 0 else None,
             newest_frame_age_s=round(max(0.0, time.time() - newest), 3) if newest is not None else None,
+            frames_skipped=stats.skipped,
+            backend=self.backend,
+            threads=self.running_threads,
         )
+
+    def set_threads(self, threads: int) -> None:
+        """Have the process run inference on ``threads`` threads (sent once per change)."""
+        if threads != self.threads and not self._ended:
+            self.threads = threads
+            self._child.send(SetThreads(threads))
 
     def update_options(self, options: StreamOptions) -> None:
         if not self._ended:
@@ -262,8 +279,13 @@ class StreamProcess:
 
     def _on_message(self, message: ProcessMessage) -> None:
         if isinstance(message, ReadyForFrames):
+            self.backend, self.running_threads = message.backend or None, message.threads
+            if message.note:
+                log.warning("model note", extra={"stream_id": self.stream_id, "note": message.note})
             self._wants_frame = True
             self._hand_over()
+        elif isinstance(message, ThreadsSet):
+            self.running_threads = message.threads
         elif isinstance(message, FrameDone):
             self._on_frame_done(message)
         elif isinstance(message, ProcessFailed):
@@ -294,6 +316,9 @@ class StreamProcess:
     def _count(self, done: FrameDone) -> None:
         """The process's report of a frame, into the stream's stats and metrics."""
         sid = self.stream_id
+        if done.skipped:
+            self.stats.skipped += 1
+            FRAMES_SKIPPED.labels(sid).inc()
         if done.inference_s is not None:
             self.stats.inference_s += done.inference_s
             self.stats.inferred += 1
@@ -333,6 +358,7 @@ class StreamProcess:
             "processed": s.processed,
             "stored": s.stored,
             "dropped": s.dropped,
+            "skipped": s.skipped,
             "discarded": s.discarded,
             "queue_high_water": s.queue_high_water,
             "busy_at_stop": s.busy_at_stop,

