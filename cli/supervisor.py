@@ -157,13 +157,14 @@ class ServiceSupervisor:
                 log.warning("exited; restarting", extra={"service_name": part.name, "restart_in_s": delay})
                 if self._stopping.wait(delay):
                     return
-                part.restarts += 1
                 try:
                     part.start()
                 except Exception:  # e.g. a server not ready in time: tried again on the next round
                     log.exception("restart failed", extra={"service_name": part.name})
+                    part.restarts += 1
                     part.started_at = time.monotonic()
                     continue
+                part.restarts += 1  # counted once the new process exists: readers see both together
                 log.warning("restarted", extra={"service_name": part.name, "restarts": part.restarts})
                 if self._on_restart is not None:
                     self._on_restart(part)

@@ -41,6 +41,11 @@ def create_producer(
     )
 
 
+def consumer_group(settings: Settings, role: str) -> str:
+    """The consumer group of a service role (``runner``, ``ml``, ``state-manager``)."""
+    return f"{settings.kafka_group_prefix}-{role}"
+
+
 def create_consumer(
     settings: Settings,
     *topics: str,

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     topic_frames: str = "lookout.frames"
     topic_states: str = "lookout.states"
     topic_dead_letter: str = "lookout.dead-letter"
+    # consumer groups are <prefix>-runner, <prefix>-ml and <prefix>-state-manager: two deployments
+    # (or two test runs) sharing a broker use different prefixes
+    kafka_group_prefix: str = "lookout"
     kafka_session_timeout_ms: int = 6000
     kafka_heartbeat_ms: int = 1000
     kafka_fetch_max_wait_ms: int = 50

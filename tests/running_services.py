@@ -51,6 +51,7 @@ async def isolated_settings(base: Settings, **overrides: Any) -> Settings:
             "topic_states": f"lookout.states.{tag}",
             "topic_dead_letter": f"lookout.dead-letter.{tag}",
             "temporal_task_queue": f"lookout-lifecycle-{tag}",
+            "kafka_group_prefix": f"lookout-{tag}",  # no dead member of another test in its groups
             # Tansu makes a group join wait half the session: keep joins short in tests
             "kafka_session_timeout_ms": 2000,
             "kafka_heartbeat_ms": 500,

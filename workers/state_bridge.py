@@ -24,7 +24,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 from tenacity import AsyncRetrying, retry_if_exception
 
-from core.kafka import ConsumerLagReporter, create_consumer, create_producer
+from core.kafka import ConsumerLagReporter, consumer_group, create_consumer, create_producer
 from core.messages import StateEvent
 from core.metrics import (
     BAD_MESSAGES,
@@ -42,7 +42,6 @@ from workflows.starter import signal_with_start
 
 log = logging.getLogger(__name__)
 
-GROUP_ID = "lookout-state-manager"
 # Statuses that say "try again later"; any other error of a signal is about the event itself.
 TRANSIENT_STATUSES = frozenset(
     {
@@ -91,13 +90,13 @@ class StateBridge:
         settings: Settings,
         signal_event: Signaller,
         *,
-        group_id: str = GROUP_ID,
+        group_id: str | None = None,
         max_backoff_s: float = 30.0,
         max_unexpected_failures: int = 5,
     ) -> None:
         self._settings = settings
         self._signal_event = signal_event
-        self._group_id = group_id
+        self._group_id = group_id or consumer_group(settings, "state-manager")
         self._max_backoff_s = max_backoff_s
         self._max_unexpected_failures = max_unexpected_failures
         self.assigned = asyncio.Event()  # set once the consumer has joined and owns partitions

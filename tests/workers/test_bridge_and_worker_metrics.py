@@ -8,7 +8,7 @@ import uuid
 import asyncpg
 import pytest
 
-from core.kafka import create_producer
+from core.kafka import consumer_group, create_producer
 from core.messages import EventKind, Service, StateEvent
 from core.settings import Settings
 from core.states import StreamState
@@ -16,7 +16,6 @@ from core.temporal import connect_temporal, workflow_id
 from deploy import servers
 from tests.running_services import isolated_settings
 from tests.service_processes import MetricSamples, running_service, wait_for_metrics
-from workers.state_bridge import GROUP_ID
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +51,10 @@ async def test_bridge_serves_consumer_lag_and_event_counts_and_the_worker_the_st
         return (
             scraped.value("lookout_bridge_events_signalled_total") == 1
             and scraped.value("lookout_bridge_events_dead_lettered_total") == len(MALFORMED)
-            and scraped.value("lookout_consumer_lag", group=GROUP_ID, topic=own.topic_states) == 0
+            and scraped.value(
+                "lookout_consumer_lag", group=consumer_group(own, "state-manager"), topic=own.topic_states
+            )
+            == 0
         )
 
     def startup_recorded(scraped: MetricSamples) -> bool:

@@ -31,7 +31,7 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from core.inference import detection_threads
-from core.kafka import ConsumerLagReporter, create_consumer, create_producer, ensure_topics
+from core.kafka import ConsumerLagReporter, consumer_group, create_consumer, create_producer, ensure_topics
 from core.messages import (
     ErrorKind,
     EventKind,
@@ -55,7 +55,6 @@ from workers.state_events import Heartbeats, StateEventPublisher
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GROUP_ID = "lookout-ml"
 FINISHED_STREAMS_KEPT = 10_000  # remembered so that late frames of a stopped stream start nothing
 COMMIT_INTERVAL_S = 1.0
 
@@ -63,9 +62,9 @@ COMMIT_INTERVAL_S = 1.0
 class MLService:
     """Runs detection for every stream this member owns and publishes ML's state events."""
 
-    def __init__(self, settings: Settings, *, group_id: str = DEFAULT_GROUP_ID) -> None:
+    def __init__(self, settings: Settings, *, group_id: str | None = None) -> None:
         self.settings = settings
-        self.group_id = group_id
+        self.group_id = group_id or consumer_group(settings, "ml")
         # a frame still busy after this much of the ack deadline is abandoned so the ack is in time
         self.stop_grace_s = max(1.0, settings.ack_deadline_s / 2)
         self.streams: dict[str, StreamProcess] = {}

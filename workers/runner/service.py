@@ -27,7 +27,7 @@ from aiokafka.errors import KafkaError
 from cryptography.fernet import InvalidToken
 from pydantic import ValidationError
 
-from core.kafka import ConsumerLagReporter, create_consumer, create_producer, ensure_topics
+from core.kafka import ConsumerLagReporter, consumer_group, create_consumer, create_producer, ensure_topics
 from core.messages import (
     ErrorKind,
     EventKind,
@@ -51,16 +51,15 @@ from workers.state_events import Heartbeats, StateEventPublisher
 
 log = logging.getLogger(__name__)
 
-RUNNER_GROUP = "lookout-runner"
 SEEN_COMMANDS = 10_000  # start command ids remembered to ignore redelivered duplicates
 
 
 class RunnerService:
     """Consumes commands and keeps one capture process per running stream."""
 
-    def __init__(self, settings: Settings, *, group_id: str = RUNNER_GROUP) -> None:
+    def __init__(self, settings: Settings, *, group_id: str | None = None) -> None:
         self.settings = settings
-        self.group_id = group_id
+        self.group_id = group_id or consumer_group(settings, "runner")
         self.streams: dict[str, CaptureProcess] = {}
         self._stops: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()

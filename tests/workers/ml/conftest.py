@@ -60,6 +60,7 @@ def topics_of_their_own(settings: Settings) -> Settings:
             "topic_commands": f"test.ml.commands.{suffix}",
             "topic_frames": f"test.ml.frames.{suffix}",
             "topic_states": f"test.ml.states.{suffix}",
+            "kafka_group_prefix": f"test-{suffix}",
             "kafka_session_timeout_ms": 3000,
             "heartbeat_interval_s": 1.0,
         }

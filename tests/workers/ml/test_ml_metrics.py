@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
+from core.kafka import consumer_group
 from core.messages import StopCommand, StreamOptions
 from core.settings import Settings
 from deploy import servers
 from tests.service_processes import MetricSamples, running_service, wait_for_metrics
 from tests.workers.ml.conftest import create_topics, frame_sender, insert_stream, jpeg_of, topics_of_their_own
-from workers.ml.service import DEFAULT_GROUP_ID
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +50,9 @@ async def test_ml_metrics_count_processed_dropped_and_stored_frames_with_their_t
         assert of_stream(scraped, "lookout_detections_stored_total") == processed
         assert of_stream(scraped, "lookout_capture_to_row_seconds_count") == processed
         assert of_stream(scraped, "lookout_capture_to_row_seconds_sum") > 0
-        lag = scraped.value("lookout_consumer_lag", group=DEFAULT_GROUP_ID, topic=ml_settings.topic_frames)
+        lag = scraped.value(
+            "lookout_consumer_lag", group=consumer_group(ml_settings, "ml"), topic=ml_settings.topic_frames
+        )
         assert lag == 0  # ML hands every fetched frame to its queue at once
 
         await sender.command(stream_id, StopCommand(stream_id=stream_id).model_dump_json())

@@ -57,6 +57,7 @@ def runner_settings(kafka_bootstrap: str, **overrides: object) -> Settings:
         "topic_frames": f"{prefix}.frames",
         "topic_states": f"{prefix}.states",
         "topic_dead_letter": f"{prefix}.dead-letter",
+        "kafka_group_prefix": prefix,  # no dead member of another test in its group
         "kafka_session_timeout_ms": 3000,  # the embedded broker's group joins wait half of this
         "kafka_heartbeat_ms": 500,
         "kafka_fetch_max_wait_ms": 20,

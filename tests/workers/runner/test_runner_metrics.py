@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from core.kafka import create_producer, ensure_topics
+from core.kafka import consumer_group, create_producer, ensure_topics
 from core.messages import StartCommand, StopCommand, StreamOptions
 from core.sealing import UrlSealer
 from core.settings import Settings
@@ -14,7 +14,6 @@ from deploy import servers
 from deploy.camera.control import TestCamera
 from tests.service_processes import MetricSamples, running_service, wait_for_metrics
 from tests.workers.runner.conftest import runner_settings
-from workers.runner.service import RUNNER_GROUP
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +61,14 @@ async def test_runner_metrics_count_frames_read_and_published_per_stream_and_for
         read = scraped.value("lookout_frames_read_total", stream_id=stream_id)
         # the camera sends 25 fps and the stream asks for 5: more frames are read than published
         assert read is not None and read > published(scraped)
-        assert scraped.value("lookout_consumer_lag", group=RUNNER_GROUP, topic=settings.topic_commands) == 0
+        assert (
+            scraped.value(
+                "lookout_consumer_lag",
+                group=consumer_group(settings, "runner"),
+                topic=settings.topic_commands,
+            )
+            == 0
+        )
 
         await send(settings, StopCommand(stream_id=stream_id))
         await wait_for_metrics(port, lambda m: not m.has_label("stream_id", stream_id), service=runner)
