@@ -15,7 +15,7 @@ from prometheus_client import make_asgi_app
 
 from api.limits import MaxBodySize, RateLimiter
 from api.readiness import TemporalConnection
-from api.routes import detections, health, keys, streams, ui
+from api.routes import detections, events, health, keys, streams, ui
 from core.db import create_pool
 from core.logs import configure_logging
 from core.settings import Settings, get_settings
@@ -47,7 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_exception_handler(RequestValidationError, validation_error_without_input)  # type: ignore[arg-type]
-    for router in (streams.router, detections.router, keys.router, health.router, ui.router):
+    for router in (streams.router, detections.router, events.router, keys.router, health.router, ui.router):
         app.include_router(router)
     app.add_middleware(MaxBodySize, max_bytes=settings.max_request_bytes)
     app.mount("/metrics", make_asgi_app())

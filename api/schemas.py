@@ -8,9 +8,11 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.analytics import MAX_SHAPES, Line, Zone
 from core.health import StreamHealth
 from core.messages import StreamOptions
 from core.states import StreamState
+from core.text import StorableText
 
 ALLOWED_SCHEMES = ("rtsp", "rtsps")
 MAX_IDEMPOTENCY_KEY_LENGTH = 200
@@ -36,6 +38,54 @@ class ShutdownRequest(BaseModel):
     id: uuid.UUID = Field(description="The stream id returned by POST /init")
 
 
+class ZoneFigures(BaseModel):
+    name: str
+    occupancy: int = Field(description="Tracked objects standing in the zone now")
+    entered: int
+    left: int
+
+
+class LineFigures(BaseModel):
+    name: str
+    count_in: int = Field(
+        serialization_alias="in", description="Crossings from the left of first→second point"
+    )
+    count_out: int = Field(serialization_alias="out")
+
+    model_config = ConfigDict(serialize_by_alias=True)
+
+
+class AnalyticsFigures(BaseModel):
+    """Per zone its occupancy and counts, per line its crossings in each direction (since the stream
+    started; occupancy as its detection process last saw it)."""
+
+    zones: list[ZoneFigures]
+    lines: list[LineFigures]
+
+
+class OptionsPatch(BaseModel):
+    """Options of a running stream to change; a field left out keeps its value, null clears it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    confidence: float | None = Field(default=None, ge=0, le=1)
+    classes: list[StorableText] | None = Field(default=None, max_length=80)
+    motion_gating: bool | None = None
+    motion_max_skip_s: float | None = Field(default=None, gt=0, le=3600)
+    zones: list[Zone] | None = Field(default=None, max_length=MAX_SHAPES)
+    lines: list[Line] | None = Field(default=None, max_length=MAX_SHAPES)
+    track: bool | None = None
+    webhook_url: str | None = Field(default=None, max_length=2000)
+
+
+class PatchRequest(BaseModel):
+    """Change a running stream's analytics and detection options; they reach its processes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    options: OptionsPatch
+
+
 class StreamView(BaseModel):
     """A stream as the API shows it: never the full URL, only the redacted one."""
 
@@ -56,6 +106,13 @@ class StreamView(BaseModel):
     )
     health_unavailable: str | None = Field(
         default=None, description="Why ``health`` is null (the stream has ended, Temporal did not answer)"
+    )
+    analytics: AnalyticsFigures | None = Field(
+        default=None, description="With zones or lines: occupancy per zone, crossings per line"
+    )
+    webhook_secret: str | None = Field(
+        default=None,
+        description="The stream's webhook signing secret: shown once, in the response that made it",
     )
 
 

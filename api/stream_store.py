@@ -13,13 +13,14 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from api.schemas import AnalyticsFigures, LineFigures, ZoneFigures
 from core.messages import EventKind, Service, StartCommand, StateEvent, StreamOptions
 from core.outbox import command_message, enqueue, event_message
 from core.redact import redact_url
 from core.sealing import UrlSealer
 from core.settings import Settings
 from core.states import StreamState
-from core.streams import COLUMNS, StreamRow, count_active, insert_stream, record_state
+from core.streams import COLUMNS, StreamRow, count_active, ensure_webhook_secret, insert_stream, record_state
 
 
 class IdempotencyConflict(Exception):
@@ -39,6 +40,36 @@ class CapacityReached(Exception):
 class InitOutcome:
     stream: StreamRow
     created: bool  # False: an earlier request with the same Idempotency-Key created it
+    webhook_secret: str | None = None  # made now for the stream's webhook_url: shown once
+
+
+async def analytics_figures(
+    pool: asyncpg.Pool, streams: list[StreamRow]
+) -> dict[uuid.UUID, AnalyticsFigures]:
+    """Per stream with zones or lines: its zones' occupancy and counts and its lines' crossings (every
+    zone and line of its options, at 0 until its detection process writes them)."""
+    wanted = [s for s in streams if s.options.has_analytics]
+    if not wanted:
+        return {}
+    rows = await pool.fetch(
+        "SELECT stream_id, name, occupancy, count_in, count_out FROM stream_analytics WHERE stream_id = ANY($1)",
+        [s.id for s in wanted],
+    )
+    stored = {(r["stream_id"], r["name"]): r for r in rows}
+    figures = {}
+    for stream in wanted:
+
+        def of(name: str, stream_id: uuid.UUID = stream.id) -> tuple[int, int, int]:
+            row = stored.get((stream_id, name))
+            return (row["occupancy"], row["count_in"], row["count_out"]) if row else (0, 0, 0)
+
+        zones = [(z.name, *of(z.name)) for z in stream.options.zones or []]
+        lines = [(ln.name, *of(ln.name)) for ln in stream.options.lines or []]
+        figures[stream.id] = AnalyticsFigures(
+            zones=[ZoneFigures(name=n, occupancy=o, entered=i, left=out) for n, o, i, out in zones],
+            lines=[LineFigures(name=n, count_in=i, count_out=out) for n, _, i, out in lines],
+        )
+    return figures
 
 
 @dataclass(frozen=True)
@@ -95,7 +126,8 @@ async def create_stream(
             earlier = await _replay(conn, idempotency_key or "", digest, options)
             assert earlier is not None, "ON CONFLICT reported a key that no row holds"
             return InitOutcome(stream=earlier, created=False)
-    return InitOutcome(stream=row, created=True)
+        secret = await ensure_webhook_secret(conn, stream_id, options, sealer)
+    return InitOutcome(stream=row, created=True, webhook_secret=secret)
 
 
 async def _replay(

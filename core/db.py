@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -9,10 +10,14 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 from alembic import command
 from alembic.config import Config
+from tenacity import retry_if_exception_type
 
+from core.retry import Stopped, retrying
 from core.settings import Settings
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# what Postgres down, restarting or unreachable raises
+POSTGRES_DOWN = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -30,6 +35,19 @@ async def create_pool(settings: Settings) -> asyncpg.Pool:
     )
     assert pool is not None
     return pool
+
+
+async def connect_pool(settings: Settings, stop: asyncio.Event) -> asyncpg.Pool | None:
+    """The pool, retried with backoff while Postgres is unreachable; None when ``stop`` is set first."""
+    try:
+        async for attempt in retrying(
+            settings, "postgres connect", stop_event=stop, retry=retry_if_exception_type(POSTGRES_DOWN)
+        ):
+            with attempt:
+                return await create_pool(settings)
+    except Stopped:
+        return None
+    raise AssertionError("unreachable: retrying ends in a return or Stopped")
 
 
 def _with_database(url: str, database: str) -> str:

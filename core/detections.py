@@ -23,3 +23,6 @@ class DetectedObject(BaseModel):
     class_id: int
     confidence: float = Field(ge=0, le=1)
     box: Box
+    track_id: int | None = Field(
+        default=None, description="Its track (with tracking on): the same object keeps it"
+    )

@@ -81,6 +81,7 @@ def lookout_topics(settings: Settings) -> list[str]:
         settings.topic_frames,
         settings.topic_states,
         settings.topic_dead_letter,
+        settings.topic_events,
     ]
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from core.analytics import MAX_SHAPES, Line, Zone, shapes_problem
 from core.inference import Backend, Precision
 from core.states import StreamState
 from core.text import StorableText
@@ -77,6 +79,22 @@ class StreamFigures(BaseModel):
     threads: int | None = None  # ml: the detection process's inference threads
 
 
+def webhook_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot receive webhooks, or None; the reason never repeats the URL."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError on a bad port)
+    except ValueError:
+        return "webhook_url is malformed (bad port or host)"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "webhook_url must be an http:// or https:// URL with a host"
+    if parts.username or parts.password:
+        return "webhook_url must not hold credentials: events are signed with the stream's webhook secret"
+    if any(ch.isspace() or not ch.isprintable() for ch in url):
+        return "webhook_url must not contain whitespace or control characters"
+    return None
+
+
 class StreamOptions(BaseModel):
     """Per-stream options chosen at /init; passed to the runner and ML with the start command."""
 
@@ -101,6 +119,41 @@ class StreamOptions(BaseModel):
     motion_max_skip_s: float | None = Field(
         default=None, gt=0, le=3600, description="With motion gating: detect at least this often all the same"
     )
+    zones: list[Zone] | None = Field(
+        default=None, max_length=MAX_SHAPES, description="Named polygons: entered, left and dwell events"
+    )
+    lines: list[Line] | None = Field(
+        default=None, max_length=MAX_SHAPES, description="Named segments: crossed events with a direction"
+    )
+    track: bool | None = Field(
+        default=None,
+        description="Track objects (ByteTrack): a track_id per object; default on with zones or lines",
+    )
+    webhook_url: str | None = Field(
+        default=None,
+        max_length=2000,
+        description="Every event of the stream is POSTed here, signed (X-Lookout-Signature)",
+    )
+
+    @model_validator(mode="after")
+    def _analytics_valid(self) -> Self:
+        problem = shapes_problem(self.zones, self.lines)
+        if problem is not None:
+            raise ValueError(problem)
+        if self.webhook_url is not None and (problem := webhook_url_problem(self.webhook_url)) is not None:
+            raise ValueError(problem)
+        return self
+
+    @property
+    def tracking(self) -> bool:
+        """Whether the stream's objects are tracked: asked for, or implied by zones and lines."""
+        if self.track is not None:
+            return self.track
+        return bool(self.zones or self.lines)
+
+    @property
+    def has_analytics(self) -> bool:
+        return bool(self.zones or self.lines)
 
 
 class StartCommand(BaseModel):

@@ -40,6 +40,11 @@ FRAMES_SKIPPED = Counter(
     "Frames skipped by motion gating: nothing moved, no row (ml)",
     ["stream_id"],
 )
+ANALYTICS_EVENTS = Counter(
+    "lookout_analytics_events_total",
+    "Zone and line events stored (entered, left, dwell, crossed), per zone or line",
+    ["stream_id", "zone", "kind"],
+)
 DETECTIONS_STORED = Counter(
     "lookout_detections_stored_total", "Detection rows inserted (one per frame with objects)", ["stream_id"]
 )
@@ -79,6 +84,7 @@ PER_STREAM = (
     FRAMES_DROPPED,
     FRAMES_PROCESSED,
     FRAMES_SKIPPED,
+    ANALYTICS_EVENTS,
     DETECTIONS_STORED,
     INFERENCE_SECONDS,
     CAPTURE_TO_ROW_SECONDS,
@@ -101,6 +107,15 @@ BAD_MESSAGES = Counter(
 DEAD_LETTERED = Counter(
     "lookout_dead_lettered_total", "Records copied to the dead-letter topic", ["service", "topic"]
 )
+
+# --- webhooks ----------------------------------------------------------------------------------------
+
+WEBHOOK_ATTEMPTS = Counter(
+    "lookout_webhook_attempts",
+    "Webhook deliveries tried, by outcome: delivered, retry (failed, tried again later), dead",
+    ["outcome"],
+)
+WEBHOOK_PENDING = Gauge("lookout_webhook_pending", "Webhook deliveries not yet delivered nor dead")
 
 # --- outbox relay ------------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from core.analytics import AnalyticsEvent
 from core.messages import StartCommand, StateEvent, StopCommand
 from core.settings import Settings
 
@@ -29,6 +30,16 @@ class OutboxMessage:
 def command_dedupe_key(command_id: str) -> str:
     """The dedupe key of a command: a retried insert of the same command is a no-op."""
     return f"command:{command_id}"
+
+
+def analytics_message(settings: Settings, event: AnalyticsEvent) -> OutboxMessage:
+    """A zone or line event on the events topic, keyed by stream."""
+    return OutboxMessage(
+        topic=settings.topic_events,
+        key=event.stream_id,
+        payload=event.model_dump_json().encode(),
+        dedupe_key=f"analytics:{event.event_id}",
+    )
 
 
 def event_dedupe_key(event_id: str) -> str:
@@ -54,6 +65,12 @@ def event_message(settings: Settings, event: StateEvent) -> OutboxMessage:
         payload=event.model_dump_json().encode(),
         dedupe_key=event_dedupe_key(event.event_id),
     )
+
+
+INSERT_ONE = """
+INSERT INTO outbox (topic, key, payload, dedupe_key) VALUES (%s, %s, %s, %s)
+ON CONFLICT (dedupe_key) DO NOTHING
+"""  # psycopg's placeholders: the detection process's store, in its own transaction
 
 
 async def enqueue(conn: asyncpg.Connection, messages: list[OutboxMessage]) -> int:

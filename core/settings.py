@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     topic_frames: str = "lookout.frames"
     topic_states: str = "lookout.states"
     topic_dead_letter: str = "lookout.dead-letter"
+    topic_events: str = "lookout.events"  # zone and line events (core/analytics.py), via the outbox
     # consumer groups are <prefix>-runner, <prefix>-ml and <prefix>-state-manager: two deployments
     # (or two test runs) sharing a broker use different prefixes
     kafka_group_prefix: str = "lookout"
@@ -102,6 +103,19 @@ class Settings(BaseSettings):
     # is skipped, and a frame is detected at least every motion_max_skip_s all the same
     motion_min_changed: float = Field(default=0.002, gt=0, lt=1)
     motion_max_skip_s: float = Field(default=10.0, gt=0)
+    # Tracking and analytics (per-stream options track, zones, lines): ByteTrack keeps a lost track
+    # for track_buffer_s; a track unseen for analytics_lost_after_s has left its zones
+    track_buffer_s: float = Field(default=3.0, gt=0)
+    analytics_lost_after_s: float = Field(default=2.0, gt=0)
+
+    # Webhooks (per-stream option webhook_url; lookout-webhooks): each event POSTed, signed, retried
+    # with backoff from webhook_retry_first_s up to webhook_retry_max_s, dead after the last attempt
+    webhook_timeout_s: float = Field(default=5.0, gt=0)
+    webhook_max_attempts: int = Field(default=10, ge=1)
+    webhook_retry_first_s: float = Field(default=1.0, gt=0)
+    webhook_retry_max_s: float = Field(default=300.0, gt=0)
+    webhook_poll_s: float = Field(default=0.5, gt=0)
+    webhook_concurrency: int = Field(default=16, ge=1)
 
     # Camera URLs are sealed with this key (Fernet: AES-128-CBC + HMAC-SHA256, urlsafe base64 of 32
     # bytes), or the one in secret_key_file (`stack up` writes .lookout/secret-key; compose: a
@@ -128,6 +142,7 @@ class Settings(BaseSettings):
     metrics_port_relay: int = 9103
     metrics_port_bridge: int = 9104
     metrics_port_worker: int = 9105
+    metrics_port_webhooks: int = 9106
 
     # Embedded local stack
     data_dir: Path = Field(default=Path(".lookout"))

@@ -8,6 +8,7 @@ causes, all in one transaction. ``insert_stream`` is the first write, by ``/init
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from core.messages import Service, StartCommand, StreamOptions
 from core.outbox import OutboxMessage, command_message, enqueue
+from core.sealing import UrlSealer
 from core.settings import Settings
 from core.states import StreamState, may_advance
 
@@ -184,6 +186,75 @@ async def queue_restart(
                 command_id,
             )
     return True
+
+
+class OptionsWrite(BaseModel):
+    """What ``update_options`` did: ``row`` afterwards (None: no such stream); ``applied`` False: the
+    stream is already shutting down; ``webhook_secret``: made now (shown once), else None."""
+
+    applied: bool
+    row: StreamRow | None = None
+    webhook_secret: str | None = None
+
+
+def new_webhook_secret() -> str:
+    """A stream's webhook signing secret (HMAC-SHA256 key)."""
+    return "whsec_" + secrets.token_urlsafe(32)
+
+
+async def ensure_webhook_secret(
+    conn: asyncpg.Connection, stream_id: uuid.UUID, options: StreamOptions, sealer: UrlSealer
+) -> str | None:
+    """Give a stream with a webhook_url its signing secret, stored sealed, if it has none; the new
+    secret in clear (to show once), else None. Call it inside the caller's transaction."""
+    if options.webhook_url is None:
+        return None
+    secret = new_webhook_secret()
+    made = await conn.fetchval(
+        "UPDATE streams SET webhook_secret = $2 WHERE id = $1 AND webhook_secret IS NULL RETURNING id",
+        stream_id,
+        sealer.seal(secret),
+    )
+    return secret if made is not None else None
+
+
+async def update_options(
+    pool: asyncpg.Pool, settings: Settings, *, stream_id: uuid.UUID, options: StreamOptions, reason: str
+) -> OptionsWrite:
+    """Store a running stream's new options and send them to ML (a start command for ML only, which
+    hands them to the stream's process), with an audit row (kind ``options``), in one transaction."""
+    async with pool.acquire() as conn, conn.transaction():
+        record = await conn.fetchrow(
+            f"SELECT {COLUMNS}, url_full FROM streams WHERE id = $1 FOR UPDATE", stream_id
+        )
+        if record is None:
+            return OptionsWrite(applied=False)
+        current = StreamRow.from_record(record)
+        if current.state.is_shutting_down:
+            return OptionsWrite(applied=False, row=current)
+        updated = await conn.fetchrow(
+            f"UPDATE streams SET options = $2, updated_at = now() WHERE id = $1 RETURNING {COLUMNS}",
+            stream_id,
+            options.model_dump(exclude_none=True),
+        )
+        assert updated is not None, "the row lock keeps the row"
+        command = StartCommand(
+            stream_id=str(stream_id), url_sealed=record["url_full"], options=options, service=Service.ML
+        )
+        await enqueue(conn, [command_message(settings, command)])
+        await conn.execute(
+            """
+            INSERT INTO stream_events (stream_id, from_state, to_state, version, reason, source, event_id, kind)
+            VALUES ($1, $2, $2, $3, $4, 'api', $5, 'options')
+            """,
+            stream_id,
+            current.state.value,
+            current.version,
+            reason,
+            command.command_id,
+        )
+        secret = await ensure_webhook_secret(conn, stream_id, options, UrlSealer(settings))
+    return OptionsWrite(applied=True, row=StreamRow.from_record(updated), webhook_secret=secret)
 
 
 async def count_active(conn: asyncpg.Connection) -> int:

@@ -50,6 +50,7 @@ async def isolated_settings(base: Settings, **overrides: Any) -> Settings:
             "topic_commands": f"lookout.commands.{tag}",
             "topic_states": f"lookout.states.{tag}",
             "topic_dead_letter": f"lookout.dead-letter.{tag}",
+            "topic_events": f"lookout.events.{tag}",
             "temporal_task_queue": f"lookout-lifecycle-{tag}",
             "kafka_group_prefix": f"lookout-{tag}",  # no dead member of another test in its groups
             # Tansu makes a group join wait half the session: keep joins short in tests

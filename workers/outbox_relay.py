@@ -23,8 +23,8 @@ import asyncpg
 from aiokafka import AIOKafkaProducer
 from tenacity import retry_if_exception_type
 
-from core.db import create_pool
-from core.kafka import create_producer
+from core.db import POSTGRES_DOWN, connect_pool
+from core.kafka import create_producer, ensure_topics
 from core.metrics import OUTBOX_BACKLOG, OUTBOX_PUBLISH_FAILURES, OUTBOX_PUBLISHED
 from core.outbox import NOTIFY_CHANNEL
 from core.retry import Stopped, retrying, wait_any
@@ -38,7 +38,6 @@ STREAM_LOCK_SPACE = 0x6C6F6F6B
 CONTENDED_RETRY_S = 0.5
 STREAM_CANDIDATES_PER_ROW = 4  # streams looked at per batch row, so a second relay finds free ones
 BACKLOG_QUERY_TIMEOUT_S = 5.0
-POSTGRES_DOWN = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
 @dataclass(frozen=True)
@@ -256,6 +255,8 @@ class OutboxRelay:
             )
             try:
                 await producer.start()
+                # the events topic is only written through the outbox: the relay makes it
+                await ensure_topics(self._settings, [self._settings.topic_events])
             except BaseException:
                 with contextlib.suppress(Exception):
                     await producer.stop()
@@ -317,26 +318,13 @@ def _describe(error: BaseException) -> str:
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     """Run one relay until ``stop`` is set."""
-    pool = await _connect_pool(settings, stop)
+    pool = await connect_pool(settings, stop)
     if pool is None:
         return
     try:
         await OutboxRelay(settings, pool).run(stop)
     finally:
         await pool.close()
-
-
-async def _connect_pool(settings: Settings, stop: asyncio.Event) -> asyncpg.Pool | None:
-    """The Postgres pool, retried with backoff while Postgres is unreachable; None when stopped first."""
-    try:
-        async for attempt in retrying(
-            settings, "postgres connect", stop_event=stop, retry=retry_if_exception_type(POSTGRES_DOWN)
-        ):
-            with attempt:
-                return await create_pool(settings)
-    except Stopped:
-        return None
-    raise AssertionError("unreachable: retrying ends in a return or Stopped")
 
 
 def main() -> None:

@@ -67,8 +67,8 @@ class DetectionPage(BaseModel):
 MAX_CURSOR = 2**63 - 1  # frame_seq is a bigint
 
 
-def _parse_cursor(cursor: str | None) -> int | None:
-    """The frame number a cursor stands for; 422 unless it is a plain non-negative int64 decimal."""
+def parse_cursor(cursor: str | None, name: str = "cursor") -> int | None:
+    """The number a cursor stands for; 422 unless it is a plain non-negative int64 decimal."""
     if cursor is None:
         return None
     if not re.fullmatch(r"[0-9]{1,19}", cursor) or int(cursor) > MAX_CURSOR:
@@ -76,8 +76,8 @@ def _parse_cursor(cursor: str | None) -> int | None:
             [
                 {
                     "type": "value_error",
-                    "loc": ("query", "cursor"),
-                    "msg": "cursor must be a next_cursor value: a whole number from 0 to 2^63-1",
+                    "loc": ("query", name),
+                    "msg": f"{name} must be a next_cursor value: a whole number from 0 to 2^63-1",
                 }
             ]
         )
@@ -95,7 +95,7 @@ async def detection_result(
     cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None,
 ) -> DetectionPage:
     """The stream's detections newest first, each with a fresh link to its annotated image."""
-    before = _parse_cursor(cursor)
+    before = parse_cursor(cursor)
     rows = await db.fetch(PAGE, stream_id, before, limit + 1)
     if not rows and not await db.fetchval("SELECT EXISTS (SELECT 1 FROM streams WHERE id = $1)", stream_id):
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"stream {stream_id} not found")

@@ -1,4 +1,5 @@
-"""Start, stop and inspect streams: POST /init, POST /shutdown, GET /state, GET /streams."""
+"""Start, stop, change and inspect streams: POST /init, POST /shutdown, PATCH /streams/{id}, GET /state,
+GET /streams."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
 from api.auth import AUTH_RESPONSES, BODY_RESPONSES, AdminKey, ReadKey
 from api.deps import DbDep, InitLimiterDep, SettingsDep, TemporalDep
@@ -15,17 +17,26 @@ from api.health import Health, stream_health, streams_health
 from api.readiness import TemporalConnection
 from api.schemas import (
     MAX_IDEMPOTENCY_KEY_LENGTH,
+    AnalyticsFigures,
     InitRequest,
+    PatchRequest,
     ShutdownRequest,
     StreamList,
     StreamView,
     stream_url_problem,
 )
-from api.stream_store import CapacityReached, IdempotencyConflict, create_stream, request_shutdown
+from api.stream_store import (
+    CapacityReached,
+    IdempotencyConflict,
+    analytics_figures,
+    create_stream,
+    request_shutdown,
+)
 from core import metrics
+from core.messages import StreamOptions
 from core.settings import Settings
 from core.states import StreamState
-from core.streams import StreamRow, get_stream, list_streams
+from core.streams import StreamRow, get_stream, list_streams, update_options
 from core.temporal import workflow_id
 from core.text import text_problem
 
@@ -36,7 +47,13 @@ router = APIRouter(tags=["streams"], responses=AUTH_RESPONSES | BODY_RESPONSES)
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No stream has this id"}}
 
 
-def to_view(stream: StreamRow, settings: Settings, health: Health = (None, None)) -> StreamView:
+def to_view(
+    stream: StreamRow,
+    settings: Settings,
+    health: Health = (None, None),
+    analytics: AnalyticsFigures | None = None,
+    webhook_secret: str | None = None,
+) -> StreamView:
     wid = workflow_id(str(stream.id))
     return StreamView(
         id=stream.id,
@@ -51,6 +68,8 @@ def to_view(stream: StreamRow, settings: Settings, health: Health = (None, None)
         workflow_url=f"{settings.temporal_ui_url}/namespaces/{settings.temporal_namespace}/workflows/{wid}",
         health=health[0],
         health_unavailable=health[1],
+        analytics=analytics,
+        webhook_secret=webhook_secret,
     )
 
 
@@ -118,7 +137,43 @@ async def init_stream(
         metrics.API_INIT_REPLAYS.inc()
         response.headers["Idempotent-Replayed"] = "true"
         log.info("stream init replayed", extra={"stream_id": str(stream.id)})
-    return to_view(stream, settings)
+    return to_view(stream, settings, webhook_secret=outcome.webhook_secret)
+
+
+@router.patch(
+    "/streams/{stream_id}",
+    responses={409: {"description": "The stream is shutting down or has ended"}, **NOT_FOUND},
+)
+async def patch_stream(
+    body: PatchRequest, db: DbDep, settings: SettingsDep, _admin: AdminKey, stream_id: uuid.UUID
+) -> StreamView:
+    """Change a running stream's zones, lines, tracking, webhook or detection filters; the change
+    reaches its detection process within a second or two. The response holds ``webhook_secret``
+    when this request gave the stream its first ``webhook_url``."""
+    stream = await get_stream(db, stream_id)
+    if stream is None:
+        raise _not_found(stream_id)
+    changes = body.options.model_dump(exclude_unset=True)
+    try:
+        options = StreamOptions.model_validate({**stream.options.model_dump(exclude_none=True), **changes})
+    except ValidationError as err:  # e.g. a zone named like an existing line
+        raise RequestValidationError(
+            [
+                {"type": "value_error", "loc": ("body", "options", *e["loc"]), "msg": e["msg"]}
+                for e in err.errors()
+            ]
+        ) from None
+    write = await update_options(db, settings, stream_id=stream_id, options=options, reason="PATCH /streams")
+    if write.row is None:
+        raise _not_found(stream_id)
+    if not write.applied:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"stream {stream_id} is {write.row.state.value}: its options are final",
+        )
+    log.info("stream options changed", extra={"stream_id": str(stream_id), "fields": sorted(changes)})
+    figures = await analytics_figures(db, [write.row])
+    return to_view(write.row, settings, analytics=figures.get(stream_id), webhook_secret=write.webhook_secret)
 
 
 @router.post(
@@ -192,7 +247,10 @@ async def streams(
     """Streams with their states and live health, newest first."""
     found = await list_streams(db, limit=limit, state=state)
     healths = await streams_health(temporal, settings, found)
-    return StreamList(streams=[to_view(s, settings, h) for s, h in zip(found, healths, strict=True)])
+    figures = await analytics_figures(db, found)
+    return StreamList(
+        streams=[to_view(s, settings, h, figures.get(s.id)) for s, h in zip(found, healths, strict=True)]
+    )
 
 
 async def _view_or_404(
@@ -201,4 +259,5 @@ async def _view_or_404(
     stream = await get_stream(db, stream_id)
     if stream is None:
         raise _not_found(stream_id)
-    return to_view(stream, settings, await stream_health(temporal, settings, stream))
+    figures = await analytics_figures(db, [stream])
+    return to_view(stream, settings, await stream_health(temporal, settings, stream), figures.get(stream.id))

@@ -149,6 +149,9 @@ function describeOptions(options) {
   if (options.imgsz != null) parts.push(`${options.imgsz} px`);
   if (options.backend) parts.push(options.backend);
   if (options.motion_gating) parts.push("motion gating");
+  const shapes = [...(options.zones || []).map((z) => `zone ${z.name}`), ...(options.lines || []).map((l) => `line ${l.name}`)];
+  if (shapes.length) parts.push(shapes.join(", "));
+  if (options.webhook_url) parts.push("webhook");
   return parts.length ? parts.join(" · ") : "defaults";
 }
 
@@ -169,6 +172,7 @@ async function refreshStreams() {
 }
 
 function renderStreams(streams) {
+  for (const stream of streams) streamsById.set(stream.id, stream);
   $("streams-empty").hidden = streams.length > 0;
   $("streams-table").hidden = streams.length === 0;
   const body = $("streams-body");
@@ -382,10 +386,200 @@ function selectStream(id) {
     selectedId = id;
     shownFrames.clear();
     $("gallery").replaceChildren();
+    $("draw-frame").removeAttribute("src");
+    drawnPoints = [];
     history.replaceState(null, "", `#stream=${encodeURIComponent(id)}`);
   }
   renderSelection();
   refreshFrames();
+}
+
+// --- zones and lines of the selected stream: drawing, counts, the live event feed ---------------
+
+const EVENTS_SHOWN = 20;
+let drawnPoints = []; // fractions of the frame, [x, y]
+let feed = null; // { id, abort } of the running event feed
+const streamsById = new Map();
+
+function analyticsShapes(stream) {
+  const options = stream.options || {};
+  return { zones: options.zones || [], lines: options.lines || [] };
+}
+
+function drawShapes() {
+  const canvas = $("draw-canvas");
+  const img = $("draw-frame");
+  canvas.width = img.clientWidth;
+  canvas.height = img.clientHeight;
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  const stream = streamsById.get(selectedId);
+  const path = (points, closed, color) => {
+    ctx.strokeStyle = color;
+    ctx.lineWidth = 3;
+    ctx.beginPath();
+    points.forEach(([x, y], i) => (i ? ctx.lineTo : ctx.moveTo).call(ctx, x * canvas.width, y * canvas.height));
+    if (closed) ctx.closePath();
+    ctx.stroke();
+  };
+  if (stream) {
+    const { zones, lines } = analyticsShapes(stream);
+    ctx.font = "14px sans-serif";
+    for (const zone of zones) {
+      path(zone.points, true, "#ffb300");
+      ctx.fillStyle = "#ffb300";
+      ctx.fillText(zone.name, zone.points[0][0] * canvas.width + 4, zone.points[0][1] * canvas.height + 16);
+    }
+    for (const line of lines) {
+      path(line.points, false, "#00bfff");
+      ctx.fillStyle = "#00bfff";
+      ctx.fillText(line.name, line.points[0][0] * canvas.width + 4, line.points[0][1] * canvas.height + 16);
+    }
+  }
+  if (drawnPoints.length) {
+    path(drawnPoints, false, "#ff4081");
+    ctx.fillStyle = "#ff4081";
+    for (const [x, y] of drawnPoints) ctx.fillRect(x * canvas.width - 3, y * canvas.height - 3, 6, 6);
+  }
+}
+
+function placePoint(event) {
+  const canvas = $("draw-canvas");
+  const box = canvas.getBoundingClientRect();
+  const round = (v) => Math.min(1, Math.max(0, Math.round(v * 1000) / 1000));
+  drawnPoints.push([round((event.clientX - box.left) / box.width), round((event.clientY - box.top) / box.height)]);
+  const shape = new FormData($("shape-form")).get("shape");
+  if (shape === "line" && drawnPoints.length > 2) drawnPoints = drawnPoints.slice(-2);
+  drawShapes();
+}
+
+async function saveShape(event) {
+  event.preventDefault();
+  const form = $("shape-form");
+  const errors = $("shape-errors");
+  errors.hidden = true;
+  const stream = streamsById.get(selectedId);
+  if (!stream) return;
+  const data = new FormData(form);
+  const kind = data.get("shape");
+  const classes = String(data.get("classes") || "").split(",").map((c) => c.trim()).filter(Boolean);
+  const shape = { name: String(data.get("name") || "").trim(), points: drawnPoints };
+  if (classes.length) shape.classes = classes;
+  if (kind === "zone" && data.get("dwell_s")) shape.dwell_s = Number(data.get("dwell_s"));
+  const { zones, lines } = analyticsShapes(stream);
+  const change = kind === "zone" ? { zones: [...zones, shape] } : { lines: [...lines, shape] };
+  await patchShapes(change, errors, () => {
+    drawnPoints = [];
+    form.reset();
+  });
+}
+
+async function patchShapes(change, errors, done) {
+  try {
+    const view = await api("PATCH", `/streams/${encodeURIComponent(selectedId)}`, { options: change });
+    streamsById.set(view.id, view);
+    if (done) done();
+    drawShapes();
+    renderFigures(view);
+    setText($("analytics-status"), "Saved: the stream's detection process uses it from its next frames.");
+  } catch (error) {
+    errors.hidden = false;
+    const lines = Array.isArray(error.detail)
+      ? error.detail.map((d) => `${(d.loc || []).slice(2).join(" › ")}: ${d.msg}`)
+      : [error.message];
+    errors.replaceChildren(...lines.map((line) => el("p", { text: line })));
+  }
+}
+
+function renderFigures(stream) {
+  const figures = stream.analytics || { zones: [], lines: [] };
+  const remove = (kind, name) => {
+    const { zones, lines } = analyticsShapes(stream);
+    const change = kind === "zone" ? { zones: zones.filter((z) => z.name !== name) } : { lines: lines.filter((l) => l.name !== name) };
+    patchShapes(change, $("shape-errors"));
+  };
+  const button = (kind, name) => {
+    const b = el("button", { type: "button", class: "secondary small", onclick: () => remove(kind, name) }, "Remove");
+    b.setAttribute("aria-label", `Remove ${kind} ${name}`);
+    return b;
+  };
+  $("figures-body").replaceChildren(
+    ...figures.zones.map((z) => el("tr", {}, el("th", { scope: "row", text: `▭ ${z.name}` }),
+      el("td", { text: String(z.occupancy) }), el("td", { text: String(z.entered) }), el("td", { text: String(z.left) }),
+      el("td", {}, button("zone", z.name)))),
+    ...figures.lines.map((l) => el("tr", {}, el("th", { scope: "row", text: `╱ ${l.name}` }),
+      el("td", { text: "–" }), el("td", { text: String(l.in) }), el("td", { text: String(l.out) }),
+      el("td", {}, button("line", l.name)))),
+  );
+}
+
+function showEvent(event) {
+  const list = $("event-feed");
+  const url = safeHttpUrl(event.image_url);
+  const what = event.kind === "crossed" ? `crossed ${event.zone} (${event.direction})` : `${event.kind} ${event.zone}`;
+  const text = `${clockTime(event.occurred_at)} · ${event.class_name} #${event.track_id} ${what}`;
+  const thumb = url ? el("a", { href: url, target: "_blank", rel: "noopener noreferrer" },
+    el("img", { src: url, alt: `Frame of: ${text}`, width: 96, height: 72, loading: "lazy" })) : el("span");
+  list.prepend(el("li", { "data-event": String(event.id) }, thumb, el("span", { text })));
+  while (list.children.length > EVENTS_SHOWN) list.lastChild.remove();
+}
+
+// The live feed (GET /events/stream) read with fetch, since EventSource cannot send the API key.
+// It resumes after the last event shown when the connection drops.
+async function followEvents(id) {
+  if (feed && feed.id === id) return;
+  if (feed) feed.abort.abort();
+  const abort = new AbortController();
+  feed = { id, abort, last: null };
+  $("event-feed").replaceChildren();
+  const recent = await api("GET", `/events?id=${encodeURIComponent(id)}&limit=${EVENTS_SHOWN}`).catch(() => null);
+  if (recent) {
+    [...recent.items].reverse().forEach(showEvent);
+    if (recent.items.length) feed.last = recent.items[0].id;
+  }
+  while (!abort.signal.aborted) {
+    try {
+      const headers = { Authorization: `Bearer ${sessionStorage.getItem(KEY_STORAGE)}` };
+      if (feed.last !== null) headers["Last-Event-ID"] = String(feed.last);
+      const response = await fetch(`/events/stream?id=${encodeURIComponent(id)}`, { headers, signal: abort.signal });
+      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value;
+        let end;
+        while ((end = buffer.indexOf("\n\n")) >= 0) {
+          const message = buffer.slice(0, end);
+          buffer = buffer.slice(end + 2);
+          const data = message.split("\n").find((line) => line.startsWith("data:"));
+          if (!data) continue;
+          const event = JSON.parse(data.slice(5));
+          feed.last = event.id;
+          showEvent(event);
+        }
+      }
+    } catch {
+      // dropped or aborted: try again shortly, from the last event shown
+    }
+    await new Promise((resolve) => setTimeout(resolve, 2000));
+  }
+}
+
+function renderAnalytics() {
+  const stream = streamsById.get(selectedId);
+  const card = $("analytics-card");
+  card.hidden = !stream || !ACTIVE_STATES.has(stream.state);
+  if (card.hidden) return;
+  renderFigures(stream);
+  const newest = $("gallery").querySelector("img");
+  const img = $("draw-frame");
+  if (newest && !img.getAttribute("src")) {
+    img.src = newest.src;
+    img.onload = drawShapes;
+  }
+  drawShapes();
+  followEvents(stream.id);
 }
 
 function renderSelection() {
@@ -395,6 +589,7 @@ function renderSelection() {
     row.frames.setAttribute("aria-pressed", String(selected));
   }
   setText($("frames-title"), selectedId ? `Newest frames of stream ${shortId(selectedId)}` : "Newest frames");
+  renderAnalytics();
 }
 
 // One item of GET /detection_result as the gallery shows it; keyed by frame_seq, as its image_url
@@ -494,6 +689,13 @@ function every(ms, task) {
 
 $("start-form").addEventListener("submit", startStream);
 $("key-form").addEventListener("submit", useKey);
+$("draw-canvas").addEventListener("click", placePoint);
+$("shape-form").addEventListener("submit", saveShape);
+$("shape-clear").addEventListener("click", () => {
+  drawnPoints = [];
+  drawShapes();
+});
+window.addEventListener("resize", drawShapes);
 if (!sessionStorage.getItem(KEY_STORAGE)) askForKey(NEEDS_KEY);
 every(STREAMS_EVERY_MS, refreshStreams);
 every(FRAMES_EVERY_MS, refreshFrames);

@@ -56,6 +56,30 @@ def ensure_clip(clip_dir: Path | None = None) -> Path:
     return clip
 
 
+def ensure_clip_at(fps: int, clip_dir: Path | None = None) -> Path:
+    """The demo clip timed for ``fps`` frames a second (the same frames, played faster or slower):
+    the H.264 stream's own timing decides the pace, so a faster camera needs its own clip."""
+    source = ensure_clip(clip_dir)
+    if fps == CLIP_FPS:
+        return source
+    timed = source.with_name(f"vtest-{fps}fps.h264")
+    if timed.is_file() and timed.stat().st_size > 0:
+        return timed
+    partial = timed.with_name(f".{timed.name}.{os.getpid()}.part")
+    _run(
+        [
+            "ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-r", str(CLIP_FPS), "-i", str(source),
+            "-an", "-vf", f"setpts=N/{fps}/TB", "-r", str(fps),
+            "-c:v", "libx264", "-preset", "veryfast", "-profile:v", "main", "-bf", "0",
+            "-g", str(fps), "-keyint_min", str(fps), "-sc_threshold", "0",
+            "-pix_fmt", "yuv420p", "-crf", "26", "-f", "h264", str(partial),
+        ],
+        f"time the clip for {fps} fps",
+    )  # fmt: skip
+    os.replace(partial, timed)
+    return timed
+
+
 def ensure_still_clip(clip_dir: Path | None = None) -> Path:
     """A clip in which nothing moves: the demo clip's first frame for 10 s, as the same kind of
     H.264 stream (for motion gating). Made from the demo clip on first use."""

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from deploy.camera.clip import CLIP_FPS, DEFAULT_CLIP_DIR, ensure_clip, ensure_still_clip
+from deploy.camera.clip import CLIP_FPS, DEFAULT_CLIP_DIR, ensure_clip_at, ensure_still_clip
 from deploy.servers import free_port
 
 SYSTEM_PYTHON = os.environ.get("LOOKOUT_CAMERA_PYTHON", "/usr/bin/python3")
@@ -88,7 +88,7 @@ class TestCamera:
         """Start the server (on a free port unless given) and wait until it answers RTSP OPTIONS."""
         if self.running:
             raise CameraError(f"test camera already running on port {self.port}")
-        clip = ensure_clip(self.clip_dir)
+        clip = ensure_clip_at(self.fps, self.clip_dir)
         self.port = port or self.port or free_port()
         self.mounts = tuple(mounts or self.mounts)
         argv = [SYSTEM_PYTHON, str(SERVER_SCRIPT), "--host", self.host, "--port", str(self.port)]

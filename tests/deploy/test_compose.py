@@ -32,10 +32,17 @@ SERVICE_SCRIPTS = {
     "lookout-temporal-worker",
     "lookout-runner",
     "lookout-ml",
+    "lookout-webhooks",
 }
 # The ones that read or write Postgres (the state bridge only signals Temporal; the runner only reads
 # cameras and writes Kafka).
-POSTGRES_CLIENTS = {"lookout-api", "lookout-outbox-relay", "lookout-temporal-worker", "lookout-ml"}
+POSTGRES_CLIENTS = {
+    "lookout-api",
+    "lookout-outbox-relay",
+    "lookout-temporal-worker",
+    "lookout-ml",
+    "lookout-webhooks",
+}
 MIGRATE_COMMAND = ["lookout", "db", "migrate"]
 INFRASTRUCTURE = {"postgres", "kafka", "minio", "temporal", "temporal-ui"}
 

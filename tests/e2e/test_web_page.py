@@ -254,6 +254,26 @@ async def test_stream_started_from_the_page_runs_shows_annotated_frames_and_stop
         await expect(first_caption.get_by_role("list", name="Detected objects")).to_contain_text("person")
         await page.screenshot(path=tmp_path / "web-page-running.png", full_page=True)
 
+        # draw a line down the middle of the newest frame: it reaches the stream, its counts and
+        # its events (with a snapshot each) appear live
+        analytics = page.locator("#analytics-card")
+        await expect(analytics).to_be_visible()
+        await page.wait_for_function("() => document.getElementById('draw-frame').naturalWidth > 0")
+        canvas = page.locator("#draw-canvas")
+        box = await canvas.bounding_box()
+        assert box is not None
+        await canvas.click(position={"x": box["width"] * 0.5, "y": box["height"] * 0.05})
+        await canvas.click(position={"x": box["width"] * 0.5, "y": box["height"] * 0.95})
+        await page.get_by_label("Name").fill("door")
+        async with page.expect_response(lambda r: r.request.method == "PATCH") as patched:
+            await page.get_by_role("button", name="Add to stream").click()
+        line = (await (await patched.value).json())["options"]["lines"][0]
+        assert line["name"] == "door" and abs(line["points"][0][0] - 0.5) < 0.01
+        await expect(page.locator("#figures-body")).to_contain_text("door")
+        await expect(page.locator("#event-feed li").first).to_contain_text("crossed door", timeout=90_000)
+        await expect(page.locator("#event-feed img").first).to_have_attribute("src", re.compile("^http"))
+        await page.screenshot(path=tmp_path / "web-page-analytics.png", full_page=True)
+
         html = await page.content()
         assert CAMERA_PASSWORD not in html
         await expect(row.locator(".stream-url")).to_contain_text("***")

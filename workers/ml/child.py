@@ -12,11 +12,13 @@ import logging
 import os
 import signal
 import time
+from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
+from core.detections import DetectedObject
 from core.logs import configure_logging
-from core.messages import StreamOptions
+from core.messages import FrameHeaders, StreamOptions
 from core.settings import Settings
 from workers.child_process import EXIT_STOPPED, run_child
 from workers.ml.messages import (
@@ -34,7 +36,7 @@ from workers.ml.messages import (
 if TYPE_CHECKING:
     from workers.ml.detector import Detector
     from workers.ml.motion import MotionGate
-    from workers.ml.store import DetectionStore
+    from workers.ml.store import DetectionStore, FrameAnalytics
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +187,71 @@ def _motion_gate(settings: Settings, options: StreamOptions) -> MotionGate | Non
     )
 
 
+class StreamAnalytics:
+    """A stream's tracker and zone and line analytics, as its options ask (None where off)."""
+
+    def __init__(self, settings: Settings, options: StreamOptions) -> None:
+        from workers.ml.analytics import ObjectTracker, ZoneAnalytics
+
+        fps = options.fps or settings.runner_default_fps
+        self.tracker = (
+            ObjectTracker(max(1, round(settings.track_buffer_s * fps))) if options.tracking else None
+        )
+        self.zones = (
+            ZoneAnalytics(
+                options.zones or [], options.lines or [], lost_after_s=settings.analytics_lost_after_s
+            )
+            if options.has_analytics and self.tracker is not None
+            else None
+        )
+        self.written_occupancy: dict[str, int] | None = None  # a new process writes it on its first frame
+        self.webhook = options.webhook_url is not None
+
+    @staticmethod
+    def key(options: StreamOptions) -> tuple[object, ...]:
+        """What the analytics depend on: when it changes they start again."""
+        return (options.tracking, options.zones, options.lines, options.fps)
+
+    def frame(
+        self, stream_id: str, headers: FrameHeaders, size: tuple[int, int], objects: list[DetectedObject]
+    ) -> tuple[list[DetectedObject], FrameAnalytics | None]:
+        """The frame's objects with their track ids, and what it adds to the analytics (None: nothing).
+        ``size``: the decoded frame's (width, height), the space of the boxes."""
+        from core.analytics import AnalyticsEvent, event_id
+        from workers.ml.store import FrameAnalytics, frame_key
+
+        if self.tracker is None:
+            return objects, None
+        objects = self.tracker.update(objects)
+        if self.zones is None:
+            return objects, None
+        changes = self.zones.update(objects, size[0], size[1], headers.capture_ts)
+        occupancy = self.zones.occupancy()
+        if not changes and occupancy == self.written_occupancy:
+            return objects, None
+        key = frame_key(stream_id, headers.frame_seq)
+        occurred_at = datetime.fromtimestamp(headers.capture_ts, UTC)
+        events = [
+            AnalyticsEvent(
+                event_id=event_id(stream_id, headers.frame_seq, c.kind, c.zone, c.track_id),
+                stream_id=stream_id,
+                kind=c.kind,
+                zone=c.zone,
+                direction=c.direction,
+                track_id=c.track_id,
+                class_name=c.class_name,
+                confidence=c.confidence,
+                frame_seq=headers.frame_seq,
+                occurred_at=occurred_at,
+                s3_key=key,
+                dwell_s=None if c.dwell_s is None else round(c.dwell_s, 2),
+            )
+            for c in changes
+        ]
+        changed = None if occupancy == self.written_occupancy else occupancy
+        return objects, FrameAnalytics(stream_id, events, changed, webhook=self.webhook)
+
+
 def _detect_frames(
     conn: Connection,
     settings: Settings,
@@ -205,6 +272,8 @@ def _detect_frames(
 
     current = detection_options(options)
     gate = _motion_gate(settings, options)
+    analytics = StreamAnalytics(settings, options)
+    stream_id = str(context["stream_id"])
     processed = 0
     while True:
         message: ServiceMessage = conn.recv()
@@ -226,6 +295,10 @@ def _detect_frames(
                 message.options.motion_max_skip_s != options.motion_max_skip_s
             ):
                 gate = _motion_gate(settings, message.options)
+            if StreamAnalytics.key(message.options) != StreamAnalytics.key(options):
+                analytics = StreamAnalytics(settings, message.options)
+                log.info("analytics changed with the options", extra=context)
+            analytics.webhook = message.options.webhook_url is not None
             options = message.options
             current = detection_options(options)
             continue
@@ -237,6 +310,7 @@ def _detect_frames(
         count = 0
         error = None
         skipped = False
+        events: tuple[tuple[str, str], ...] = ()
         try:
             if gate is not None and not gate.should_detect(message.jpeg, headers.capture_ts):
                 skipped = True
@@ -246,10 +320,18 @@ def _detect_frames(
                 objects = detector.detect(image, current)
                 inference_s = time.perf_counter() - before
                 count = len(objects)
-                if objects or settings.ml_store_empty_frames:
-                    stored = store.save(headers, encode_jpeg(annotate(image, objects)), objects)
+                size = (image.shape[1], image.shape[0])
+                objects, frame_analytics = analytics.frame(stream_id, headers, size, objects)
+                if objects or settings.ml_store_empty_frames or frame_analytics is not None:
+                    drawn = annotate(image, objects, options.zones or (), options.lines or ())
+                    stored = store.save(headers, encode_jpeg(drawn), objects, frame_analytics)
                     if stored:  # wall clocks of two processes, maybe two hosts: never below zero
                         capture_to_row_s = max(0.0, time.time() - headers.capture_ts)
+                    if frame_analytics is not None:
+                        if frame_analytics.occupancy is not None:
+                            analytics.written_occupancy = frame_analytics.occupancy
+                        if stored:
+                            events = tuple((e.zone, e.kind.value) for e in frame_analytics.events)
         except PermanentStoreError as err:
             error = str(err)
             log.error("frame not stored", extra={**context, "frame_seq": headers.frame_seq, "error": error})
@@ -268,5 +350,6 @@ def _detect_frames(
                 capture_to_row_s=capture_to_row_s,
                 error=error,
                 skipped=skipped,
+                events=events,
             )
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.resources
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -29,6 +29,7 @@ from ultralytics.engine.results import Results
 from ultralytics.models import YOLO
 from ultralytics.utils.plotting import colors
 
+from core.analytics import Line, Zone
 from core.detections import Box, DetectedObject
 from core.inference import Backend, Precision
 from workers.ml.models import ModelSpec, PreparedModel, prepare_model
@@ -246,8 +247,18 @@ def _new_onnx_session(runtime: Any, path: Path, threads: int) -> None:
     runtime.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def annotate(image: np.ndarray[Any, Any], objects: list[DetectedObject]) -> np.ndarray[Any, Any]:
-    """A copy of ``image`` with each object's box and ``class confidence`` label drawn on it.
+ZONE_COLOR = (0, 215, 255)  # BGR amber
+LINE_COLOR = (255, 191, 0)  # BGR sky blue
+
+
+def annotate(
+    image: np.ndarray[Any, Any],
+    objects: list[DetectedObject],
+    zones: Sequence[Zone] = (),
+    lines: Sequence[Line] = (),
+) -> np.ndarray[Any, Any]:
+    """A copy of ``image`` with the stream's zones and lines, and each object's box and
+    ``class confidence`` label (``#track`` too when tracked) drawn on it.
 
     Drawn with OpenCV's built-in Hershey font, so no font file is looked up or downloaded
     (ultralytics' PIL path fetches Arial.ttf from the internet when it is missing).
@@ -257,12 +268,22 @@ def annotate(image: np.ndarray[Any, Any], objects: list[DetectedObject]) -> np.n
     line = max(round((height + width) / 2 * 0.003), 2)
     scale = line / 3
     thickness = max(line - 1, 1)
+    for shape, color, closed in [(z, ZONE_COLOR, True) for z in zones] + [
+        (ln, LINE_COLOR, False) for ln in lines
+    ]:
+        corners = np.array([(round(x * width), round(y * height)) for x, y in shape.points], np.int32)
+        cv2.polylines(out, [corners], closed, color, thickness=line, lineType=cv2.LINE_AA)
+        x, y = corners[0]
+        cv2.putText(out, shape.name, (int(x) + 4, int(y) + 4 + round(20 * scale)), cv2.FONT_HERSHEY_SIMPLEX,
+                    scale, color, thickness, cv2.LINE_AA)  # fmt: skip
     for obj in objects:
         color = colors(obj.class_id, bgr=True)
         p1 = (int(obj.box.x1), int(obj.box.y1))
         p2 = (int(obj.box.x2), int(obj.box.y2))
         cv2.rectangle(out, p1, p2, color, thickness=line, lineType=cv2.LINE_AA)
-        label = f"{obj.class_name} {obj.confidence:.2f}"
+        label = f"{obj.class_name} {obj.confidence:.2f}" + (
+            "" if obj.track_id is None else f" #{obj.track_id}"
+        )
         (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
         above = p1[1] - th - 3 >= 0  # the label sits above the box unless that leaves the image
         top = (p1[0], p1[1] - th - 3) if above else (p1[0], p1[1])

@@ -66,6 +66,7 @@ class FrameDone:
     capture_to_row_s: float | None = None  # from the frame's capture time to its row; None: not stored
     error: str | None = None
     skipped: bool = False  # motion gating: nothing moved, the model did not run, no row
+    events: tuple[tuple[str, str], ...] = ()  # (zone or line, kind) of each event stored with it
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -20,8 +21,10 @@ from psycopg.types.json import Jsonb
 from pydantic import ValidationError
 from tenacity import retry_if_exception
 
+from core.analytics import AnalyticsEvent, AnalyticsKind, Direction
 from core.detections import DetectedObject
 from core.messages import FrameHeaders
+from core.outbox import INSERT_ONE, analytics_message
 from core.retry import Stopped, retrying_blocking
 from core.settings import Settings
 from core.storage import create_s3_client, ensure_bucket
@@ -30,6 +33,56 @@ from core.streams import COLUMNS, StreamRow
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+INSERT_EVENT = """
+INSERT INTO events (event_id, stream_id, frame_seq, kind, zone, direction, track_id, class_name,
+                    confidence, dwell_s, occurred_at, s3_key)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (event_id) DO NOTHING
+RETURNING id
+"""
+INSERT_DELIVERY = (
+    "INSERT INTO webhook_deliveries (event_pk, stream_id) VALUES (%s, %s) ON CONFLICT DO NOTHING"
+)
+# occupancy None: unchanged; the counts are increments
+UPSERT_FIGURES = """
+INSERT INTO stream_analytics AS a (stream_id, name, shape, occupancy, count_in, count_out)
+VALUES (%s, %s, %s, COALESCE(%s, 0), %s, %s)
+ON CONFLICT (stream_id, name) DO UPDATE
+   SET occupancy = COALESCE(EXCLUDED.occupancy, a.occupancy),
+       count_in = a.count_in + EXCLUDED.count_in,
+       count_out = a.count_out + EXCLUDED.count_out,
+       updated_at = now()
+"""
+
+
+@dataclass(frozen=True)
+class FrameAnalytics:
+    """What a frame adds to a stream's analytics: its events, and the zones' occupancy when it changed."""
+
+    stream_id: str
+    events: list[AnalyticsEvent]
+    occupancy: dict[str, int] | None  # every zone's occupancy after this frame; None: unchanged
+    webhook: bool = False  # the stream has a webhook_url: a delivery per event
+
+    def figures(self) -> dict[str, tuple[str, int | None, int, int]]:
+        """Per zone and line: (shape, occupancy or None, count_in, count_out) increments."""
+        figures: dict[str, tuple[str, int | None, int, int]] = {}
+        for name, now in (self.occupancy or {}).items():
+            figures[name] = ("zone", now, 0, 0)
+        for event in self.events:
+            shape = "line" if event.kind is AnalyticsKind.CROSSED else "zone"
+            kind, occupancy, count_in, count_out = figures.get(event.zone, (shape, None, 0, 0))
+            if (
+                event.kind in (AnalyticsKind.ENTERED, AnalyticsKind.CROSSED)
+                and event.direction is not Direction.OUT
+            ):
+                count_in += 1
+            elif event.kind is AnalyticsKind.LEFT or event.direction is Direction.OUT:
+                count_out += 1
+            figures[event.zone] = (kind, occupancy, count_in, count_out)
+        return figures
+
 
 INSERT_DETECTION = """
 INSERT INTO detections (stream_id, frame_seq, capture_time, s3_key, width, height, objects)
@@ -77,8 +130,18 @@ class DetectionStore:
         self._retry_delays = (retry_first_s, retry_max_s)
         self._closed = False
 
-    def save(self, headers: FrameHeaders, jpeg: bytes, objects: list[DetectedObject]) -> bool:
+    def save(
+        self,
+        headers: FrameHeaders,
+        jpeg: bytes,
+        objects: list[DetectedObject],
+        analytics: FrameAnalytics | None = None,
+    ) -> bool:
         """Store one annotated frame; False when its row already existed (a redelivered frame).
+
+        With ``analytics``, the frame's events (with their outbox messages and webhook deliveries)
+        and the zones' occupancy and lines' counts are written in the row's transaction, and only
+        when the row is new: a redelivered frame stores no second event.
 
         Retries each write until it succeeds; raises PermanentStoreError when a write cannot succeed.
         """
@@ -92,9 +155,9 @@ class DetectionStore:
             key,
             headers.width,
             headers.height,
-            Jsonb([o.model_dump(mode="json") for o in objects]),
+            Jsonb([o.model_dump(mode="json", exclude_none=True) for o in objects]),
         )
-        return self._retry("detection insert", lambda: self._insert(row), context)
+        return self._retry("detection insert", lambda: self._insert(row, analytics), context)
 
     def stream_row(self, stream_id: str) -> StreamRow | None:
         """The stream's row; None when it has none.
@@ -162,9 +225,13 @@ class DetectionStore:
             self._bucket_ready = False  # a recreated S3 store may have lost the bucket
             raise
 
-    def _insert(self, row: tuple[object, ...]) -> bool:
+    def _insert(self, row: tuple[object, ...], analytics: FrameAnalytics | None) -> bool:
         try:
-            cursor = self._connection().execute(INSERT_DETECTION, row)
+            conn = self._connection()
+            with conn.transaction():
+                cursor = conn.execute(INSERT_DETECTION, row)
+                if cursor.rowcount == 1 and analytics is not None:
+                    self._insert_analytics(conn, analytics)
         except psycopg.errors.ForeignKeyViolation as err:
             raise PermanentStoreError(f"stream {row[0]} has no row in streams") from err
         except (psycopg.DataError, psycopg.ProgrammingError, psycopg.IntegrityError) as err:
@@ -173,6 +240,26 @@ class DetectionStore:
             self._drop_connection()
             raise
         return cursor.rowcount == 1
+
+    def _insert_analytics(self, conn: psycopg.Connection, analytics: FrameAnalytics) -> None:
+        """The frame's events, their outbox messages and deliveries, and the shapes' figures."""
+        for event in analytics.events:
+            inserted = conn.execute(
+                INSERT_EVENT,
+                (
+                    event.event_id, event.stream_id, event.frame_seq, event.kind.value, event.zone,
+                    event.direction.value if event.direction else None, event.track_id, event.class_name,
+                    event.confidence, event.dwell_s, event.occurred_at, event.s3_key,
+                ),
+            ).fetchone()  # fmt: skip
+            if inserted is None:
+                continue  # stored already (cannot happen with a new row, but never twice)
+            message = analytics_message(self._settings, event)
+            conn.execute(INSERT_ONE, (message.topic, message.key, message.payload, message.dedupe_key))
+            if analytics.webhook:
+                conn.execute(INSERT_DELIVERY, (inserted[0], event.stream_id))
+        for name, (shape, occupancy, count_in, count_out) in analytics.figures().items():
+            conn.execute(UPSERT_FIGURES, (analytics.stream_id, name, shape, occupancy, count_in, count_out))
 
     def _connection(self) -> psycopg.Connection:
         if self._db is None or self._db.closed:

@@ -17,6 +17,7 @@ from typing import Generic, Protocol, TypeVar
 
 from core.messages import FrameHeaders, StreamFigures, StreamOptions
 from core.metrics import (
+    ANALYTICS_EVENTS,
     CAPTURE_TO_ROW_SECONDS,
     DETECTIONS_STORED,
     FRAMES_DROPPED,
@@ -326,6 +327,8 @@ class StreamProcess:
             INFERENCE_SECONDS.labels(sid).observe(done.inference_s)
         if done.stored:
             DETECTIONS_STORED.labels(sid).inc()
+        for zone, kind in done.events:
+            ANALYTICS_EVENTS.labels(sid, zone, kind).inc()
         if done.capture_to_row_s is not None:
             CAPTURE_TO_ROW_SECONDS.labels(sid).observe(done.capture_to_row_s)
 

@@ -6,19 +6,21 @@ import asyncio
 import contextlib
 import time
 import uuid
+from datetime import UTC, datetime
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 from pydantic import SecretStr
 
+from core.analytics import AnalyticsEvent, AnalyticsKind, Direction, event_id
 from core.detections import Box, DetectedObject
 from core.messages import FrameHeaders
 from core.settings import Settings
 from core.storage import create_s3_client
 from deploy.servers import free_port
 from tests.workers.ml.conftest import insert_stream
-from workers.ml.store import DetectionStore, PermanentStoreError, frame_key
+from workers.ml.store import DetectionStore, FrameAnalytics, PermanentStoreError, frame_key
 
 pytestmark = pytest.mark.integration
 
@@ -91,6 +93,61 @@ async def test_same_frame_saved_twice_makes_one_row_and_one_object(
         lambda: s3.get_object(settings.s3_bucket_frames, frame_key(stream_id, 1)).read()
     )
     assert body == b"\xff\xd8jpeg"
+
+
+async def test_a_redelivered_frame_stores_no_second_event_outbox_message_delivery_or_count(
+    settings: Settings, db_pool: asyncpg.Pool
+) -> None:
+    stream_id = await insert_stream(db_pool)
+    frame = headers(stream_id, 7)
+    crossed = AnalyticsEvent(
+        event_id=event_id(stream_id, 7, AnalyticsKind.CROSSED, "door", 3),
+        stream_id=stream_id,
+        kind=AnalyticsKind.CROSSED,
+        zone="door",
+        direction=Direction.IN,
+        track_id=3,
+        class_name="person",
+        confidence=0.9,
+        frame_seq=7,
+        occurred_at=datetime.fromtimestamp(frame.capture_ts, UTC),
+        s3_key=frame_key(stream_id, 7),
+    )
+    entered = crossed.model_copy(
+        update={"event_id": event_id(stream_id, 7, AnalyticsKind.ENTERED, "bay", 3), "kind": AnalyticsKind.ENTERED,
+                "zone": "bay", "direction": None}
+    )  # fmt: skip
+    analytics = FrameAnalytics(stream_id, [crossed, entered], {"bay": 1}, webhook=True)
+    tracked = PERSON.model_copy(update={"track_id": 3})
+    store = DetectionStore(settings)
+    try:
+        assert await asyncio.to_thread(store.save, frame, b"\xff\xd8jpeg", [tracked], analytics) is True
+        # delivered again (a restarted ML, a rebalance): the row exists, so nothing else is written
+        assert await asyncio.to_thread(store.save, frame, b"\xff\xd8jpeg", [tracked], analytics) is False
+    finally:
+        store.close()
+    sid = uuid.UUID(stream_id)
+    events = await db_pool.fetch(
+        "SELECT event_id, kind, zone, direction FROM events WHERE stream_id = $1", sid
+    )
+    assert sorted((e["kind"], e["zone"], e["direction"]) for e in events) == [
+        ("crossed", "door", "in"),
+        ("entered", "bay", None),
+    ]
+    messages = await db_pool.fetch(
+        "SELECT payload FROM outbox WHERE topic = $1 AND key = $2", settings.topic_events, stream_id
+    )
+    assert sorted(AnalyticsEvent.model_validate_json(m["payload"]).event_id for m in messages) == sorted(
+        e["event_id"] for e in events
+    )
+    assert await db_pool.fetchval("SELECT count(*) FROM webhook_deliveries WHERE stream_id = $1", sid) == 2
+    figures = await db_pool.fetch(
+        "SELECT name, shape, occupancy, count_in, count_out FROM stream_analytics WHERE stream_id = $1 ORDER BY name",
+        sid,
+    )
+    assert [tuple(f) for f in figures] == [("bay", "zone", 1, 1, 0), ("door", "line", 0, 1, 0)]
+    row = await db_pool.fetchrow("SELECT objects FROM detections WHERE stream_id = $1", sid)
+    assert row["objects"][0]["track_id"] == 3
 
 
 async def test_frame_of_a_stream_without_a_row_is_refused_for_good(settings: Settings) -> None:
