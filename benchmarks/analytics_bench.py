@@ -3,7 +3,8 @@
 On the demo clip (people walking, 768x576; every 2nd frame, as a 5 fps stream of the 10 fps clip)
 each backend detects every frame once; the same detections then go through the tracker (ByteTrack)
 and the zone/line analytics. Printed side by side per backend: the model's ms/frame (predict with
-pre- and post-processing), tracking + events ms/frame, their ratio, the events found, and the
+pre- and post-processing), tracking + events ms/frame, the fps of one stream's detection alone and
+with tracking, the overhead, the events found, and the
 tracker's memory (tracks held) after the clip played 10 times in a row.
 
     .venv/bin/python benchmarks/analytics_bench.py [--imgsz 640] [--backends torch openvino onnx]
@@ -86,13 +87,16 @@ def main() -> None:
         f"\nLookout analytics benchmark, {time.strftime('%Y-%m-%d')}: yolov10n · imgsz {args.imgsz} · "
         f"{os.cpu_count()} CPU cores · {args.threads} threads · {n} frames of the demo clip (5 fps of its 10)"
     ]
-    header = f"{'backend':16} {'model ms':>9} {'track+events ms':>16} {'overhead':>9}  events (one pass)  tracks held after 10 passes"
+    header = (
+        f"{'backend':16} {'model ms':>9} {'track+events ms':>16} {'fps detect':>11} {'fps +track':>11}"
+        f" {'overhead':>9}  events (one pass)  tracks held after 10 passes"
+    )
     lines += [header, "-" * len(header)]
     for label, model_s, tracking_s, events, size in rows:
         listed = ", ".join(f"{k} {v}" for k, v in sorted(events.items()))
         lines.append(
-            f"{label:16} {1000 * model_s / n:9.2f} {1000 * tracking_s / n:16.3f} "
-            f"{100 * tracking_s / model_s:8.1f}%  {listed}  {size}"
+            f"{label:16} {1000 * model_s / n:9.2f} {1000 * tracking_s / n:16.3f} {n / model_s:11.2f}"
+            f" {n / (model_s + tracking_s):11.2f} {100 * tracking_s / model_s:8.1f}%  {listed}  {size}"
         )
     sys.stdout.write("\n".join(lines) + "\n")
 

@@ -73,6 +73,8 @@ def _view(row: asyncpg.Record, image_url: str) -> EventView:
 
 
 Filters = tuple[uuid.UUID | None, str | None, str | None, datetime | None]
+StreamFilter = Annotated[uuid.UUID | None, Query(alias="id", description="Only this stream's events")]
+ZoneFilter = Annotated[str | None, Query(max_length=64, description="Only this zone's or line's")]
 
 
 @router.get("/events")
@@ -81,9 +83,9 @@ async def events(
     settings: SettingsDep,
     s3: S3Dep,
     _key: ReadKey,
-    stream_id: Annotated[uuid.UUID | None, Query(alias="id", description="Only this stream's events")] = None,
+    stream_id: StreamFilter = None,
     kind: AnalyticsKind | None = None,
-    zone: Annotated[str | None, Query(max_length=64, description="Only this zone's or line's")] = None,
+    zone: ZoneFilter = None,
     since: Annotated[datetime | None, Query(description="Only events at or after this time")] = None,
     cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -112,9 +114,9 @@ async def event_feed(
     settings: SettingsDep,
     s3: S3Dep,
     _key: ReadKey,
-    stream_id: Annotated[uuid.UUID | None, Query(alias="id", description="Only this stream's events")] = None,
+    stream_id: StreamFilter = None,
     kind: AnalyticsKind | None = None,
-    zone: Annotated[str | None, Query(max_length=64)] = None,
+    zone: ZoneFilter = None,
     last_event_id: Annotated[
         str | None, Header(description="Resume after this event (sent by EventSource on reconnect)")
     ] = None,

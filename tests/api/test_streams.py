@@ -56,6 +56,10 @@ async def test_init_stores_stream_audit_and_both_outbox_messages(
         "precision": None,
         "motion_gating": False,
         "motion_max_skip_s": None,
+        "zones": None,
+        "lines": None,
+        "track": None,
+        "webhook_url": None,
     }
     assert body["workflow_id"] == f"stream-{stream_id}"
     assert SECRET not in response.text

@@ -272,7 +272,17 @@ async def test_stream_started_from_the_page_runs_shows_annotated_frames_and_stop
         await expect(page.locator("#figures-body")).to_contain_text("door")
         await expect(page.locator("#event-feed li").first).to_contain_text("crossed door", timeout=90_000)
         await expect(page.locator("#event-feed img").first).to_have_attribute("src", re.compile("^http"))
+        # the counts move: the line's row leaves 0 / 0
+        door_row = page.locator("#figures-body tr").filter(has_text="door")
+        await expect(door_row).not_to_have_text(re.compile(r"door\s*\S\s*0\s*0"), timeout=30_000)
         await page.screenshot(path=tmp_path / "web-page-analytics.png", full_page=True)
+        # an event's snapshot opens: the annotated frame, full size, in a new tab
+        async with page.context.expect_page() as opened:
+            await page.locator("#event-feed li a").first.click()
+        snapshot = await opened.value
+        await snapshot.wait_for_load_state()
+        assert await snapshot.evaluate("document.images.length && document.images[0].naturalWidth") > 0
+        await snapshot.close()
 
         html = await page.content()
         assert CAMERA_PASSWORD not in html

@@ -297,7 +297,7 @@ def _require_tensorrt() -> None:
         importlib.metadata.version("tensorrt")
     except importlib.metadata.PackageNotFoundError:
         raise ModelUnavailable(
-            "the tensorrt backend needs the `tensorrt` package (pip install lookout[gpu])"
+            "the tensorrt backend needs the `tensorrt` package (pip install -e '.[gpu]': tensorrt-cu12==11.4.0.106)"
         ) from None
 
 

@@ -69,6 +69,7 @@ async def test_pages_run_newest_first_and_each_link_serves_its_frame(
                         "class_id": 5,
                         "confidence": 0.93,
                         "box": {"x1": 10, "y1": 20, "x2": 300, "y2": 200},
+                        "track_id": None,  # tracking was off
                     }
                 ]
                 assert (item["width"], item["height"]) == (640, 480)
