@@ -55,20 +55,18 @@ async def analytics_figures(
         "SELECT stream_id, name, occupancy, count_in, count_out FROM stream_analytics WHERE stream_id = ANY($1)",
         [s.id for s in wanted],
     )
-    stored = {(r["stream_id"], r["name"]): r for r in rows}
+    stored = {(r["stream_id"], r["name"]): (r["occupancy"], r["count_in"], r["count_out"]) for r in rows}
     figures = {}
     for stream in wanted:
-
-        def of(name: str, stream_id: uuid.UUID = stream.id) -> tuple[int, int, int]:
-            row = stored.get((stream_id, name))
-            return (row["occupancy"], row["count_in"], row["count_out"]) if row else (0, 0, 0)
-
-        zones = [(z.name, *of(z.name)) for z in stream.options.zones or []]
-        lines = [(ln.name, *of(ln.name)) for ln in stream.options.lines or []]
-        figures[stream.id] = AnalyticsFigures(
-            zones=[ZoneFigures(name=n, occupancy=o, entered=i, left=out) for n, o, i, out in zones],
-            lines=[LineFigures(name=n, count_in=i, count_out=out) for n, _, i, out in lines],
-        )
+        zones = []
+        for zone in stream.options.zones or []:
+            occupancy, entered, left = stored.get((stream.id, zone.name), (0, 0, 0))
+            zones.append(ZoneFigures(name=zone.name, occupancy=occupancy, entered=entered, left=left))
+        lines = []
+        for line in stream.options.lines or []:
+            _, count_in, count_out = stored.get((stream.id, line.name), (0, 0, 0))
+            lines.append(LineFigures(name=line.name, count_in=count_in, count_out=count_out))
+        figures[stream.id] = AnalyticsFigures(zones=zones, lines=lines)
     return figures
 
 

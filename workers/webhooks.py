@@ -36,7 +36,8 @@ from workers.entrypoint import run_service
 log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-Lookout-Signature"
-LEASE_S = 60  # a claimed row is not claimed again for this long (its worker may have died)
+LEASE_TIMEOUTS = 3  # a claimed row is not claimed again for this many request timeouts (its worker
+# may have died): a worker killed mid-delivery delays its rows by that much, never loses them
 
 CLAIM = """
 UPDATE webhook_deliveries d
@@ -106,7 +107,8 @@ class WebhookDeliverer:
 
     async def deliver_due(self) -> int:
         """Send the deliveries due now; how many were tried."""
-        rows = await self.pool.fetch(CLAIM, self.settings.webhook_concurrency, LEASE_S)
+        lease_s = LEASE_TIMEOUTS * self.settings.webhook_timeout_s
+        rows = await self.pool.fetch(CLAIM, self.settings.webhook_concurrency, lease_s)
         if rows:
             await asyncio.gather(*(self._deliver(row) for row in rows))
         WEBHOOK_PENDING.set(
@@ -138,7 +140,7 @@ class WebhookDeliverer:
                 if not 200 <= response.status_code < 300:
                     error = f"HTTP {response.status_code}"
             except httpx.HTTPError as err:
-                error = f"{type(err).__name__}: {err}"[:300] or type(err).__name__
+                error = f"{type(err).__name__}: {err}"[:300]
         if error is None:
             await self.pool.execute(
                 "UPDATE webhook_deliveries SET status = 'delivered', attempts = $2, delivered_at = now(),"

@@ -194,7 +194,7 @@ class ZoneAnalytics:
         for zone in self.zones:
             if not self._watches(zone.classes, track.class_name):
                 continue
-            inside = point_in_polygon(position, list(zone.points))
+            inside = point_in_polygon(position, zone.points)
             if inside and zone.name not in track.inside:
                 track.inside[zone.name] = now
                 events.append(

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
+from core.analytics import AnalyticsEvent, event_id
 from core.detections import DetectedObject
 from core.logs import configure_logging
 from core.messages import FrameHeaders, StreamOptions
@@ -205,7 +206,6 @@ class StreamAnalytics:
             else None
         )
         self.written_occupancy: dict[str, int] | None = None  # a new process writes it on its first frame
-        self.webhook = options.webhook_url is not None
 
     @staticmethod
     def key(options: StreamOptions) -> tuple[object, ...]:
@@ -217,7 +217,6 @@ class StreamAnalytics:
     ) -> tuple[list[DetectedObject], FrameAnalytics | None]:
         """The frame's objects with their track ids, and what it adds to the analytics (None: nothing).
         ``size``: the decoded frame's (width, height), the space of the boxes."""
-        from core.analytics import AnalyticsEvent, event_id
         from workers.ml.store import FrameAnalytics, frame_key
 
         if self.tracker is None:
@@ -249,7 +248,12 @@ class StreamAnalytics:
             for c in changes
         ]
         changed = None if occupancy == self.written_occupancy else occupancy
-        return objects, FrameAnalytics(stream_id, events, changed, webhook=self.webhook)
+        return objects, FrameAnalytics(stream_id, events, changed)
+
+    def stored(self, frame: FrameAnalytics) -> None:
+        """``frame`` is in Postgres: its occupancy is what the stream's row shows now."""
+        if frame.occupancy is not None:
+            self.written_occupancy = frame.occupancy
 
 
 def _detect_frames(
@@ -298,7 +302,6 @@ def _detect_frames(
             if StreamAnalytics.key(message.options) != StreamAnalytics.key(options):
                 analytics = StreamAnalytics(settings, message.options)
                 log.info("analytics changed with the options", extra=context)
-            analytics.webhook = message.options.webhook_url is not None
             options = message.options
             current = detection_options(options)
             continue
@@ -328,8 +331,7 @@ def _detect_frames(
                     if stored:  # wall clocks of two processes, maybe two hosts: never below zero
                         capture_to_row_s = max(0.0, time.time() - headers.capture_ts)
                     if frame_analytics is not None:
-                        if frame_analytics.occupancy is not None:
-                            analytics.written_occupancy = frame_analytics.occupancy
+                        analytics.stored(frame_analytics)
                         if stored:
                             events = tuple((e.zone, e.kind.value) for e in frame_analytics.events)
         except PermanentStoreError as err:

@@ -14,10 +14,10 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Collection, Coroutine, Hashable
+from collections.abc import Collection, Hashable
 from multiprocessing.process import BaseProcess
 from types import TracebackType
-from typing import Any, cast
+from typing import cast
 
 from aiokafka import (
     AIOKafkaConsumer,
@@ -46,6 +46,7 @@ from core.metrics import BAD_MESSAGES, forget_stream
 from core.retry import KAFKA_DOWN, retrying
 from core.settings import Settings
 from core.states import StreamState
+from workers.background import BackgroundTasks
 from workers.dead_letters import dead_letter
 from workers.entrypoint import run_service
 from workers.ml.offsets import OffsetTracker
@@ -73,7 +74,7 @@ class MLService:
         # partition of each running stream: the same number on both topics (co-partitioned)
         self._partition_of: dict[str, int] = {}
         self._offsets = OffsetTracker()
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background = BackgroundTasks()
         self._producer: AIOKafkaProducer | None = None
         self._events: StateEventPublisher | None = None
         self._heartbeats: asyncio.Task[None] | None = None
@@ -123,8 +124,7 @@ class MLService:
         if self._preparing is not None and self._preparing.is_alive():
             self._preparing.terminate()  # an export cut short leaves nothing: the next start makes it
             await asyncio.to_thread(self._preparing.join, 5.0)
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        await self._background.finish()
         if self._consumer is not None:
             await self._commit(force=True)
             await self._consumer.stop()
@@ -178,7 +178,7 @@ class MLService:
                 "frame without valid headers skipped",
                 extra={"offset": record.offset, "error": type(err).__name__},
             )
-            self._spawn(
+            self._background.spawn(
                 self._dead_letter(record, f"frame without valid headers: {type(err).__name__}", token)
             )
             return
@@ -205,14 +205,14 @@ class MLService:
                 "unreadable command skipped", extra={"offset": record.offset, "errors": err.error_count()}
             )
             reason = f"malformed command: {err.error_count()} validation error(s)"
-            self._spawn(self._dead_letter(record, reason, token))
+            self._background.spawn(self._dead_letter(record, reason, token))
             return
         stream_id = command.stream_id
         if isinstance(command, StartCommand):
             if not command.is_for(Service.ML):
                 pass
             elif command.replace:
-                self._spawn(
+                self._background.spawn(
                     self._restart_stream(stream_id, command.options, token[0].partition, command.reason)
                 )
             elif stream_id in self.streams:
@@ -223,7 +223,7 @@ class MLService:
                 self._start_stream(stream_id, command.options, token[0].partition)
             self.frame_settled(token)
             return
-        self._spawn(self._acknowledge_stop(stream_id, command.command_id, token))
+        self._background.spawn(self._acknowledge_stop(stream_id, command.command_id, token))
 
     async def _acknowledge_stop(
         self, stream_id: str, command_id: str, token: tuple[TopicPartition, int]
@@ -275,7 +275,9 @@ class MLService:
             log.exception("detection process did not start", extra={"stream_id": stream_id})
             self._remember_finished(stream_id, stream.stats)
             reason = f"detection process did not start: {type(err).__name__}: {err}"
-            self._spawn(self._publish(stream_id, EventKind.ERROR, error=reason, error_kind=ErrorKind.PROCESS))
+            self._background.spawn(
+                self._publish(stream_id, EventKind.ERROR, error=reason, error_kind=ErrorKind.PROCESS)
+            )
             return None
         self.streams[stream_id] = stream
         self._partition_of[stream_id] = partition
@@ -356,12 +358,12 @@ class MLService:
 
     def first_frame_processed(self, stream_id: str) -> None:
         log.info("first frame processed", extra={"stream_id": stream_id})
-        self._spawn(self._publish(stream_id, EventKind.PROGRESS, state=StreamState.ML_STARTED))
+        self._background.spawn(self._publish(stream_id, EventKind.PROGRESS, state=StreamState.ML_STARTED))
 
     def stream_failed(self, stream_id: str, reason: str, *, fatal: bool = False) -> None:
         log.error("stream failed", extra={"stream_id": stream_id, "error": reason, "fatal": fatal})
         kind = ErrorKind.FATAL if fatal else ErrorKind.PROCESS
-        self._spawn(self._publish(stream_id, EventKind.ERROR, error=reason, error_kind=kind))
+        self._background.spawn(self._publish(stream_id, EventKind.ERROR, error=reason, error_kind=kind))
         self._end_stream(stream_id)
 
     def stream_closed(self, stream_id: str) -> None:
@@ -388,11 +390,6 @@ class MLService:
     ) -> None:
         assert self._events is not None
         await self._events.publish(stream_id, kind, state=state, error=error, error_kind=error_kind)
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -41,9 +41,12 @@ VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (event_id) DO NOTHING
 RETURNING id
 """
-INSERT_DELIVERY = (
-    "INSERT INTO webhook_deliveries (event_pk, stream_id) VALUES (%s, %s) ON CONFLICT DO NOTHING"
-)
+# a delivery when the stream has a webhook_url now (its row decides, not the process's copy of it)
+INSERT_DELIVERY = """
+INSERT INTO webhook_deliveries (event_pk, stream_id)
+SELECT %s, id FROM streams WHERE id = %s AND options->>'webhook_url' IS NOT NULL
+ON CONFLICT DO NOTHING
+"""
 # occupancy None: unchanged; the counts are increments
 UPSERT_FIGURES = """
 INSERT INTO stream_analytics AS a (stream_id, name, shape, occupancy, count_in, count_out)
@@ -63,24 +66,21 @@ class FrameAnalytics:
     stream_id: str
     events: list[AnalyticsEvent]
     occupancy: dict[str, int] | None  # every zone's occupancy after this frame; None: unchanged
-    webhook: bool = False  # the stream has a webhook_url: a delivery per event
 
     def figures(self) -> dict[str, tuple[str, int | None, int, int]]:
-        """Per zone and line: (shape, occupancy or None, count_in, count_out) increments."""
-        figures: dict[str, tuple[str, int | None, int, int]] = {}
-        for name, now in (self.occupancy or {}).items():
-            figures[name] = ("zone", now, 0, 0)
+        """Per zone and line: (shape, occupancy or None, count_in, count_out) increments. A zone's
+        counts are its entered and left events, a line's its crossings in and out."""
+        figures: dict[str, tuple[str, int | None, int, int]] = {
+            name: ("zone", now, 0, 0) for name, now in (self.occupancy or {}).items()
+        }
         for event in self.events:
             shape = "line" if event.kind is AnalyticsKind.CROSSED else "zone"
-            kind, occupancy, count_in, count_out = figures.get(event.zone, (shape, None, 0, 0))
-            if (
-                event.kind in (AnalyticsKind.ENTERED, AnalyticsKind.CROSSED)
-                and event.direction is not Direction.OUT
-            ):
+            shape, occupancy, count_in, count_out = figures.get(event.zone, (shape, None, 0, 0))
+            if event.kind is AnalyticsKind.ENTERED or event.direction is Direction.IN:
                 count_in += 1
             elif event.kind is AnalyticsKind.LEFT or event.direction is Direction.OUT:
                 count_out += 1
-            figures[event.zone] = (kind, occupancy, count_in, count_out)
+            figures[event.zone] = (shape, occupancy, count_in, count_out)
         return figures
 
 
@@ -256,8 +256,7 @@ class DetectionStore:
                 continue  # stored already (cannot happen with a new row, but never twice)
             message = analytics_message(self._settings, event)
             conn.execute(INSERT_ONE, (message.topic, message.key, message.payload, message.dedupe_key))
-            if analytics.webhook:
-                conn.execute(INSERT_DELIVERY, (inserted[0], event.stream_id))
+            conn.execute(INSERT_DELIVERY, (inserted[0], event.stream_id))
         for name, (shape, occupancy, count_in, count_out) in analytics.figures().items():
             conn.execute(UPSERT_FIGURES, (analytics.stream_id, name, shape, occupancy, count_in, count_out))
 

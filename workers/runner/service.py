@@ -19,8 +19,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Collection, Coroutine
-from typing import Any
+from collections.abc import Collection
 
 from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
@@ -43,6 +42,7 @@ from core.retry import KAFKA_DOWN, retrying
 from core.sealing import UrlSealer
 from core.settings import Settings
 from core.states import StreamState
+from workers.background import BackgroundTasks
 from workers.dead_letters import dead_letter
 from workers.entrypoint import run_service
 from workers.runner.messages import CaptureSpec
@@ -62,7 +62,7 @@ class RunnerService:
         self.group_id = group_id or consumer_group(settings, "runner")
         self.streams: dict[str, CaptureProcess] = {}
         self._stops: dict[str, asyncio.Task[None]] = {}
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = BackgroundTasks()
         self._seen_starts: OrderedDict[str, None] = OrderedDict()
         self._partition_of: dict[str, int] = {}  # commands partition of each running stream
         self._sealer = UrlSealer(settings)  # only the runner opens the camera URLs
@@ -233,7 +233,7 @@ class RunnerService:
     # --- reports from capture processes -----------------------------------------------------------
 
     def _on_started(self, process: CaptureProcess) -> None:
-        self._in_background(
+        self._background.spawn(
             self._publish(process.stream_id, EventKind.PROGRESS, state=StreamState.RUNNER_STARTED)
         )
 
@@ -242,7 +242,9 @@ class RunnerService:
             self._forget(process.stream_id)
             forget_stream(process.stream_id)  # on_failed comes once the process is reaped
         kind = ErrorKind.CAMERA if process.camera_failure else ErrorKind.PROCESS
-        self._in_background(self._publish(process.stream_id, EventKind.ERROR, error=reason, error_kind=kind))
+        self._background.spawn(
+            self._publish(process.stream_id, EventKind.ERROR, error=reason, error_kind=kind)
+        )
 
     def figures(self) -> dict[str, StreamFigures]:
         """The live figures of every stream whose capture process runs here (for the heartbeats)."""
@@ -262,11 +264,6 @@ class RunnerService:
                 newest_frame_age_s=round(max(0.0, now - newest), 3) if newest is not None else None,
             )
         return figures
-
-    def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     async def _publish(
         self,
@@ -311,8 +308,7 @@ class RunnerService:
         await self._stop_quietly(list(self.streams))
         if self._stops:
             await asyncio.gather(*self._stops.values(), return_exceptions=True)
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        await self._background.finish()
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -15,7 +15,7 @@ from pydantic import SecretStr
 
 from core.analytics import AnalyticsEvent, AnalyticsKind, Direction, event_id
 from core.detections import Box, DetectedObject
-from core.messages import FrameHeaders
+from core.messages import FrameHeaders, StreamOptions
 from core.settings import Settings
 from core.storage import create_s3_client
 from deploy.servers import free_port
@@ -98,7 +98,7 @@ async def test_same_frame_saved_twice_makes_one_row_and_one_object(
 async def test_a_redelivered_frame_stores_no_second_event_outbox_message_delivery_or_count(
     settings: Settings, db_pool: asyncpg.Pool
 ) -> None:
-    stream_id = await insert_stream(db_pool)
+    stream_id = await insert_stream(db_pool, StreamOptions(webhook_url="http://127.0.0.1:9/hook"))
     frame = headers(stream_id, 7)
     crossed = AnalyticsEvent(
         event_id=event_id(stream_id, 7, AnalyticsKind.CROSSED, "door", 3),
@@ -117,7 +117,7 @@ async def test_a_redelivered_frame_stores_no_second_event_outbox_message_deliver
         update={"event_id": event_id(stream_id, 7, AnalyticsKind.ENTERED, "bay", 3), "kind": AnalyticsKind.ENTERED,
                 "zone": "bay", "direction": None}
     )  # fmt: skip
-    analytics = FrameAnalytics(stream_id, [crossed, entered], {"bay": 1}, webhook=True)
+    analytics = FrameAnalytics(stream_id, [crossed, entered], {"bay": 1})
     tracked = PERSON.model_copy(update={"track_id": 3})
     store = DetectionStore(settings)
     try:
