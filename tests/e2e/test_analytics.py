@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -298,3 +300,25 @@ async def test_the_webhook_receiver_gets_every_event_signed_even_after_it_was_do
         "SELECT count(*) FROM webhook_deliveries WHERE stream_id = $1::uuid AND status = 'dead'",
         running.stream_id,
     )
+
+
+async def test_a_detection_process_killed_mid_stream_comes_back_and_its_events_go_on(
+    running: Running, db_pool: asyncpg.Pool
+) -> None:
+    """Runs last: kill -9 of the stream's detection process while its line and zone are watched."""
+    old_pid = running.pipeline.stream_pids(running.stream_id)["ml"]
+    killed_at = await db_pool.fetchval("SELECT now()")
+    os.kill(old_pid, signal.SIGKILL)
+
+    def new_events(rows: list[asyncpg.Record]) -> bool:
+        return any(r["created_at"] > killed_at for r in rows)
+
+    await wait_for_events(db_pool, running.stream_id, new_events)
+    assert running.pipeline.stream_pids(running.stream_id)["ml"] != old_pid
+    view = (await running.api.get(f"/state/{running.stream_id}")).json()
+    assert view["state"] == "ml_started"
+    # the new process tracks afresh and writes the zone's occupancy again: still within its counts
+    zone = next(z for z in view["analytics"]["zones"] if z["name"] == "left side")
+    assert 0 <= zone["occupancy"] <= zone["entered"]
+    ids = await db_pool.fetch("SELECT event_id FROM events WHERE stream_id = $1::uuid", running.stream_id)
+    assert len({r["event_id"] for r in ids}) == len(ids)
