@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import time
+import warnings
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
@@ -40,6 +41,12 @@ if TYPE_CHECKING:
     from workers.ml.store import DetectionStore, FrameAnalytics
 
 log = logging.getLogger(__name__)
+
+# This module is the first the preloading fork server imports (workers/ml/preload.py), so this runs
+# there too. When the server reaps a process that is not one of the processes it forked for the
+# service (a helper that an import started), the standard library warns on stderr in plain text.
+# That is harmless, but it would be the one line of the ML service's stderr that is not JSON.
+warnings.filterwarnings("ignore", message="forkserver: waitpid returned unexpected pid", category=UserWarning)
 
 
 def run_detection_process(
