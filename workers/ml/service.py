@@ -334,8 +334,12 @@ class MLService:
             self._start_stream(stream_id, options, partition)
 
     def figures(self) -> dict[str, StreamFigures]:
-        """The live figures of every stream whose detection process runs here (for the heartbeats)."""
-        return {stream_id: stream.figures() for stream_id, stream in self.streams.items()}
+        """The live figures of every stream whose detection process runs here (for the heartbeats).
+
+        Only once its process is ready: a stream started by a frame may turn out to have no row or to
+        have ended (the process then closes at once), and no heartbeat may speak for such a stream.
+        """
+        return {stream_id: stream.figures() for stream_id, stream in self.streams.items() if stream.ready}
 
     async def _hand_over(self, stream_ids: list[str]) -> None:
         """Stop these streams' processes without acknowledging: another member (or run) takes over."""

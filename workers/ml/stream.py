@@ -138,6 +138,7 @@ class StreamProcess:
         self.stream_id = stream_id
         self.threads = threads  # asked of the process; what it runs on is in self.running_threads
         self.running_threads: int | None = None
+        self.ready = False  # the process has loaded its model and asked for its first frame
         self.backend: str | None = None  # what the process runs, once it is ready
         self.queue: FrameQueue[QueuedFrame] = FrameQueue(settings.ml_queue_size)
         self.stats = StreamStats()
@@ -280,6 +281,7 @@ class StreamProcess:
 
     def _on_message(self, message: ProcessMessage) -> None:
         if isinstance(message, ReadyForFrames):
+            self.ready = True
             self.backend, self.running_threads = message.backend or None, message.threads
             if message.note:
                 log.warning("model note", extra={"stream_id": self.stream_id, "note": message.note})
