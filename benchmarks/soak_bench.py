@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from cli.run import LookoutRun  # noqa: E402
 from core.kafka import create_consumer  # noqa: E402
+from core.kafka_gaps import OffsetGapGuard  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from deploy import servers  # noqa: E402
 from deploy.camera.control import TestCamera  # noqa: E402
@@ -90,13 +91,16 @@ async def published_by_outbox(
 
 async def on_states_topic(settings: Settings, stream_ids: set[str], expected: int) -> dict[str, set[str]]:
     """Event ids of the streams' records on the states topic, read from the start by a new group."""
-    consumer = create_consumer(settings, settings.topic_states, group_id=f"soak-{uuid.uuid4().hex[:8]}")
+    # a verification read: a fetch wait long enough for Tansu to list a partition of the whole soak
+    reading = settings.model_copy(update={"kafka_fetch_max_wait_ms": 1000})
+    consumer = create_consumer(reading, settings.topic_states, group_id=f"soak-{uuid.uuid4().hex[:8]}")
     await consumer.start()
+    in_order = OffsetGapGuard(consumer, wait_s=settings.kafka_gap_wait_s)
     found: dict[str, set[str]] = defaultdict(set)
     try:
         last_new = time.monotonic()
         while sum(len(v) for v in found.values()) < expected and time.monotonic() - last_new < 15:
-            for records in (await consumer.getmany(timeout_ms=500)).values():
+            for records in (await in_order.getmany(timeout_ms=500)).values():
                 for record in records:
                     key = (record.key or b"").decode()
                     if key in stream_ids:
@@ -130,6 +134,8 @@ def main() -> None:
             stack_temporal_ui_port=servers.free_port(),
             api_port=servers.free_port(),
             ml_imgsz=args.imgsz,
+            # every state event stays on the topic until it is counted at the end
+            broker_retention_s=args.minutes * 60 + 3600,
             **{
                 name: servers.free_port() for name in Settings.model_fields if name.startswith("metrics_port")
             },

@@ -34,6 +34,7 @@ SERVICES = (
     "lookout-runner",
     "lookout-ml",
     "lookout-webhooks",
+    "lookout-broker-retention",  # the embedded broker only: a real Kafka has retention of its own
 )
 
 

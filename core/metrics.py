@@ -101,6 +101,18 @@ CONSUMER_LAG = Gauge(
     "Records behind the end of the topic, summed over this member's partitions (highwater - position)",
     ["group", "topic"],
 )
+BROKER_RECORDS_TRIMMED = Counter(
+    "lookout_broker_batches_trimmed_total",
+    "Record batches of the embedded broker's log deleted by retention (workers/broker_retention.py)",
+    ["topic"],
+)
+OFFSET_GAPS = Counter(
+    "lookout_kafka_offset_gaps_total",
+    "Gaps in a partition's offsets: filled (a record still being written, waited for) or skipped "
+    "(not there within kafka_gap_wait_s: offsets a killed broker handed out and never filled, or "
+    "records the embedded broker's retention deleted before this consumer read them)",
+    ["topic", "outcome"],
+)
 BAD_MESSAGES = Counter(
     "lookout_bad_messages_total", "Malformed messages logged and skipped", ["service", "topic"]
 )

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     kafka_session_timeout_ms: int = 6000
     kafka_heartbeat_ms: int = 1000
     kafka_fetch_max_wait_ms: int = 50
+    # how long a consumer waits at a gap in a partition's offsets before stepping over it
+    # (core/kafka_gaps.py: a record still being written fills it within milliseconds)
+    kafka_gap_wait_s: float = 2.0
     kafka_max_request_size: int = 16 * 1024 * 1024
 
     # S3 (MinIO API)
@@ -143,8 +146,15 @@ class Settings(BaseSettings):
     metrics_port_bridge: int = 9104
     metrics_port_worker: int = 9105
     metrics_port_webhooks: int = 9106
+    metrics_port_retention: int = 9107
 
     # Embedded local stack
+    # the broker's log: the S3 bucket Tansu keeps it in, and its retention (workers/broker_retention.py)
+    broker_log_bucket: str = "lookout-kafka"
+    broker_trim_interval_s: float = 10.0
+    broker_frames_retention_s: float = 60.0  # consumed or not: live frames this old are never detected
+    broker_retention_s: float = 600.0  # commands and state events, once every Lookout group read them
+    broker_unread_retention_s: float = 86400.0  # topics no Lookout group reads: zone events, dead letters
     data_dir: Path = Field(default=Path(".lookout"))
     stack_pg_port: int = 15432
     stack_s3_port: int = 19000

@@ -32,7 +32,6 @@ from deploy import servers
 
 log = logging.getLogger(__name__)
 
-KAFKA_BUCKET = "lookout-kafka"
 # Where `up` moves the S3 data of the juicefs gateway that earlier releases ran (see import_juicefs).
 JUICEFS_DIR = "s3-juicefs"
 
@@ -76,7 +75,7 @@ class LocalStack:
             servers.kafka_broker(
                 self.data_dir / "logs",
                 s.stack_kafka_port,
-                storage=f"s3://{KAFKA_BUCKET}/",
+                storage=f"s3://{self.settings.broker_log_bucket}/",
                 s3_endpoint=f"http://127.0.0.1:{s3_port}",
                 access_key=s.s3_access_key,
                 secret_key=s.s3_secret_key.get_secret_value(),
@@ -214,7 +213,7 @@ class LocalStack:
             new = create_s3_client(s.model_copy(update={"s3_endpoint": f"127.0.0.1:{s.stack_s3_port}"}))
             copied: dict[str, int] = {}
             for bucket in old.list_buckets():
-                if bucket.name == KAFKA_BUCKET:
+                if bucket.name == self.settings.broker_log_bucket:
                     continue
                 ensure_bucket(new, bucket.name)
                 copied[bucket.name] = 0
@@ -246,7 +245,7 @@ class LocalStack:
         s3 = create_s3_client(
             self.settings.model_copy(update={"s3_endpoint": f"127.0.0.1:{self.settings.stack_s3_port}"})
         )
-        ensure_bucket(s3, KAFKA_BUCKET)
+        ensure_bucket(s3, self.settings.broker_log_bucket)
         ensure_bucket(s3, self.settings.s3_bucket_frames)
 
     def start_part(self, name: str) -> PartStatus:

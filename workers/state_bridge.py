@@ -25,6 +25,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from tenacity import AsyncRetrying, retry_if_exception
 
 from core.kafka import ConsumerLagReporter, consumer_group, create_consumer, create_producer
+from core.kafka_gaps import OffsetGapGuard
 from core.messages import StateEvent
 from core.metrics import (
     BAD_MESSAGES,
@@ -120,11 +121,12 @@ class StateBridge:
             )
             log.info("state bridge started", extra={"group_id": self._group_id})
             lag = ConsumerLagReporter(consumer, self._group_id)
+            in_order = OffsetGapGuard(consumer, wait_s=self._settings.kafka_gap_wait_s)
             while not stop.is_set():
                 # the consumer recovers by itself from a broker outage; never let a fetch end the loop
                 async for attempt in self._retrying("states fetch", stop):
                     with attempt:
-                        batch = await consumer.getmany(timeout_ms=500, max_records=200)
+                        batch = await in_order.getmany(timeout_ms=500, max_records=200)
                 if consumer.assignment():
                     self.assigned.set()
                 for tp, records in batch.items():

@@ -32,6 +32,7 @@ from pydantic import ValidationError
 
 from core.inference import detection_threads
 from core.kafka import ConsumerLagReporter, consumer_group, create_consumer, create_producer, ensure_topics
+from core.kafka_gaps import OffsetGapGuard
 from core.messages import (
     ErrorKind,
     EventKind,
@@ -79,6 +80,7 @@ class MLService:
         self._events: StateEventPublisher | None = None
         self._heartbeats: asyncio.Task[None] | None = None
         self._consumer: AIOKafkaConsumer | None = None
+        self._in_order: OffsetGapGuard | None = None
         self._lag: ConsumerLagReporter | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._last_commit = 0.0
@@ -106,6 +108,7 @@ class MLService:
         )
         await self._consumer.start()
         self._lag = ConsumerLagReporter(self._consumer, self.group_id)
+        self._in_order = OffsetGapGuard(self._consumer, wait_s=self.settings.kafka_gap_wait_s)
         self._loop_task = asyncio.create_task(self._consume(), name="ml-consume")
         log.info("ml service started", extra={"group_id": self.group_id})
 
@@ -153,12 +156,12 @@ class MLService:
     # --- consuming ----------------------------------------------------------------------------------
 
     async def _consume(self) -> None:
-        assert self._consumer is not None and self._lag is not None
+        assert self._in_order is not None and self._lag is not None
         while True:
             # a broker restarting: the consumer reconnects by itself
             async for attempt in retrying(self.settings, "fetch", retry=KAFKA_DOWN):
                 with attempt:
-                    batch = await self._consumer.getmany(timeout_ms=200, max_records=200)
+                    batch = await self._in_order.getmany(timeout_ms=200, max_records=200)
             for tp, records in batch.items():
                 for record in records:
                     self._offsets.seen(tp, record.offset)

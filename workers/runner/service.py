@@ -27,6 +27,7 @@ from cryptography.fernet import InvalidToken
 from pydantic import ValidationError
 
 from core.kafka import ConsumerLagReporter, consumer_group, create_consumer, create_producer, ensure_topics
+from core.kafka_gaps import OffsetGapGuard
 from core.messages import (
     ErrorKind,
     EventKind,
@@ -83,6 +84,7 @@ class RunnerService:
         consumer = create_consumer(settings, group_id=self.group_id, client_id="lookout-runner")
         consumer.subscribe([settings.topic_commands], listener=_Rebalance(self))
         lag = ConsumerLagReporter(consumer, self.group_id)
+        in_order = OffsetGapGuard(consumer, wait_s=settings.kafka_gap_wait_s)
         try:
             await consumer.start()
             log.info(
@@ -92,7 +94,7 @@ class RunnerService:
                 # a broker restarting: the consumer reconnects by itself
                 async for attempt in retrying(settings, "commands fetch", retry=KAFKA_DOWN):
                     with attempt:
-                        batch = await consumer.getmany(timeout_ms=1000)
+                        batch = await in_order.getmany(timeout_ms=1000)
                 for records in batch.values():
                     for record in records:
                         await self._handle(record)
