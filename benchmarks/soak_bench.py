@@ -89,8 +89,10 @@ async def published_by_outbox(
     return found, unsent
 
 
-async def on_states_topic(settings: Settings, stream_ids: set[str], expected: int) -> dict[str, set[str]]:
-    """Event ids of the streams' records on the states topic, read from the start by a new group."""
+async def on_states_topic(settings: Settings, expected: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Event ids of the streams' records on the states topic, read from the start by a new group until
+    every expected one is found or nothing new came for 15 s (heartbeats are there too: a count of
+    records would stop the read early)."""
     # a verification read: a fetch wait long enough for Tansu to list a partition of the whole soak
     reading = settings.model_copy(update={"kafka_fetch_max_wait_ms": 1000})
     consumer = create_consumer(reading, settings.topic_states, group_id=f"soak-{uuid.uuid4().hex[:8]}")
@@ -99,11 +101,11 @@ async def on_states_topic(settings: Settings, stream_ids: set[str], expected: in
     found: dict[str, set[str]] = defaultdict(set)
     try:
         last_new = time.monotonic()
-        while sum(len(v) for v in found.values()) < expected and time.monotonic() - last_new < 15:
+        while any(ids - found[s] for s, ids in expected.items()) and time.monotonic() - last_new < 15:
             for records in (await in_order.getmany(timeout_ms=500)).values():
                 for record in records:
                     key = (record.key or b"").decode()
-                    if key in stream_ids:
+                    if key in expected:
                         found[key].add(json.loads(record.value or b"{}")["event_id"])
                         last_new = time.monotonic()
     finally:
@@ -168,7 +170,7 @@ def main() -> None:
             outbox, unsent = asyncio.run(published_by_outbox(db_url, runtime.topic_states, ids))
             services = published_by_services(settings.data_dir.resolve() / "logs")
             expected = {s: outbox[s] | services[s] for s in ids}
-            topic = asyncio.run(on_states_topic(runtime, set(ids), sum(len(v) for v in expected.values())))
+            topic = asyncio.run(on_states_topic(runtime, expected))
             out("")
             out(f"{'stream':38} {'end state':15} {'outbox':>6} {'services':>8} {'on topic':>8} {'lost':>5}")
             lost_total = 0

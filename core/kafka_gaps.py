@@ -31,9 +31,12 @@ Batch = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
 class OffsetGapGuard:
     """``getmany`` for a consumer that hands records out only in offset order, without gaps."""
 
-    def __init__(self, consumer: AIOKafkaConsumer, *, wait_s: float) -> None:
+    def __init__(
+        self, consumer: AIOKafkaConsumer, *, wait_s: float, lossy_topics: frozenset[str] = frozenset()
+    ) -> None:
         self._consumer = consumer
         self._wait_s = wait_s
+        self._lossy_topics = lossy_topics
         self._gaps: dict[tuple[TopicPartition, int], float] = {}  # (partition, offset) -> first seen
 
     async def getmany(self, *, timeout_ms: int, max_records: int | None = None) -> Batch:
@@ -82,12 +85,13 @@ class OffsetGapGuard:
             if expected is not None and record.offset > expected:
                 key = (tp, expected)
                 first_seen = self._gaps.setdefault(key, now)
-                if now - first_seen < self._wait_s:
+                lossy = tp.topic in self._lossy_topics
+                if not lossy and now - first_seen < self._wait_s:
                     self._consumer.seek(tp, expected)  # drops what was fetched after the gap
                     return i
                 del self._gaps[key]
                 OFFSET_GAPS.labels(tp.topic, "skipped").inc(record.offset - expected)
-                log.warning(
+                (log.debug if lossy else log.warning)(
                     "offsets not there, stepped over",
                     extra={
                         "topic": tp.topic,

@@ -151,8 +151,9 @@ class Settings(BaseSettings):
     # Embedded local stack
     # the broker's log: the S3 bucket Tansu keeps it in, and its retention (workers/broker_retention.py)
     broker_log_bucket: str = "lookout-kafka"
-    broker_trim_interval_s: float = 10.0
-    broker_frames_retention_s: float = 60.0  # consumed or not: live frames this old are never detected
+    broker_trim_interval_s: float = 5.0
+    broker_frames_retention_s: float = 5.0  # frames ML has read
+    broker_frames_max_age_s: float = 60.0  # any frame: live frames this old are never detected
     broker_retention_s: float = 600.0  # commands and state events, once every Lookout group read them
     broker_unread_retention_s: float = 86400.0  # topics no Lookout group reads: zone events, dead letters
     data_dir: Path = Field(default=Path(".lookout"))

@@ -7,12 +7,18 @@ records a consumer at its end gets nothing at all (measured here: tail fetches a
 at 1,000 records and never at 3,000). One stream's frames reach that in ten minutes.
 
 This worker deletes the batch objects that are no longer needed, as Kafka's retention would:
-- frames older than ``broker_frames_retention_s``, consumed or not (live video: a frame that old
-  is never detected; the ML consumer steps over them);
+- frames once ML's group committed past them and they are older than
+  ``broker_frames_retention_s`` (5 s), and any frame older than ``broker_frames_max_age_s`` (60 s),
+  read or not: live video that old is never detected, and a partition of an ML that fell behind
+  must stay listable (the ML consumer steps over what went);
 - commands and state events only once every Lookout consumer group of their topic has committed
   past them, and older than ``broker_retention_s`` (nothing accepted is dropped unread);
 - records of topics no Lookout group reads (zone events, dead letters) older than
   ``broker_unread_retention_s``.
+
+A batch holds one or more records and ends where the next one starts, so it goes only once the
+commit has reached the next batch. A consumer may still be reading a frame that is deleted under
+it: Tansu answers that fetch with an error and the consumer fetches again.
 
 It runs under ``lookout up`` only: a real Kafka (the compose file) has retention of its own.
 """
@@ -24,6 +30,7 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -56,17 +63,12 @@ class StoredBatch:
 def parse_batch_key(key: str, stored_at: datetime) -> StoredBatch | None:
     """``clusters/C/topics/T/partitions/0000000002/records/00000000000000000042.batch`` as a batch."""
     parts = key.split("/")
-    if len(parts) != 8 or (parts[0], parts[2], parts[4], parts[6]) != (
-        "clusters",
-        "topics",
-        "partitions",
-        "records",
-    ):
+    if len(parts) != 8 or parts[0::2] != ["clusters", "topics", "partitions", "records"]:
         return None
-    partition, name = parts[5], parts[7]
-    if not partition.isdigit() or not name.endswith(".batch") or not name[: -len(".batch")].isdigit():
+    partition, offset = parts[5], parts[7].removesuffix(".batch")
+    if not partition.isdigit() or not parts[7].endswith(".batch") or not offset.isdigit():
         return None
-    return StoredBatch(parts[3], int(partition), int(name[: -len(".batch")]), key, stored_at)
+    return StoredBatch(parts[3], int(partition), int(offset), key, stored_at)
 
 
 class BrokerLogTrimmer:
@@ -80,7 +82,7 @@ class BrokerLogTrimmer:
         """The Lookout consumer groups that must have read a topic's records before they go."""
         s = self.settings
         runner, ml, states = (consumer_group(s, r) for r in ("runner", "ml", "state-manager"))
-        return {s.topic_commands: [runner, ml], s.topic_states: [states]}
+        return {s.topic_commands: [runner, ml], s.topic_frames: [ml], s.topic_states: [states]}
 
     async def committed(self, partitions: set[TopicPartition]) -> dict[TopicPartition, int]:
         """Of ``partitions`` of the read topics, the lowest offset their groups committed; a
@@ -120,14 +122,28 @@ class BrokerLogTrimmer:
         s = self.settings
         now = datetime.now(UTC)
         read = self.readers()
+        # a batch of a read topic ends where the next one starts: it may go once that is committed
+        next_base: dict[StoredBatch, int] = {}
+        by_partition: dict[TopicPartition, list[StoredBatch]] = defaultdict(list)
+        for batch in batches:
+            by_partition[TopicPartition(batch.topic, batch.partition)].append(batch)
+        for in_partition in by_partition.values():
+            in_partition.sort(key=lambda b: b.base_offset)
+            for batch, after in pairwise(in_partition):
+                next_base[batch] = after.base_offset
         gone = []
         for batch in batches:
             age = now - batch.stored_at
-            if batch.topic == s.topic_frames:
-                keep = age < timedelta(seconds=s.broker_frames_retention_s)
-            elif batch.topic in read:
+            if batch.topic in read:
                 safe = committed.get(TopicPartition(batch.topic, batch.partition), 0)
-                keep = batch.base_offset >= safe or age < timedelta(seconds=s.broker_retention_s)
+                read_by_all = batch in next_base and next_base[batch] <= safe
+                if batch.topic == s.topic_frames:
+                    window, max_age = s.broker_frames_retention_s, s.broker_frames_max_age_s
+                else:
+                    window, max_age = s.broker_retention_s, None
+                keep = (not read_by_all or age < timedelta(seconds=window)) and (
+                    max_age is None or age < timedelta(seconds=max_age)
+                )
             else:
                 keep = age < timedelta(seconds=s.broker_unread_retention_s)
             if not keep:

@@ -69,7 +69,9 @@ def put_back(settings: Settings, key: str, data: bytes) -> None:
     create_s3_client(settings).put_object(settings.broker_log_bucket, key, io.BytesIO(data), len(data))
 
 
-async def read_through_guard(settings: Settings, topic: str, *, until: int) -> tuple[list[int], float]:
+async def read_through_guard(
+    settings: Settings, topic: str, *, until: int, lossy: bool = False
+) -> tuple[list[int], float]:
     """Offsets handed out in order by a guarded consumer from the start, and the seconds it took."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False, fetch_max_wait_ms=50
@@ -80,7 +82,7 @@ async def read_through_guard(settings: Settings, topic: str, *, until: int) -> t
         tp = TopicPartition(topic, 0)
         consumer.assign([tp])
         await consumer.seek_to_beginning(tp)
-        guard = OffsetGapGuard(consumer, wait_s=WAIT_S)
+        guard = OffsetGapGuard(consumer, wait_s=WAIT_S, lossy_topics=frozenset({topic} if lossy else ()))
         offsets: list[int] = []
         async with asyncio.timeout(30):
             while not offsets or offsets[-1] < until:
@@ -120,4 +122,16 @@ async def test_an_offset_never_filled_is_stepped_over_after_the_wait_and_counted
     offsets, took_s = await read_through_guard(settings, topic, until=RECORDS - 1)
     assert offsets == [o for o in range(RECORDS) if o != 6]
     assert took_s >= WAIT_S, "stepped over the gap without waiting for it"
+    assert sample("lookout_kafka_offset_gaps_total", topic=topic, outcome="skipped") == 1
+
+
+async def test_a_gap_in_a_lossy_topic_such_as_frames_is_stepped_over_at_once(broker: StackBroker) -> None:
+    settings = broker.settings
+    topic = await write_records(settings)
+    key = await asyncio.to_thread(batch_key, settings, topic, 3)
+    await asyncio.to_thread(take_away, settings, key)
+
+    offsets, took_s = await read_through_guard(settings, topic, until=RECORDS - 1, lossy=True)
+    assert offsets == [o for o in range(RECORDS) if o != 3]
+    assert took_s < WAIT_S, "a live frame is not worth waiting for"
     assert sample("lookout_kafka_offset_gaps_total", topic=topic, outcome="skipped") == 1

@@ -11,10 +11,13 @@ import json
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import cast
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from minio import Minio
 
 from core.kafka import consumer_group
 from core.settings import Settings
@@ -22,7 +25,7 @@ from tests.deploy.test_broker_conformance import create_topic, producers
 from tests.observing import eventually, sample
 from tests.running_services import StackBroker, stack_broker
 from tests.service_processes import running_service
-from workers.broker_retention import BrokerLogTrimmer
+from workers.broker_retention import BrokerLogTrimmer, StoredBatch
 
 pytestmark = pytest.mark.integration
 
@@ -89,9 +92,7 @@ async def test_retention_drops_old_frames_and_only_what_every_group_read_of_comm
     young = BrokerLogTrimmer(own)  # the default windows: everything here is too young to go
     assert await young.trim_once() == 0
 
-    trimmer = BrokerLogTrimmer(
-        own.model_copy(update={"broker_frames_retention_s": 0, "broker_retention_s": 0})
-    )
+    trimmer = BrokerLogTrimmer(own.model_copy(update={"broker_frames_max_age_s": 0, "broker_retention_s": 0}))
     trimmed = sample("lookout_broker_batches_trimmed_total", topic=own.topic_states)
     assert await trimmer.trim_once() == 20 + 10 + 15
     assert kept(trimmer) == {own.topic_commands: 10, own.topic_states: 5, own.topic_events: 20}
@@ -122,7 +123,7 @@ async def test_a_consumer_at_the_end_of_a_long_partition_gets_new_records_once_i
 ) -> None:
     own = await own_topics(broker.settings)
     await produce(own, own.topic_frames, 3000, producers_n=8)
-    trimmer = BrokerLogTrimmer(own.model_copy(update={"broker_frames_retention_s": 0}))
+    trimmer = BrokerLogTrimmer(own.model_copy(update={"broker_frames_max_age_s": 0}))
     assert await trimmer.trim_once() == 3000
 
     consumer = AIOKafkaConsumer(
@@ -147,7 +148,7 @@ async def test_a_consumer_at_the_end_of_a_long_partition_gets_new_records_once_i
 async def test_lookout_broker_retention_trims_on_its_own_and_stops_on_sigterm(broker: StackBroker) -> None:
     own = await own_topics(broker.settings)
     own = own.model_copy(
-        update={"broker_frames_retention_s": 1, "broker_trim_interval_s": 0.5, "metrics_port_retention": 0}
+        update={"broker_frames_max_age_s": 1, "broker_trim_interval_s": 0.5, "metrics_port_retention": 0}
     )
     await produce(own, own.topic_frames, 5)
     trimmer = BrokerLogTrimmer(own)
@@ -157,3 +158,30 @@ async def test_lookout_broker_retention_trims_on_its_own_and_stops_on_sigterm(br
     assert service.logged("broker log trimmed") and service.logged("broker retention started")
     for line in service.lines:
         assert json.loads(line)["service"] == "broker-retention"
+
+
+def test_a_batch_goes_only_once_the_commit_is_past_its_last_record(settings: Settings) -> None:
+    """Several records in one batch: the batch ends where the next one starts."""
+    own = settings.model_copy(update={"broker_retention_s": 0})
+    trimmer = BrokerLogTrimmer(own, s3=cast(Minio, object()))
+    old = datetime.now(UTC) - timedelta(hours=1)
+    states = [
+        StoredBatch(own.topic_states, 0, base, f"k{base}", old) for base in (0, 10, 13)
+    ]  # 0-9, 10-12, 13-
+    assert trimmer.expired(states, {TopicPartition(own.topic_states, 0): 11}) == states[:1]
+    assert trimmer.expired(states, {TopicPartition(own.topic_states, 0): 13}) == states[:2]
+    assert trimmer.expired(states, {}) == [], "a partition no group committed keeps everything"
+
+
+def test_frames_ml_has_read_go_after_seconds_and_unread_ones_after_the_maximum_age(
+    settings: Settings,
+) -> None:
+    trimmer = BrokerLogTrimmer(settings, s3=cast(Minio, object()))
+    now = datetime.now(UTC)
+    frames = [
+        StoredBatch(settings.topic_frames, 0, base, f"k{base}", now - timedelta(seconds=age))
+        for base, age in ((0, 30), (1, 30), (2, 1), (3, 90), (4, 1))
+    ]  # ML has committed 2: frames 0 and 1 were read, 3 is unread but too old
+    tp = TopicPartition(settings.topic_frames, 0)
+    assert trimmer.expired(frames, {tp: 2}) == [frames[0], frames[1], frames[3]]
+    assert trimmer.expired(frames, {}) == [frames[3]]

@@ -108,7 +108,11 @@ class MLService:
         )
         await self._consumer.start()
         self._lag = ConsumerLagReporter(self._consumer, self.group_id)
-        self._in_order = OffsetGapGuard(self._consumer, wait_s=self.settings.kafka_gap_wait_s)
+        self._in_order = OffsetGapGuard(
+            self._consumer,
+            wait_s=self.settings.kafka_gap_wait_s,
+            lossy_topics=frozenset({self.settings.topic_frames}),
+        )
         self._loop_task = asyncio.create_task(self._consume(), name="ml-consume")
         log.info("ml service started", extra={"group_id": self.group_id})
 
