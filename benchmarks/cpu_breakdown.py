@@ -1,0 +1,160 @@
+"""CPU breakdown benchmark (not a test): where the box's CPU goes while Lookout runs N streams.
+
+Runs what ``lookout up`` runs, in a temp folder on free ports (the machine's Postgres with a
+database of its own, SeaweedFS, Tansu on it, Temporal, the services under the supervisor, the test
+camera), starts N streams of the demo clip, waits ``--warm-up-s``, then samples the CPU time of
+every process for ``--seconds`` (psutil) and prints it per group: each server, each service, and
+the per-stream processes of the runner (capture) and of ML (detection), found by their parent.
+
+    .venv/bin/python benchmarks/cpu_breakdown.py [--streams 4] [--fps 5] [--imgsz 640]
+        [--backend openvino] [--seconds 60] [--warm-up-s 45]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import psycopg
+from pydantic import SecretStr
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from cli.run import LookoutRun  # noqa: E402
+from core.settings import Settings  # noqa: E402
+from deploy import servers  # noqa: E402
+from deploy.camera.control import TestCamera  # noqa: E402
+from tests.ports import free_s3_port  # noqa: E402
+
+ADMIN_PG_URL = os.environ.get("LOOKOUT_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+GROUPS = (  # a process belongs to the first name its command line holds
+    ("weed", "SeaweedFS (S3)"),
+    ("tansu", "Tansu (broker)"),
+    ("temporal", "Temporal"),
+    ("rtsp", "test camera"),
+    ("camera", "test camera"),
+    ("postgres", "Postgres"),
+)
+CHILDREN_OF = {"lookout-ml": "ML detection processes", "lookout-runner": "runner capture processes"}
+
+
+def out(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def group(process: psutil.Process) -> str | None:
+    """The group a process's CPU is counted in; None for processes that are not Lookout's."""
+    try:
+        arguments = process.cmdline()
+        scripts = [a.rsplit("/", 1)[1] for a in arguments if "/bin/lookout-" in a]
+        if scripts:
+            return f"{scripts[0]} service"
+        for parent in process.parents():  # a per-stream process: forkserver children of a service
+            parent_arguments = " ".join(parent.cmdline())
+            for script, name in CHILDREN_OF.items():
+                if f"/bin/{script}" in parent_arguments:
+                    return name
+        command = " ".join(arguments)
+        return next((name for key, name in GROUPS if key in command), None)
+    except psutil.Error:
+        return None
+
+
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """CPU time (user + system) so far of every process that belongs to a group, by pid."""
+    found = {}
+    for process in psutil.process_iter():
+        name = group(process)
+        if name is None:
+            continue
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        found[process.pid] = (name, times.user + times.system)
+    return found
+
+
+def rows(db_url: str) -> int:
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute("SELECT count(*) FROM detections").fetchone()
+    return int(row[0]) if row else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--fps", type=float, default=5)
+    parser.add_argument("--imgsz", type=int, default=640)
+    parser.add_argument("--backend", default="openvino")
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--warm-up-s", type=float, default=45)
+    args = parser.parse_args()
+    database = f"lookout_cpu_{uuid.uuid4().hex[:8]}"
+    with tempfile.TemporaryDirectory(prefix="lookout-cpu-", dir="/tmp") as root:
+        Path(root).chmod(0o755)  # a private Postgres cluster (runuser postgres) must reach it
+        settings = Settings(
+            _env_file=None,  # type: ignore[call-arg]
+            data_dir=Path(root) / "lookout",
+            database_url=SecretStr(ADMIN_PG_URL.rsplit("/", 1)[0] + "/" + database),
+            stack_pg_port=servers.free_port(),
+            stack_s3_port=free_s3_port(),
+            stack_kafka_port=servers.free_port(),
+            stack_temporal_port=servers.free_port(),
+            stack_temporal_ui_port=servers.free_port(),
+            api_port=servers.free_port(),
+            **{
+                name: servers.free_port() for name in Settings.model_fields if name.startswith("metrics_port")
+            },
+        )
+        run = LookoutRun(settings)
+        camera = TestCamera(log_dir=Path(root) / "camera")
+        try:
+            client = run.start()
+            mounts = [f"cam{i + 1}" for i in range(args.streams)]
+            camera.start(mounts=mounts)
+            options = {"fps": args.fps, "imgsz": args.imgsz, "backend": args.backend}
+            ids = [str(client.init(camera.url(m), options)["id"]) for m in mounts]
+            out(
+                f"{len(ids)} streams started; warming up {args.warm_up_s:g} s, then sampling {args.seconds:g} s ..."
+            )
+            time.sleep(args.warm_up_s)
+            db_url = run.runtime.database_url.get_secret_value()
+            before, rows_before, started = cpu_seconds(), rows(db_url), time.monotonic()
+            time.sleep(args.seconds)
+            after, rows_after, took = cpu_seconds(), rows(db_url), time.monotonic() - started
+            spent: Counter[str] = Counter()
+            for pid, (name, seconds) in after.items():
+                spent[name] += seconds - before.get(pid, (name, 0.0))[1]
+            busy = sum(spent.values())
+            out("")
+            out(
+                f"{args.streams} {args.backend} streams at {args.fps:g} fps, imgsz {args.imgsz}, "
+                f"{os.cpu_count()} cores: {(rows_after - rows_before) / took:.2f} rows/s stored of "
+                f"{args.streams * args.fps:g} frames/s asked; {busy / took:.2f} cores busy"
+            )
+            out(f"{'process group':32} {'% of a core':>12} {'% of busy':>10}")
+            for name, seconds in spent.most_common():
+                out(f"{name:32} {seconds / took * 100:12.1f} {seconds / busy * 100:10.1f}")
+            for stream_id in ids:
+                client.shutdown(stream_id)
+        finally:
+            camera.stop()
+            run.stop()
+            with psycopg.connect(ADMIN_PG_URL, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+if __name__ == "__main__":
+    main()
