@@ -15,26 +15,20 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
-import uuid
-from collections import Counter
+from collections import defaultdict
 from pathlib import Path
 
 import psutil
 import psycopg
-from pydantic import SecretStr
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.throwaway import throwaway_settings  # noqa: E402
 from cli.run import LookoutRun  # noqa: E402
-from core.settings import Settings  # noqa: E402
-from deploy import servers  # noqa: E402
 from deploy.camera.control import TestCamera  # noqa: E402
-from tests.ports import free_s3_port  # noqa: E402
 
-ADMIN_PG_URL = os.environ.get("LOOKOUT_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 GROUPS = (  # a process belongs to the first name its command line holds
     ("weed", "SeaweedFS (S3)"),
     ("tansu", "Tansu (broker)"),
@@ -101,25 +95,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--warm-up-s", type=float, default=45)
     args = parser.parse_args()
-    database = f"lookout_cpu_{uuid.uuid4().hex[:8]}"
-    with tempfile.TemporaryDirectory(prefix="lookout-cpu-", dir="/tmp") as root:
-        Path(root).chmod(0o755)  # a private Postgres cluster (runuser postgres) must reach it
-        settings = Settings(
-            _env_file=None,  # type: ignore[call-arg]
-            data_dir=Path(root) / "lookout",
-            database_url=SecretStr(ADMIN_PG_URL.rsplit("/", 1)[0] + "/" + database),
-            stack_pg_port=servers.free_port(),
-            stack_s3_port=free_s3_port(),
-            stack_kafka_port=servers.free_port(),
-            stack_temporal_port=servers.free_port(),
-            stack_temporal_ui_port=servers.free_port(),
-            api_port=servers.free_port(),
-            **{
-                name: servers.free_port() for name in Settings.model_fields if name.startswith("metrics_port")
-            },
-        )
+    with throwaway_settings("cpu") as settings:
         run = LookoutRun(settings)
-        camera = TestCamera(log_dir=Path(root) / "camera")
+        camera = TestCamera(log_dir=settings.data_dir.parent / "camera")
         try:
             client = run.start()
             mounts = [f"cam{i + 1}" for i in range(args.streams)]
@@ -134,7 +112,7 @@ def main() -> None:
             before, rows_before, started = cpu_seconds(), rows(db_url), time.monotonic()
             time.sleep(args.seconds)
             after, rows_after, took = cpu_seconds(), rows(db_url), time.monotonic() - started
-            spent: Counter[str] = Counter()
+            spent: dict[str, float] = defaultdict(float)
             for pid, (name, seconds) in after.items():
                 spent[name] += seconds - before.get(pid, (name, 0.0))[1]
             busy = sum(spent.values())
@@ -145,15 +123,13 @@ def main() -> None:
                 f"{args.streams * args.fps:g} frames/s asked; {busy / took:.2f} cores busy"
             )
             out(f"{'process group':32} {'% of a core':>12} {'% of busy':>10}")
-            for name, seconds in spent.most_common():
+            for name, seconds in sorted(spent.items(), key=lambda item: -item[1]):
                 out(f"{name:32} {seconds / took * 100:12.1f} {seconds / busy * 100:10.1f}")
             for stream_id in ids:
                 client.shutdown(stream_id)
         finally:
             camera.stop()
             run.stop()
-            with psycopg.connect(ADMIN_PG_URL, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
 if __name__ == "__main__":

@@ -21,26 +21,19 @@ import asyncio
 import os
 import signal
 import sys
-import tempfile
 import time
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-
-import psycopg
-from pydantic import SecretStr
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.throwaway import throwaway_settings  # noqa: E402
 from cli.api_client import LookoutClient  # noqa: E402
 from cli.run import LookoutRun  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from core.temporal import connect_temporal, workflow_id  # noqa: E402
 from deploy.camera.control import TestCamera  # noqa: E402
-from tests.ports import free_port, free_s3_port  # noqa: E402
-
-ADMIN_PG_URL = os.environ.get("LOOKOUT_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 def out(line: str) -> None:
@@ -90,24 +83,10 @@ def main() -> None:
         "--heartbeat", type=float, default=Settings.model_fields["heartbeat_interval_s"].default
     )
     args = parser.parse_args()
-    database = f"lookout_recovery_{uuid.uuid4().hex[:8]}"
-    with tempfile.TemporaryDirectory(prefix="lookout-recovery-", dir="/tmp") as root:
-        Path(root).chmod(0o755)
-        settings = Settings(
-            _env_file=None,  # type: ignore[call-arg]
-            data_dir=Path(root) / "lookout",
-            database_url=SecretStr(ADMIN_PG_URL.rsplit("/", 1)[0] + "/" + database),
-            stack_pg_port=free_port(),
-            stack_s3_port=free_s3_port(),
-            stack_kafka_port=free_port(),
-            stack_temporal_port=free_port(),
-            stack_temporal_ui_port=free_port(),
-            api_port=free_port(),
-            liveness_timeout_s=args.liveness,
-            heartbeat_interval_s=args.heartbeat,
-            **{name: free_port() for name in Settings.model_fields if name.startswith("metrics_port")},
-        )
-        camera = TestCamera(log_dir=Path(root) / "camera").start(mounts=["cam1"])
+    with throwaway_settings(
+        "recovery", liveness_timeout_s=args.liveness, heartbeat_interval_s=args.heartbeat
+    ) as settings:
+        camera = TestCamera(log_dir=settings.data_dir.parent / "camera").start(mounts=["cam1"])
         run = LookoutRun(settings)
         try:
             client = run.start()
@@ -147,8 +126,6 @@ def main() -> None:
         finally:
             camera.stop()
             run.stop()
-            with psycopg.connect(ADMIN_PG_URL, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
 if __name__ == "__main__":

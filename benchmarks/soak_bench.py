@@ -2,7 +2,7 @@
 every state event.
 
 Runs what ``lookout up`` runs, in a temp folder on free ports: the stack (the machine's Postgres with
-a database of its own, SeaweedFS, Tansu with its log on SeaweedFS, Temporal) and Lookout's six
+a database of its own, SeaweedFS, Tansu with its log on SeaweedFS, Temporal) and Lookout's
 services under the supervisor; the test camera serves the demo clip on one mount per stream. After
 the window every stream is shut down through the API. Then, per stream:
 
@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
-import tempfile
 import time
 import uuid
 from collections import defaultdict
@@ -29,20 +27,17 @@ from pathlib import Path
 
 import asyncpg
 import psycopg
-from pydantic import SecretStr
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.throwaway import throwaway_settings  # noqa: E402
 from cli.run import LookoutRun  # noqa: E402
 from core.kafka import create_consumer  # noqa: E402
 from core.kafka_gaps import OffsetGapGuard  # noqa: E402
 from core.settings import Settings  # noqa: E402
-from deploy import servers  # noqa: E402
 from deploy.camera.control import TestCamera  # noqa: E402
-from tests.ports import free_s3_port  # noqa: E402
 
-ADMIN_PG_URL = os.environ.get("LOOKOUT_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 TERMINAL = ("inactive", "inactive_error")
 
 
@@ -122,28 +117,12 @@ def main() -> None:
     parser.add_argument("--fps", type=float, default=5)
     parser.add_argument("--imgsz", type=int, default=640)
     args = parser.parse_args()
-    database = f"lookout_soak_{uuid.uuid4().hex[:8]}"
-    with tempfile.TemporaryDirectory(prefix="lookout-soak-", dir="/tmp") as root:
-        Path(root).chmod(0o755)  # a private Postgres cluster (runuser postgres) must reach it
-        settings = Settings(
-            _env_file=None,  # type: ignore[call-arg]
-            data_dir=Path(root) / "lookout",
-            database_url=SecretStr(ADMIN_PG_URL.rsplit("/", 1)[0] + "/" + database),
-            stack_pg_port=servers.free_port(),
-            stack_s3_port=free_s3_port(),
-            stack_kafka_port=servers.free_port(),
-            stack_temporal_port=servers.free_port(),
-            stack_temporal_ui_port=servers.free_port(),
-            api_port=servers.free_port(),
-            ml_imgsz=args.imgsz,
-            # every state event stays on the topic until it is counted at the end
-            broker_retention_s=args.minutes * 60 + 3600,
-            **{
-                name: servers.free_port() for name in Settings.model_fields if name.startswith("metrics_port")
-            },
-        )
+    # every state event stays on the topic until it is counted at the end
+    with throwaway_settings(
+        "soak", ml_imgsz=args.imgsz, broker_retention_s=args.minutes * 60 + 3600
+    ) as settings:
         run = LookoutRun(settings)
-        camera = TestCamera(log_dir=Path(root) / "camera")
+        camera = TestCamera(log_dir=settings.data_dir.parent / "camera")
         try:
             client = run.start()
             mounts = [f"cam{i + 1}" for i in range(args.streams)]
@@ -191,8 +170,6 @@ def main() -> None:
         finally:
             camera.stop()
             run.stop()
-            with psycopg.connect(ADMIN_PG_URL, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
 if __name__ == "__main__":
