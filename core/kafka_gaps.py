@@ -6,8 +6,13 @@ be stored, and fetched, while N is still being written; a consumer then moves pa
 sees it (measured here: a live consumer behind four producers missed 1 of 1,200 acknowledged
 records, which a later read found). Kafka's offsets are dense, so a gap in what a fetch returns is
 either such a record on its way or a hole for good: an offset a killed broker handed out and never
-filled, or records retention deleted before this consumer read them (workers/broker_retention.py). ``OffsetGapGuard`` holds a partition at the gap (it seeks back and fetches again) until the
-record arrives or ``kafka_gap_wait_s`` has passed, then steps over it and counts it.
+filled, or records retention deleted before this consumer read them (workers/broker_retention.py).
+``OffsetGapGuard`` holds a partition at the gap (it seeks back and fetches again) until the record
+arrives or ``kafka_gap_wait_s`` has passed, then steps over it and counts it.
+
+Frames are the exception (``lossy_topics``): a live frame is worth nothing late, and each stream's
+capture process has a producer of its own, so gaps come with every busy frames partition and
+holding it would cost a re-fetch per gap. There a gap is stepped over at once, and counted.
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ CONSUMER_LAG = Gauge(
     "Records behind the end of the topic, summed over this member's partitions (highwater - position)",
     ["group", "topic"],
 )
-BROKER_RECORDS_TRIMMED = Counter(
+BROKER_BATCHES_TRIMMED = Counter(
     "lookout_broker_batches_trimmed_total",
     "Record batches of the embedded broker's log deleted by retention (workers/broker_retention.py)",
     ["topic"],

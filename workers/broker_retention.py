@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
@@ -40,7 +40,7 @@ from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 
 from core.kafka import consumer_group
-from core.metrics import BROKER_RECORDS_TRIMMED
+from core.metrics import BROKER_BATCHES_TRIMMED
 from core.retry import wait_any
 from core.settings import Settings
 from core.storage import create_s3_client
@@ -134,19 +134,19 @@ class BrokerLogTrimmer:
         gone = []
         for batch in batches:
             age = now - batch.stored_at
-            if batch.topic in read:
+
+            def older(seconds: float, age: timedelta = age) -> bool:
+                return age >= timedelta(seconds=seconds)
+
+            if batch.topic not in read:
+                expired = older(s.broker_unread_retention_s)
+            else:
                 safe = committed.get(TopicPartition(batch.topic, batch.partition), 0)
                 read_by_all = batch in next_base and next_base[batch] <= safe
-                if batch.topic == s.topic_frames:
-                    window, max_age = s.broker_frames_retention_s, s.broker_frames_max_age_s
-                else:
-                    window, max_age = s.broker_retention_s, None
-                keep = (not read_by_all or age < timedelta(seconds=window)) and (
-                    max_age is None or age < timedelta(seconds=max_age)
-                )
-            else:
-                keep = age < timedelta(seconds=s.broker_unread_retention_s)
-            if not keep:
+                frames = batch.topic == s.topic_frames
+                window = s.broker_frames_retention_s if frames else s.broker_retention_s
+                expired = (read_by_all and older(window)) or (frames and older(s.broker_frames_max_age_s))
+            if expired:
                 gone.append(batch)
         return gone
 
@@ -157,11 +157,9 @@ class BrokerLogTrimmer:
         gone = self.expired(batches, committed)
         if gone:
             await asyncio.to_thread(self._delete, gone)
-            by_topic: dict[str, int] = defaultdict(int)
-            for batch in gone:
-                by_topic[batch.topic] += 1
+            by_topic = Counter(batch.topic for batch in gone)
             for topic, count in by_topic.items():
-                BROKER_RECORDS_TRIMMED.labels(topic).inc(count)
+                BROKER_BATCHES_TRIMMED.labels(topic).inc(count)
             log.info(
                 "broker log trimmed", extra={"batches": dict(by_topic), "kept": len(batches) - len(gone)}
             )
