@@ -22,6 +22,7 @@ from core.storage import create_s3_client
 from tests.deploy.test_broker_conformance import create_topic, producers
 from tests.observing import sample
 from tests.running_services import StackBroker, stack_broker
+from workers.broker_retention import BrokerLogTrimmer
 
 pytestmark = pytest.mark.integration
 
@@ -44,12 +45,8 @@ async def write_records(settings: Settings) -> str:
 
 
 def batch_key(settings: Settings, topic: str, offset: int) -> str:
-    s3 = create_s3_client(settings)
-    suffix = f"/topics/{topic}/partitions/0000000000/records/{offset:020}.batch"
-    keys = [
-        o.object_name for o in s3.list_objects(settings.broker_log_bucket, recursive=True) if o.object_name
-    ]
-    (key,) = [k for k in keys if k.endswith(suffix)]
+    stored = BrokerLogTrimmer(settings).stored()
+    (key,) = [b.key for b in stored if b.topic == topic and b.partition == 0 and b.base_offset == offset]
     return key
 
 

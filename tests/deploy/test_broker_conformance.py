@@ -27,10 +27,10 @@ from aiokafka.errors import KafkaError
 from core.kafka import create_consumer, create_producer
 from core.kafka_gaps import OffsetGapGuard
 from core.settings import Settings
-from core.storage import create_s3_client
 from deploy import servers
 from tests.observing import eventually
 from tests.running_services import StackBroker, stack_broker
+from workers.broker_retention import BrokerLogTrimmer
 
 pytestmark = pytest.mark.integration
 
@@ -107,13 +107,8 @@ async def read_all(
 
 def stored_batches(settings: Settings, topic: str) -> set[int]:
     """Base offsets of the record batches the broker keeps for ``topic``'s partition 0 on S3."""
-    s3 = create_s3_client(settings)
-    suffix = f"/topics/{topic}/partitions/0000000000/records/"
-    return {
-        int(item.object_name.rsplit("/", 1)[1].split(".")[0])
-        for item in s3.list_objects(settings.broker_log_bucket, recursive=True)
-        if item.object_name and suffix in item.object_name and item.object_name.endswith(".batch")
-    }
+    stored = BrokerLogTrimmer(settings).stored()
+    return {b.base_offset for b in stored if b.topic == topic and b.partition == 0}
 
 
 def describe_lost(
