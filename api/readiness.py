@@ -14,6 +14,7 @@ from temporalio.client import Client
 
 from core.settings import Settings
 from core.temporal import connect_temporal
+from core.timeouts import within
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ async def check_temporal(temporal: TemporalConnection) -> None:
 async def run_check(name: str, check: Coroutine[Any, Any, None]) -> str:
     """``ok`` or the error's type; details go to the log, never to the response."""
     try:
-        await asyncio.wait_for(check, CHECK_TIMEOUT_S + 1)
+        await within(check, CHECK_TIMEOUT_S + 1)
     except Exception as err:
         log.warning("readiness check failed", extra={"check": name, "error": repr(err)})
         return f"error: {type(err).__name__}"

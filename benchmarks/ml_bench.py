@@ -52,6 +52,7 @@ from core.settings import Settings, settings_env  # noqa: E402
 from deploy import servers  # noqa: E402
 from tests.databases import scratch_database  # noqa: E402
 from tests.ports import free_s3_port  # noqa: E402
+from core.timeouts import within  # noqa: E402
 
 S3_ACCESS_KEY = "lookout-bench"
 S3_SECRET_KEY = "lookout-bench-secret"
@@ -212,7 +213,7 @@ class Bench:
                 self.settings.topic_commands, stop.model_dump_json().encode(), key=stream_id.encode()
             )
         async with self._acked:
-            await asyncio.wait_for(self._acked.wait_for(lambda: set(ids) <= self.acks), 60)
+            await within(self._acked.wait_for(lambda: set(ids) <= self.acks), 60)
 
     async def feed(self, stream_id: str, fps: float, seconds: float) -> int:
         """Publish frames at ``fps`` for ``seconds``; returns how many were sent."""

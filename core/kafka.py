@@ -7,8 +7,8 @@ transactional producers fail, so none of them is used here.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import logging
 import time
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -19,8 +19,28 @@ from aiokafka.errors import IllegalStateError, KafkaError, TopicAlreadyExistsErr
 
 from core.metrics import CONSUMER_LAG
 from core.settings import Settings
+from core.timeouts import within
+
+log = logging.getLogger(__name__)
 
 POSITION_WAIT_S = 0.05  # a partition whose position is being reset is skipped, not waited for
+CLOSE_TIMEOUT_S = 10.0
+
+
+async def close_client(
+    client: AIOKafkaProducer | AIOKafkaConsumer, what: str, timeout_s: float = CLOSE_TIMEOUT_S
+) -> None:
+    """Stop a producer or consumer, abandoning it after ``timeout_s``. A consumer's stop can freeze
+    in its group's heartbeat (aiokafka #773), and a producer's flush on a broker that is gone: a
+    service that is stopping must not hang on either. Never raises."""
+    try:
+        await within(client.stop(), timeout_s)
+    except TimeoutError:
+        log.warning(
+            "kafka client did not stop in time, abandoned", extra={"client": what, "timeout_s": timeout_s}
+        )
+    except Exception as err:  # a client half started or broken: nothing more to free
+        log.warning("kafka client stop failed", extra={"client": what, "error": repr(err)})
 
 
 def create_producer(
@@ -129,7 +149,7 @@ class ConsumerLagReporter:
                 highwater = self._consumer.highwater(tp)
                 if highwater is None:
                     continue
-                position = await asyncio.wait_for(self._consumer.position(tp), POSITION_WAIT_S)
+                position = await within(self._consumer.position(tp), POSITION_WAIT_S)
             except (AssertionError, IllegalStateError, KafkaError, TimeoutError):
                 continue  # revoked meanwhile, or its position is being reset
             lag[tp.topic] = lag.get(tp.topic, 0) + max(0, highwater - position)

@@ -20,6 +20,7 @@ from tenacity.stop import stop_base
 from tenacity.wait import wait_base, wait_exponential_jitter
 
 from core.settings import Settings
+from core.timeouts import within
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def retrying(
             await asyncio.sleep(seconds)
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop_event.wait(), seconds)
+            await within(stop_event.wait(), seconds)
 
     def stopped(state: RetryCallState) -> Any:
         error = state.outcome.exception() if state.outcome is not None else None

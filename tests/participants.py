@@ -26,6 +26,7 @@ from core.messages import EventKind, Service, StartCommand, StateEvent, StopComm
 from core.sealing import UrlSealer
 from core.settings import Settings
 from core.states import StreamState
+from core.timeouts import within
 
 log = logging.getLogger(__name__)
 
@@ -122,4 +123,4 @@ async def running_participants(settings: Settings) -> AsyncIterator[Participants
         yield participants
     finally:
         stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        await within(asyncio.gather(*tasks), 30)

@@ -32,6 +32,7 @@ from core.kafka import ensure_topics
 from core.messages import StateEvent
 from core.settings import Settings
 from core.temporal import SEARCH_ATTRIBUTES, connect_temporal
+from core.timeouts import within
 from deploy import servers
 from deploy.local_stack import LocalStack, S3Recipe
 from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY, make_settings
@@ -105,7 +106,7 @@ async def _running_task(
         yield task
     finally:
         stop.set()
-        await asyncio.wait_for(task, 30)
+        await within(task, 30)
 
 
 @contextlib.asynccontextmanager
@@ -115,7 +116,7 @@ async def running_relay(settings: Settings, **options: Any) -> AsyncIterator[Out
     try:
         relay = OutboxRelay(settings, pool, **options)
         async with _running_task("outbox-relay", relay.run):
-            await asyncio.wait_for(relay.listening.wait(), 10)
+            await within(relay.listening.wait(), 10)
             yield relay
     finally:
         await pool.close()

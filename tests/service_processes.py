@@ -20,6 +20,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from core.settings import Settings, settings_env
+from core.timeouts import within
 from deploy import servers
 
 
@@ -47,7 +48,7 @@ class ServiceProcess:
         """SIGTERM, then its exit status; fails, showing its last lines, if it does not exit in time."""
         self.proc.send_signal(signal.SIGTERM)
         try:
-            code = await asyncio.wait_for(self.proc.wait(), within_s)
+            code = await within(self.proc.wait(), within_s)
         except TimeoutError:
             last = "\n".join(self.lines[-20:])
             raise AssertionError(f"still running {within_s:g}s after SIGTERM; last lines:\n{last}") from None
@@ -62,7 +63,7 @@ class ServiceProcess:
 
     async def _finish_reading(self) -> None:
         with contextlib.suppress(asyncio.CancelledError, TimeoutError):  # a child may hold stderr open
-            await asyncio.wait_for(self._reader, 5)
+            await within(self._reader, 5)
 
 
 async def start_service(name: str, settings: Settings) -> ServiceProcess:

@@ -28,6 +28,7 @@ from multiprocessing.context import ForkServerContext, SpawnContext
 from typing import Generic, NoReturn, TypeVar
 
 from core.logs import configure_logging
+from core.timeouts import within
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ class ChildProcess(Generic[Received]):
 
     async def _wait_exited(self, within_s: float | None) -> bool:
         try:
-            await asyncio.wait_for(self._exited.wait(), within_s)
+            await within(self._exited.wait(), within_s)
         except TimeoutError:
             return False
         return True

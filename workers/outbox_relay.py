@@ -24,11 +24,12 @@ from aiokafka import AIOKafkaProducer
 from tenacity import retry_if_exception_type
 
 from core.db import POSTGRES_DOWN, connect_pool
-from core.kafka import create_producer, ensure_topics
+from core.kafka import close_client, create_producer, ensure_topics
 from core.metrics import OUTBOX_BACKLOG, OUTBOX_PUBLISH_FAILURES, OUTBOX_PUBLISHED
 from core.outbox import NOTIFY_CHANNEL
 from core.retry import Stopped, retrying, wait_any
 from core.settings import Settings
+from core.timeouts import within
 from workers.entrypoint import run_service
 
 log = logging.getLogger(__name__)
@@ -229,7 +230,7 @@ class OutboxRelay:
                 results[row["id"]] = None
 
         try:
-            await asyncio.wait_for(
+            await within(
                 asyncio.gather(*(publish_in_order(stream_rows) for stream_rows in by_stream.values())),
                 self._publish_timeout_s,
             )
@@ -267,8 +268,7 @@ class OutboxRelay:
     async def _close_producer(self) -> None:
         producer, self._producer = self._producer, None
         if producer is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(producer.stop(), 5)
+            await close_client(producer, "outbox relay producer", timeout_s=5)
 
     async def _listen(self, stop: asyncio.Event) -> None:
         """Keep a LISTEN connection open and wake the relay on every notification; reconnect on loss."""

@@ -24,7 +24,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 from tenacity import AsyncRetrying, retry_if_exception
 
-from core.kafka import ConsumerLagReporter, consumer_group, create_consumer, create_producer
+from core.kafka import ConsumerLagReporter, close_client, consumer_group, create_consumer, create_producer
 from core.kafka_gaps import OffsetGapGuard
 from core.messages import StateEvent
 from core.metrics import (
@@ -135,10 +135,9 @@ class StateBridge:
         except Stopped:
             pass
         finally:
-            for client in (consumer, producer):
+            for client, what in ((consumer, "state bridge consumer"), (producer, "state bridge producer")):
                 if client is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(client.stop(), 10)
+                    await close_client(client, what)
             log.info("state bridge stopped")
 
     def _retrying(self, what: str, stop: asyncio.Event, **options: Any) -> AsyncRetrying:

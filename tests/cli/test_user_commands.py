@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from core.settings import Settings
+from core.timeouts import within
 from tests.e2e.pipeline import served_api
 from tests.participants import running_participants
 from tests.running_services import isolated_settings, new_api_key, running_lifecycle, wait_for_state
@@ -37,7 +38,7 @@ async def lookout(api: str, *args: str, key: str | None = None) -> tuple[int, st
     proc = await asyncio.create_subprocess_exec(
         LOOKOUT, *args, "--api", api, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
     )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    out, err = await within(proc.communicate(), 60)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 
@@ -112,7 +113,7 @@ async def test_keys_bootstrap_makes_a_first_admin_key_straight_in_the_database(s
     proc = await asyncio.create_subprocess_exec(
         LOOKOUT, "keys", "bootstrap", "--name", "first", stdout=asyncio.subprocess.PIPE, env=env
     )
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    out, _ = await within(proc.communicate(), 60)
     token = out.decode().strip()
     assert proc.returncode == 0 and token.startswith("lk_")
     async with served_api(settings) as api:

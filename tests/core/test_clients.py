@@ -20,6 +20,7 @@ from core.kafka import create_consumer, create_producer, ensure_topics
 from core.settings import Settings
 from core.storage import create_s3_client, ensure_bucket, presigned_get
 from core.temporal import connect_temporal
+from core.timeouts import within
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +63,7 @@ async def test_outbox_insert_notifies_listeners(db_pool: asyncpg.Pool) -> None:
         await conn.add_listener("lookout_outbox", on_notify)
         try:
             await db_pool.execute("INSERT INTO outbox (topic, key, payload) VALUES ('t', 'k', '\\x00')")
-            assert await asyncio.wait_for(got.get(), 5) == "lookout_outbox"
+            assert await within(got.get(), 5) == "lookout_outbox"
         finally:
             await conn.remove_listener("lookout_outbox", on_notify)
 
@@ -83,7 +84,7 @@ async def test_kafka_keyed_message_is_consumed_committed_and_a_restarted_consume
     consumer = create_consumer(settings, topic, group_id=group)
     await consumer.start()
     try:
-        record = await asyncio.wait_for(consumer.getone(), 30)
+        record = await within(consumer.getone(), 30)
         assert (record.key, record.value) == (b"stream-1", b"first")
         await consumer.commit()
     finally:
@@ -99,7 +100,7 @@ async def test_kafka_keyed_message_is_consumed_committed_and_a_restarted_consume
     consumer = create_consumer(settings, topic, group_id=group)
     await consumer.start()
     try:
-        record = await asyncio.wait_for(consumer.getone(), 30)
+        record = await within(consumer.getone(), 30)
         assert record.value == b"second", "a restarted consumer must resume after the committed offset"
     finally:
         await consumer.stop()

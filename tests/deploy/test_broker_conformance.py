@@ -27,6 +27,7 @@ from aiokafka.errors import KafkaError
 from core.kafka import create_consumer, create_producer
 from core.kafka_gaps import OffsetGapGuard
 from core.settings import Settings
+from core.timeouts import within
 from deploy import servers
 from tests.observing import eventually
 from tests.running_services import StackBroker, stack_broker
@@ -201,7 +202,7 @@ async def test_a_live_consumer_behind_concurrent_producers_gets_every_acknowledg
     async with producers(settings, 4) as started:
         await asyncio.gather(*(produce(p, n) for n, p in enumerate(started)))
     produced.set()
-    await asyncio.wait_for(reader, 60)
+    await within(reader, 60)
     missed = set(acked) - {value for _, value in handed}
     assert not missed, f"the live consumer missed {len(missed)} of {len(acked)}: {sorted(missed)[:5]}"
     assert [offset for offset, _ in handed] == list(range(len(acked))), "not handed out in offset order"

@@ -14,6 +14,7 @@ import pytest
 from core.kafka import ensure_topics
 from core.outbox import OutboxMessage, enqueue
 from core.settings import Settings
+from core.timeouts import within
 from tests.observing import consume, eventually
 from tests.running_services import RestartableServer, private_broker, running_relay
 
@@ -103,7 +104,7 @@ async def test_relay_listens_again_after_its_listen_connection_is_killed(
         )
         assert killed >= 1
         await eventually(lambda: not relay.listening.is_set(), timeout_s=5, interval_s=0.01)
-        await asyncio.wait_for(relay.listening.wait(), 10)
+        await within(relay.listening.wait(), 10)
         await asyncio.sleep(0.5)  # idle again, the catch-up pass done
 
         await insert_rows(db_pool, topic, 1)

@@ -15,6 +15,7 @@ from core.messages import EventKind, Service, StateEvent
 from core.settings import Settings
 from core.states import StreamState
 from core.temporal import STREAM_ID, connect_temporal, workflow_id
+from core.timeouts import within
 from tests.observing import consume, eventually, sample
 from tests.running_services import isolated_settings, private_broker, private_temporal, running_bridge
 from workers.state_bridge import MalformedEvent, parse_state_event
@@ -101,7 +102,7 @@ async def test_bridge_signals_every_event_in_order_and_commits_after_the_signals
     assert [e.event_id for e in signaller.accepted] == [e.event_id for e in events]
     again = RecordingSignaller()
     async with running_bridge(bridge_settings, signal_event=again, group_id=group) as bridge:
-        await asyncio.wait_for(bridge.assigned.wait(), 15)
+        await within(bridge.assigned.wait(), 15)
         await asyncio.sleep(1.0)
     assert again.calls == [], "a restarted bridge must resume after the committed events"
 
@@ -155,7 +156,7 @@ async def test_signal_retried_while_temporal_is_unavailable_and_the_offset_commi
 
     after = RecordingSignaller()
     async with running_bridge(bridge_settings, signal_event=after, group_id=group) as bridge:
-        await asyncio.wait_for(bridge.assigned.wait(), 15)
+        await within(bridge.assigned.wait(), 15)
         await asyncio.sleep(1.0)
     assert after.calls == []
 
@@ -213,7 +214,7 @@ async def test_a_real_temporal_outage_delays_the_signal_without_losing_or_dead_l
         dead_before = sample("lookout_bridge_events_dead_lettered_total")
 
         async with running_bridge(on_private, max_backoff_s=1.0) as bridge:
-            await asyncio.wait_for(bridge.assigned.wait(), 15)
+            await within(bridge.assigned.wait(), 15)
             await temporal.stop_async()
             await publish(on_private, event.model_dump_json().encode(), key=event.stream_id.encode())
             # the SDK retries for a while itself before it reports UNAVAILABLE to the bridge

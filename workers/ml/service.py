@@ -31,7 +31,14 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from core.inference import detection_threads
-from core.kafka import ConsumerLagReporter, consumer_group, create_consumer, create_producer, ensure_topics
+from core.kafka import (
+    ConsumerLagReporter,
+    close_client,
+    consumer_group,
+    create_consumer,
+    create_producer,
+    ensure_topics,
+)
 from core.kafka_gaps import OffsetGapGuard
 from core.messages import (
     ErrorKind,
@@ -134,9 +141,9 @@ class MLService:
         await self._background.finish()
         if self._consumer is not None:
             await self._commit(force=True)
-            await self._consumer.stop()
+            await close_client(self._consumer, "ml consumer")
         if self._producer is not None:
-            await self._producer.stop()
+            await close_client(self._producer, "ml producer")
         log.info("ml service stopped")
 
     async def run_until(self, stop: asyncio.Event) -> None:

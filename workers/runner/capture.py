@@ -25,6 +25,7 @@ from core.kafka import create_producer
 from core.messages import CameraState, FrameHeaders
 from core.redact import redact_url
 from core.retry import delays
+from core.timeouts import within
 from workers.child_process import EXIT_STOPPED
 from workers.runner.frames import EncodedFrame
 from workers.runner.messages import (
@@ -93,7 +94,7 @@ class CaptureSession:
         self._loop = asyncio.get_running_loop()
         producer = create_producer(self._settings, client_id=f"lookout-runner-{self.spec.stream_id}")
         try:
-            await asyncio.wait_for(producer.start(), timeout=self._settings.runner_reconnect_budget_s)
+            await within(producer.start(), self._settings.runner_reconnect_budget_s)
         except (KafkaError, OSError, TimeoutError) as exc:
             return self._fail(f"cannot reach Kafka: {exc!r}")
         stop = asyncio.create_task(self._wait_for_stop())
@@ -120,7 +121,7 @@ class CaptureSession:
             if self._reader is not None:
                 self._reader.abandon()
             try:
-                await asyncio.wait_for(producer.stop(), PRODUCER_CLOSE_S)
+                await within(producer.stop(), PRODUCER_CLOSE_S)
             except (KafkaError, OSError, TimeoutError):
                 log.warning("frames producer did not close cleanly", extra=self._log_extra)
             self._report(self.counts())  # the last counts; the runner reads them before it reaps the child

@@ -26,7 +26,14 @@ from aiokafka.errors import KafkaError
 from cryptography.fernet import InvalidToken
 from pydantic import ValidationError
 
-from core.kafka import ConsumerLagReporter, consumer_group, create_consumer, create_producer, ensure_topics
+from core.kafka import (
+    ConsumerLagReporter,
+    close_client,
+    consumer_group,
+    create_consumer,
+    create_producer,
+    ensure_topics,
+)
 from core.kafka_gaps import OffsetGapGuard
 from core.messages import (
     ErrorKind,
@@ -109,10 +116,8 @@ class RunnerService:
         finally:
             heartbeats.cancel()
             await self._shutdown()
-            with contextlib.suppress(KafkaError, OSError):
-                await consumer.stop()
-            with contextlib.suppress(KafkaError, OSError):
-                await producer.stop()
+            await close_client(consumer, "runner commands consumer")
+            await close_client(producer, "runner producer")
 
     # --- commands ---------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaProducer
 from core.kafka import create_consumer, create_producer, ensure_topics
 from core.messages import FrameHeaders, StateEvent, StreamOptions
 from core.settings import Settings
+from core.timeouts import within
 
 # found without importing ultralytics: it must first be imported by workers.ml.detector, which sets
 # YOLO_OFFLINE before ultralytics reads it
@@ -142,7 +143,7 @@ class StateEvents:
                             return event
                     await self._changed.wait()
 
-        return await asyncio.wait_for(found(), within_s)
+        return await within(found(), within_s)
 
     def of(self, stream_id: str) -> list[StateEvent]:
         return [e for e in self.events if e.stream_id == stream_id]

@@ -18,6 +18,7 @@ from core.detections import Box, DetectedObject
 from core.messages import FrameHeaders, StreamOptions
 from core.settings import Settings
 from core.storage import create_s3_client
+from core.timeouts import within
 from deploy.servers import free_port
 from tests.workers.ml.conftest import insert_stream
 from workers.ml.store import DetectionStore, FrameAnalytics, PermanentStoreError, frame_key
@@ -178,7 +179,7 @@ async def test_postgres_down_for_a_few_seconds_delays_the_frame_in_hand_without_
         await asyncio.sleep(2.5)
         assert not in_hand.done(), "the frame waits for Postgres instead of being dropped"
         await proxy.up()
-        assert await asyncio.wait_for(in_hand, 20) is True
+        assert await within(in_hand, 20) is True
     finally:
         store.close()
         await proxy.down()
