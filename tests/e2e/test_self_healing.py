@@ -27,6 +27,7 @@ pytestmark = pytest.mark.e2e
 
 log = logging.getLogger(__name__)
 RECOVERY_S = 60.0  # from the break to the first new row, at most (liveness 4 s + restarts)
+STARTED = {"lookout-runner": "capture process started", "lookout-ml": "detection process started"}
 
 
 @pytest.fixture(scope="module")
@@ -173,30 +174,29 @@ async def test_two_runners_and_two_ml_instances_one_of_each_killed_the_survivors
     settings: Settings, db_pool: asyncpg.Pool, camera: TestCamera, tmp_path: Path
 ) -> None:
     async with healing_pipeline(settings, db_pool, tmp_path, instances=2, supervised=False) as pair:
-        streams = [await pair.start_stream(camera.url(mount)) for mount in ("cam1", "cam2", "cam3", "cam4")]
-        runs_on = {
-            sid: _instance_running(pair, "lookout-runner", "capture process started", sid) for sid in streams
+        streams = [await pair.start_stream(camera.url(mount)) for mount in ("cam1", "cam2", "cam3")]
+        # Streams land on partitions by their random ids, so which instance runs which is chance
+        # (all on one runner about one time in five): the victim of each service is the instance
+        # that runs the most of them, and its streams must move to the survivor.
+        placed = {
+            name: {sid: _instance_running(pair, name, event, sid) for sid in streams}
+            for name, event in STARTED.items()
         }
-        assert set(runs_on.values()) == {"-0", "-1"}, (
-            f"the streams did not spread over both runners: {runs_on}"
-        )
+        victims = {name: max(("-0", "-1"), key=list(on.values()).count) for name, on in placed.items()}
+        log.info("streams per instance %s; killing %s", placed, victims)
         broken_at = datetime.now(UTC)
-        os.kill(pair.pid_of("lookout-runner-0"), signal.SIGKILL)
-        os.kill(pair.pid_of("lookout-ml-0"), signal.SIGKILL)
+        for name, instance in victims.items():
+            os.kill(pair.pid_of(f"{name}{instance}"), signal.SIGKILL)
 
         for stream_id in streams:
             took = await pair.wait_for_rows(
                 stream_id, after=broken_at, timeout_s=RECOVERY_S, watch_state=True
             )
-            log.info(
-                "take-over: stream %s (runner%s) stores rows again after %.1f s",
-                stream_id,
-                runs_on[stream_id],
-                took,
-            )
-        moved = [sid for sid, instance in runs_on.items() if instance == "-0"]
-        for stream_id in moved:
-            assert _instance_running(pair, "lookout-runner", "capture process started", stream_id) == "-1"
+            log.info("take-over: stream %s stores rows again after %.1f s", stream_id, took)
+        for name, on in placed.items():
+            survivor = "-1" if victims[name] == "-0" else "-0"
+            for stream_id in [sid for sid, instance in on.items() if instance == victims[name]]:
+                assert _instance_running(pair, name, STARTED[name], stream_id) == survivor, (name, stream_id)
         for stream_id in streams:
             await finish(pair, stream_id)
 
