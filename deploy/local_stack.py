@@ -283,19 +283,20 @@ class LocalStack:
         return PartStatus(spec.name, spec.address, True, proc.pid, "started")
 
     def down(self, only: list[str] | None = None) -> list[PartStatus]:
-        """Stop, in reverse order, the parts this stack started (those with a pid file), or ``only`` those."""
+        """Stop, in reverse order of need, the parts this stack started (those with a pid file), or ``only``
+        those; the broker and Temporal together."""
         report: list[PartStatus] = []
-        for name in ("temporal", "kafka", "s3", "postgres"):
-            if only is not None and name not in only:
-                continue
-            path = self._pid_file(name)
-            if not path.exists():
-                continue
-            pid = self._recorded_pid(name)
-            if pid is not None:
-                servers.stop_process_group(pid)
-            path.unlink(missing_ok=True)
-            report.append(PartStatus(name, "", False, pid, "stopped" if pid else "was not running"))
+        # the broker keeps its log in S3, so S3 stops after it; a private Postgres cluster goes last
+        for stage in (("temporal", "kafka"), ("s3",), ("postgres",)):
+            parts = [
+                (name, self._recorded_pid(name))
+                for name in stage
+                if (only is None or name in only) and self._pid_file(name).exists()
+            ]
+            servers.stop_process_groups([pid for _, pid in parts if pid is not None])
+            for name, pid in parts:
+                self._pid_file(name).unlink(missing_ok=True)
+                report.append(PartStatus(name, "", False, pid, "stopped" if pid else "was not running"))
         return report
 
     def status(self) -> list[PartStatus]:

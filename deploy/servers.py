@@ -174,18 +174,30 @@ def pid_alive(pid: int) -> bool:
 
 def stop_process_group(pid: int, timeout: float = 15.0) -> None:
     """SIGTERM the server's process group, then SIGKILL what is left after ``timeout``."""
+    stop_process_groups([pid], timeout)
+
+
+def stop_process_groups(pids: list[int], timeout: float = 15.0) -> None:
+    """``stop_process_group`` for several servers at once: each gets SIGTERM together, so stopping
+    them takes as long as the slowest, not the sum; SIGKILL for what is left after ``timeout``."""
+    left = list(pids)
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            return
+        for pid in list(left):
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                left.remove(pid)
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
-            if not pid_alive(pid):
-                return
-            time.sleep(0.1)
+        while left and time.monotonic() < deadline:
+            for pid in list(left):
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+                if not pid_alive(pid):
+                    left.remove(pid)
+            if left:
+                time.sleep(0.1)
+        if not left:
+            return
 
 
 # --- recipes -------------------------------------------------------------------------------------
