@@ -24,7 +24,7 @@ from core.temporal import connect_temporal, workflow_id
 from deploy.camera.control import TestCamera
 from tests.e2e.healing import healing_pipeline
 from tests.ports import free_port
-from tests.service_processes import scrape_metrics
+from tests.service_processes import wait_for_metrics
 
 pytestmark = pytest.mark.e2e
 
@@ -124,9 +124,8 @@ async def test_a_camera_password_is_found_in_clear_nowhere_after_a_full_run(
             for path in (f"/state/{stream_id}", "/streams", f"/detection_result?id={stream_id}", "/keys", "/")
         ]
         metrics = [(await healing.api.get("/metrics")).text]
-        for port in ports.values():
-            scraped = await scrape_metrics(port)
-            assert scraped is not None
+        for port in ports.values():  # the restarted runner serves its metrics once it runs the stream
+            scraped = await wait_for_metrics(port, lambda m: stream_id in m.text)
             metrics.append(scraped.text)
         view, _ = await healing.shut_down(stream_id)
         assert view["state"] == "inactive"
