@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from core.kafka import create_producer
+from core.kafka import close_client, create_producer
 from core.messages import CameraState, FrameHeaders
 from core.redact import redact_url
 from core.retry import delays
@@ -120,10 +120,7 @@ class CaptureSession:
             await asyncio.gather(*tasks, return_exceptions=True)
             if self._reader is not None:
                 self._reader.abandon()
-            try:
-                await within(producer.stop(), PRODUCER_CLOSE_S)
-            except (KafkaError, OSError, TimeoutError):
-                log.warning("frames producer did not close cleanly", extra=self._log_extra)
+            await close_client(producer, f"frames producer of {self.spec.stream_id}", PRODUCER_CLOSE_S)
             self._report(self.counts())  # the last counts; the runner reads them before it reaps the child
 
     def _fail(self, reason: str, *, camera: bool = False) -> int:
