@@ -22,7 +22,7 @@ import os
 import signal
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -42,11 +42,12 @@ def out(line: str) -> None:
 
 
 def first_new_row(client: LookoutClient, stream_id: str, after: datetime, timeout_s: float = 300) -> float:
-    """Seconds until a row of a frame captured after ``after`` is stored."""
+    """Seconds until a row of a frame captured a second after ``after`` is stored: a capture process
+    whose runner was just killed captures on for up to 50 ms (it polls the runner's liveness)."""
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
         items = client.results(stream_id, limit=20)["items"]
-        if any(datetime.fromisoformat(i["capture_time"]) > after for i in items):
+        if any(datetime.fromisoformat(i["capture_time"]) > after + timedelta(seconds=1) for i in items):
             return time.monotonic() - started
         time.sleep(0.2)
     raise RuntimeError(f"no new row within {timeout_s:.0f}s")

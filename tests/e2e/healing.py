@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,10 @@ HEALING = {
     **{name: 0 for name in Settings.model_fields if name.startswith("metrics_port")},
 }
 STREAM_OPTIONS = {"fps": 5, "imgsz": 320}
+# A capture process whose runner was just killed captures on until its next look at the runner's
+# liveness (every 50 ms) and publishes what it holds: only a frame captured this long after a
+# break proves that the stream came back.
+AFTER_A_BREAK = timedelta(seconds=1)
 
 
 def service(name: str, settings: Settings, log_dir: Path, instance: str = "") -> SupervisedService:
@@ -99,10 +103,11 @@ class HealingPipeline:
     async def wait_for_rows(
         self, stream_id: str, *, after: datetime, timeout_s: float, watch_state: bool = False
     ) -> float:
-        """Seconds until a row of a frame captured after ``after`` is stored; with ``watch_state``
-        the stored state must stay ``ml_started`` all along (a restarting stream still runs)."""
+        """Seconds until a row of a frame captured ``AFTER_A_BREAK`` after ``after`` is stored; with
+        ``watch_state`` the stored state must stay ``ml_started`` all along (a restarting stream still
+        runs)."""
         started = time.monotonic()
-        while await self.rows_after(stream_id, after) == 0:
+        while await self.rows_after(stream_id, after + AFTER_A_BREAK) == 0:
             if watch_state:
                 view = await self.view(stream_id)
                 assert view["state"] == "ml_started", f"the state moved while healing: {view}"
