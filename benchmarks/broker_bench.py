@@ -1,14 +1,15 @@
-"""Broker benchmark (not a test): the embedded broker as ``stack up`` runs it, Tansu on SeaweedFS.
+"""Broker benchmark (not a test): Apache Kafka as ``lookout stack up`` runs it, measured in one run.
 
-Re-measures the workarounds earlier releases needed against the juicefs gateway, on one run:
+- ``stack up`` from cold (a new data folder: Postgres database, storage formats, topics made) and
+  warm (the same folder after ``stack down``), in seconds;
+- the broker's resident memory idle, and under a load like 4 streams (60 KB records at 20/s, three
+  consumer groups polling as runner, ML and the state bridge do), with its CPU (% of one core) and
+  the fetch latency (produce -> a consumer has it) p50 / p95;
+- a consumer at the end of a 100,000-record partition: how soon a new record reaches it;
+- with ``--frames-minutes M``: the frames topic under that load for M minutes of real time, its
+  bytes on disk sampled every 10 s against its declared bound (``LOOKOUT_KAFKA_FRAMES_RETENTION_BYTES``).
 
-- fetch latency (produce → a consumer has it) at 50 ms and at 500 ms ``fetch_max_wait_ms``, with a
-  stream-like load of 60 KB records at 10 records/s and three consumer groups polling;
-- CPU of the broker and of the S3 server during that load (% of one core);
-- how fast a new consumer group reads a partition's history (records/s);
-- the first produce after a restart of the broker, with no fetch before it (must append).
-
-    .venv/bin/python benchmarks/broker_bench.py [--seconds 20] [--history 2000] [--s3 juicefs]
+    .venv/bin/python benchmarks/broker_bench.py [--seconds 30] [--frames-minutes 0]
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import asyncio
 import os
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -29,30 +29,41 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.throwaway import throwaway_settings  # noqa: E402
 from core.kafka import create_consumer, create_producer, ensure_topics  # noqa: E402
 from core.settings import Settings  # noqa: E402
-from deploy import servers  # noqa: E402
 from deploy.local_stack import LocalStack  # noqa: E402
-from tests.ports import free_s3_port  # noqa: E402
 
 RECORD = os.urandom(60_000)
+STREAMS = 4
+FPS = 5
 
 
-def cpu_of(pid: int) -> psutil.Process:
-    proc = psutil.Process(pid)
-    proc.cpu_percent(None)
-    return proc
+def out(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
-async def fetch_latency(settings: Settings, wait_ms: int, seconds: float) -> dict[str, float]:
-    """Produce 10 records/s; three groups poll; the latency of one group, CPU of broker and S3."""
-    topic = f"bench-{uuid.uuid4().hex[:8]}"
-    tuned = settings.model_copy(update={"kafka_fetch_max_wait_ms": wait_ms})
-    await ensure_topics(tuned, [topic], partitions=3)
-    producer = create_producer(tuned)
+def broker_process(stack: LocalStack) -> psutil.Process:
+    pid = stack.recorded_pid("kafka")
+    assert pid is not None, "the broker is not running"
+    return psutil.Process(pid)
+
+
+def topic_bytes_on_disk(log_dir: Path, topic: str) -> int:
+    return sum(
+        f.stat().st_blocks * 512 for d in log_dir.glob(f"{topic}-*") if d.is_dir() for f in d.iterdir()
+    )
+
+
+async def stream_load(settings: Settings, seconds: float, broker: psutil.Process) -> dict[str, float]:
+    """Frames of 4 streams at 5 fps on the frames topic for ``seconds``; three groups poll it."""
+    topic = settings.topic_frames
+    producer = create_producer(settings, idempotent=False)
     await producer.start()
-    consumers = [create_consumer(tuned, topic, group_id=f"bench-{uuid.uuid4().hex[:8]}") for _ in range(3)]
+    consumers = [create_consumer(settings, topic, group_id=f"bench-{uuid.uuid4().hex[:8]}") for _ in range(3)]
     await asyncio.gather(*(c.start() for c in consumers))
+    keys = [uuid.uuid4().hex.encode() for _ in range(STREAMS)]
     sent_at: dict[bytes, float] = {}
     latencies: list[float] = []
     stop = asyncio.Event()
@@ -60,133 +71,145 @@ async def fetch_latency(settings: Settings, wait_ms: int, seconds: float) -> dic
     async def poll(consumer: AIOKafkaConsumer, measure: bool) -> None:
         while not stop.is_set():
             for records in (await consumer.getmany(timeout_ms=200)).values():
-                for record in records:
-                    if measure and record.key in sent_at:
-                        latencies.append(time.monotonic() - sent_at[record.key])
+                if measure:
+                    now = time.monotonic()
+                    latencies.extend(now - sent_at[r.value[:16]] for r in records if r.value[:16] in sent_at)
 
     pollers = [asyncio.create_task(poll(c, i == 0)) for i, c in enumerate(consumers)]
-    await asyncio.sleep(3)  # joins
-    procs = {name: cpu_of(pid) for name, pid in PIDS.items()}
+    await asyncio.sleep(3)  # the groups have joined
+    broker.cpu_percent(None)
     started = time.monotonic()
-    i = 0
-    while time.monotonic() - started < seconds:
-        key = f"{i}".encode()
-        sent_at[key] = time.monotonic()
-        await producer.send_and_wait(topic, RECORD, key=key)
-        i += 1
-        await asyncio.sleep(max(0.0, started + i / 10 - time.monotonic()))
-    cpu = {name: proc.cpu_percent(None) for name, proc in procs.items()}
-    await asyncio.sleep(1)
-    stop.set()
-    await asyncio.gather(*pollers)
-    await asyncio.gather(*(c.stop() for c in consumers))
-    await producer.stop()
-    q = statistics.quantiles(latencies, n=20)
+    try:
+        while time.monotonic() - started < seconds:
+            tick = time.monotonic()
+            for key in keys:
+                tag = uuid.uuid4().bytes
+                sent_at[tag] = time.monotonic()
+                await producer.send(topic, tag + RECORD[16:], key=key)
+            await asyncio.sleep(max(0.0, 1 / FPS - (time.monotonic() - tick)))
+        cpu = broker.cpu_percent(None)
+        rss = broker.memory_info().rss
+    finally:
+        stop.set()
+        await asyncio.gather(*pollers, return_exceptions=True)
+        await asyncio.gather(*(c.stop() for c in consumers), return_exceptions=True)
+        await producer.stop()
+    latencies.sort()
     return {
-        "p50_ms": statistics.median(latencies) * 1000,
-        "p95_ms": q[18] * 1000,
-        "received": len(latencies),
-        "sent": i,
-        **{f"cpu_{k}": v for k, v in cpu.items()},
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p95_ms": 1000 * latencies[int(0.95 * (len(latencies) - 1))],
+        "cpu": cpu,
+        "rss_mb": rss / 2**20,
+        "records": len(latencies),
     }
 
 
-async def history_read(settings: Settings, records: int) -> float:
-    """Records/s a new consumer group reads from the start of one partition's history."""
-    topic = f"bench-history-{uuid.uuid4().hex[:8]}"
+async def end_of_long_partition(settings: Settings) -> list[float]:
+    """Seconds from a produce's acknowledgement to the consumer at the end of 100,000 records having it."""
+    topic = f"bench-long-{uuid.uuid4().hex[:8]}"
     await ensure_topics(settings, [topic], partitions=1)
     producer = create_producer(settings)
     await producer.start()
-    small = os.urandom(500)
-    await asyncio.gather(*(producer.send(topic, small, partition=0) for _ in range(records)))
-    await producer.flush()
-    await producer.stop()
-    consumer = create_consumer(settings, topic, group_id=f"bench-{uuid.uuid4().hex[:8]}")
-    await consumer.start()
+    delays = []
+    try:
+        await asyncio.gather(*[await producer.send(topic, b"x" * 100, partition=0) for _ in range(100_000)])
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
+        )
+        await consumer.start()
+        try:
+            tp = TopicPartition(topic, 0)
+            consumer.assign([tp])
+            await consumer.seek_to_end(tp)
+            for i in range(50):
+                fetch = asyncio.create_task(consumer.getone())
+                await asyncio.sleep(0.05)
+                sent = time.monotonic()
+                await producer.send_and_wait(topic, f"new {i}".encode(), partition=0)
+                await fetch
+                delays.append(time.monotonic() - sent)
+        finally:
+            await consumer.stop()
+    finally:
+        await producer.stop()
+    return sorted(delays)
+
+
+async def frames_retention(settings: Settings, log_dir: Path, minutes: float) -> list[int]:
+    """The frames topic's bytes on disk every 10 s while 4 streams' frames arrive for ``minutes``."""
+    producer = create_producer(settings, idempotent=False)
+    await producer.start()
+    keys = [uuid.uuid4().hex.encode() for _ in range(STREAMS)]
+    samples = []
+    started = next_sample = time.monotonic()
+    try:
+        while time.monotonic() - started < minutes * 60:
+            tick = time.monotonic()
+            await asyncio.gather(*[await producer.send(settings.topic_frames, RECORD, key=k) for k in keys])
+            if tick >= next_sample:
+                samples.append(topic_bytes_on_disk(log_dir, settings.topic_frames))
+                next_sample += 10
+            await asyncio.sleep(max(0.0, 1 / FPS - (time.monotonic() - tick)))
+    finally:
+        await producer.stop()
+    return samples
+
+
+def timed(what: str, action: object) -> float:
     started = time.monotonic()
-    got = 0
-    while got < records and time.monotonic() - started < 120:
-        got += sum(len(r) for r in (await consumer.getmany(timeout_ms=500)).values())
-    elapsed = time.monotonic() - started
-    await consumer.stop()
-    return got / elapsed
+    assert callable(action)
+    action()
+    took = time.monotonic() - started
+    out(f"  {what}: {took:.1f} s")
+    return took
 
 
-async def append_after_restart(stack: LocalStack, settings: Settings) -> tuple[int, int]:
-    """(offset before, first offset after) a kill -9 and restart of the broker, nothing fetched between."""
-    topic = f"bench-restart-{uuid.uuid4().hex[:8]}"
-    await ensure_topics(settings, [topic], partitions=1)
-    producer = create_producer(settings)
-    await producer.start()
-    for _ in range(5):
-        before = (await producer.send_and_wait(topic, b"x", partition=0)).offset
-    await producer.stop()
-    pid = stack.recorded_pid("kafka")
-    assert pid is not None
-    os.kill(pid, 9)
-    await asyncio.to_thread(servers.stop_process_group, pid)  # reaps it
-    await asyncio.to_thread(stack.start_part, "kafka")
-    PIDS["broker"] = stack.recorded_pid("kafka") or 0
-    producer = create_producer(settings)
-    await producer.start()
-    after = (await producer.send_and_wait(topic, b"y", partition=0)).offset
-    await producer.stop()
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, auto_offset_reset="earliest")
-    await consumer.start()
-    consumer.assign([TopicPartition(topic, 0)])
-    await consumer.getmany(timeout_ms=1000)
-    await consumer.stop()
-    return before, after
-
-
-PIDS: dict[str, int] = {}
-
-
-async def main() -> None:
+def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seconds", type=float, default=20)
-    parser.add_argument("--history", type=int, default=2000)
-    parser.add_argument("--s3", choices=["seaweedfs", "juicefs"], default="seaweedfs")
+    parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--frames-minutes", type=float, default=0)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="lookout-broker-bench-") as root:
-        settings = Settings(
-            _env_file=None,  # type: ignore[call-arg]
-            data_dir=Path(root),
-            stack_s3_port=free_s3_port(),
-            stack_kafka_port=servers.free_port(),
-        )
-        recipe = servers.juicefs_gateway if args.s3 == "juicefs" else servers.s3_server
-        stack = LocalStack(settings, s3_recipe=recipe)
-        stack.run_dir.mkdir(parents=True)
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
+    out(f"Kafka broker benchmark, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores of {cpu}")
+    with throwaway_settings("broker") as settings:
+        stack = LocalStack(settings)
         try:
-            stack.start_part("s3")
-            stack.prepare_s3()
-            stack.start_part("kafka")
-            PIDS.update(broker=stack.recorded_pid("kafka") or 0, s3=stack.recorded_pid("s3") or 0)
-            runtime = settings.model_copy(
-                update={"kafka_bootstrap": f"127.0.0.1:{settings.stack_kafka_port}"}
-            )
-            out = sys.stdout.write
-            out(f"broker: Tansu on {args.s3}, {os.cpu_count()} cores\n")
-            for wait_ms in (50, 500):
-                r = await fetch_latency(runtime, wait_ms, args.seconds)
-                out(
-                    f"fetch_max_wait_ms={wait_ms:<4} latency p50 {r['p50_ms']:6.1f} ms  p95 {r['p95_ms']:6.1f} ms"
-                    f"  received {r['received']}/{r['sent']}  CPU broker {r['cpu_broker']:5.1f} %"
-                    f"  S3 {r['cpu_s3']:5.1f} %  (60 KB x 10/s, 3 groups)\n"
-                )
-            rate = await history_read(runtime, args.history)
-            out(f"history read by a new group: {rate:,.0f} records/s ({args.history} records)\n")
-            before, after = await append_after_restart(stack, runtime)
-            verdict = "appends" if after == before + 1 else "REUSES OFFSETS"
+            out("lookout stack up:")
+            timed("cold (new data folder: database, storage formatted, topics made)", stack.up)
+            stack.down()
+            timed("warm (the same folder after stack down)", stack.up)
+            broker = broker_process(stack)
+            time.sleep(5)
+            out(f"broker RSS idle: {broker.memory_info().rss / 2**20:.0f} MB")
+            runtime = stack.runtime_settings(stack.database_url())
+            load = asyncio.run(stream_load(runtime, args.seconds, broker))
             out(
-                f"first produce after kill -9 + restart, no fetch first: offset {after} after {before} ({verdict})\n"
+                f"under {STREAMS} streams of {FPS} fps (60 KB records, 3 groups) for {args.seconds:g} s: "
+                f"broker {load['cpu']:.1f} % of a core, RSS {load['rss_mb']:.0f} MB; fetch latency "
+                f"p50 {load['p50_ms']:.1f} ms, p95 {load['p95_ms']:.1f} ms ({load['records']:.0f} records)"
             )
+            delays = asyncio.run(end_of_long_partition(runtime))
+            out(
+                "a consumer at the end of a 100,000-record partition gets a new record after "
+                f"p50 {1000 * statistics.median(delays):.1f} ms, max {1000 * delays[-1]:.1f} ms (50 records)"
+            )
+            if args.frames_minutes > 0:
+                log_dir = stack.data_dir / "kafka" / "log"
+                samples = asyncio.run(frames_retention(runtime, log_dir, args.frames_minutes))
+                bound = runtime.kafka_frames_retention_bytes
+                out(
+                    f"frames topic under {STREAMS} streams for {args.frames_minutes:g} min: on disk every 10 s "
+                    f"(MiB) {[round(s / 2**20) for s in samples]}; max {max(samples) / 2**20:.0f} of the "
+                    f"{bound / 2**20:.0f} MiB bound"
+                )
         finally:
-            stack.down(only=["kafka", "s3"])
+            stack.down()
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

@@ -1,7 +1,7 @@
 """CPU breakdown benchmark (not a test): where the box's CPU goes while Lookout runs N streams.
 
 Runs what ``lookout up`` runs, in a temp folder on free ports (the machine's Postgres with a
-database of its own, SeaweedFS, Tansu on it, Temporal, the services under the supervisor, the test
+database of its own, SeaweedFS, Apache Kafka, Temporal, the services under the supervisor, the test
 camera), starts N streams of the demo clip, waits ``--warm-up-s``, then samples the CPU time of
 every process for ``--seconds`` (psutil) and prints it per group: each server, each service, and
 the per-stream processes of the runner (capture) and of ML (detection), found by their parent.
@@ -31,7 +31,7 @@ from deploy.camera.control import TestCamera  # noqa: E402
 
 GROUPS = (  # a process belongs to the first name its command line holds
     ("weed", "SeaweedFS (S3)"),
-    ("tansu", "Tansu (broker)"),
+    ("kafka.Kafka", "Kafka (broker)"),
     ("temporal", "Temporal"),
     ("rtsp", "test camera"),
     ("camera", "test camera"),
@@ -63,18 +63,19 @@ def group(process: psutil.Process) -> str | None:
         return None
 
 
-def cpu_seconds() -> dict[int, tuple[str, float]]:
-    """CPU time (user + system) so far of every process that belongs to a group, by pid."""
+def cpu_seconds() -> dict[int, tuple[str, float, int]]:
+    """CPU time (user + system) so far and resident memory (bytes) of every process that belongs to
+    a group, by pid."""
     found = {}
     for process in psutil.process_iter():
         name = group(process)
         if name is None:
             continue
         try:
-            times = process.cpu_times()
+            times, rss = process.cpu_times(), process.memory_info().rss
         except psutil.Error:
             continue
-        found[process.pid] = (name, times.user + times.system)
+        found[process.pid] = (name, times.user + times.system, rss)
     return found
 
 
@@ -113,8 +114,10 @@ def main() -> None:
             time.sleep(args.seconds)
             after, rows_after, took = cpu_seconds(), rows(db_url), time.monotonic() - started
             spent: dict[str, float] = defaultdict(float)
-            for pid, (name, seconds) in after.items():
-                spent[name] += seconds - before.get(pid, (name, 0.0))[1]
+            resident: dict[str, int] = defaultdict(int)
+            for pid, (name, seconds, rss) in after.items():
+                spent[name] += seconds - before.get(pid, (name, 0.0, 0))[1]
+                resident[name] += rss
             busy = sum(spent.values())
             out("")
             out(
@@ -122,9 +125,12 @@ def main() -> None:
                 f"{os.cpu_count()} cores: {(rows_after - rows_before) / took:.2f} rows/s stored of "
                 f"{args.streams * args.fps:g} frames/s asked; {busy / took:.2f} cores busy"
             )
-            out(f"{'process group':32} {'% of a core':>12} {'% of busy':>10}")
+            out(f"{'process group':32} {'% of a core':>12} {'% of busy':>10} {'RSS MB':>8}")
             for name, seconds in sorted(spent.items(), key=lambda item: -item[1]):
-                out(f"{name:32} {seconds / took * 100:12.1f} {seconds / busy * 100:10.1f}")
+                out(
+                    f"{name:32} {seconds / took * 100:12.1f} {seconds / busy * 100:10.1f}"
+                    f" {resident[name] / 2**20:8.0f}"
+                )
             for stream_id in ids:
                 client.shutdown(stream_id)
         finally:

@@ -127,7 +127,9 @@ def throwaway_servers(root: Path) -> Iterator[tuple[str, str, str]]:
             )
             started.append(spec.start())
             pg_admin = spec.address
-        broker = servers.kafka_broker(root / "logs", servers.free_port())
+        broker = servers.kafka_broker(
+            root / "kafka", servers.free_port(), controller_port=servers.free_port()
+        )
         started.append(broker.start())
         s3_port = free_s3_port()
         started.append(servers.s3_server(root / "s3", s3_port, S3_ACCESS_KEY, S3_SECRET_KEY).start())
@@ -306,7 +308,6 @@ async def main(args: argparse.Namespace) -> None:
                 _env_file=None,
                 database_url=SecretStr(db_url),
                 kafka_bootstrap=bootstrap,
-                kafka_session_timeout_ms=3000,
                 s3_endpoint=s3,
                 s3_access_key=S3_ACCESS_KEY,
                 s3_secret_key=SecretStr(S3_SECRET_KEY),

@@ -225,7 +225,9 @@ def throwaway_servers(root: Path) -> Iterator[dict[str, str]]:
             pg = servers.postgres_cluster(pg_dir / "pg", servers.free_port())
             started.append(pg.start().pid)
             pg_admin = pg.address
-        broker = servers.kafka_broker(root / "logs", servers.free_port())
+        broker = servers.kafka_broker(
+            root / "kafka", servers.free_port(), controller_port=servers.free_port()
+        )
         started.append(broker.start().pid)
         s3_port = free_s3_port()
         started.append(servers.s3_server(root / "s3", s3_port, S3_ACCESS_KEY, S3_SECRET_KEY).start().pid)

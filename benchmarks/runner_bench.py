@@ -204,7 +204,9 @@ def bench(args: argparse.Namespace) -> list[ScenarioResult]:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="runner-bench-")))
         bootstrap = args.bootstrap
         if bootstrap is None:
-            spec = servers.kafka_broker(workdir, servers.free_port())
+            spec = servers.kafka_broker(
+                workdir / "kafka", servers.free_port(), controller_port=servers.free_port()
+            )
             broker = spec.start()
             stack.callback(servers.stop_process_group, broker.pid)
             bootstrap = spec.address
@@ -219,7 +221,6 @@ def bench(args: argparse.Namespace) -> list[ScenarioResult]:
             topic_commands=f"{prefix}.commands",
             topic_frames=f"{prefix}.frames",
             topic_states=f"{prefix}.states",
-            kafka_session_timeout_ms=3000,
             kafka_fetch_max_wait_ms=20,
             runner_max_side=args.max_side,
             runner_jpeg_quality=args.jpeg_quality,

@@ -2,7 +2,7 @@
 every state event.
 
 Runs what ``lookout up`` runs, in a temp folder on free ports: the stack (the machine's Postgres with
-a database of its own, SeaweedFS, Tansu with its log on SeaweedFS, Temporal) and Lookout's
+a database of its own, SeaweedFS, Apache Kafka, Temporal) and Lookout's
 services under the supervisor; the test camera serves the demo clip on one mount per stream. After
 the window every stream is shut down through the API. Then, per stream:
 
@@ -34,7 +34,6 @@ sys.path.insert(0, str(REPO_ROOT))
 from benchmarks.throwaway import throwaway_settings  # noqa: E402
 from cli.run import LookoutRun  # noqa: E402
 from core.kafka import create_consumer  # noqa: E402
-from core.kafka_gaps import OffsetGapGuard  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from deploy.camera.control import TestCamera  # noqa: E402
 
@@ -88,16 +87,13 @@ async def on_states_topic(settings: Settings, expected: dict[str, set[str]]) -> 
     """Event ids of the streams' records on the states topic, read from the start by a new group until
     every expected one is found or nothing new came for 15 s (heartbeats are there too: a count of
     records would stop the read early)."""
-    # a verification read: a fetch wait long enough for Tansu to list a partition of the whole soak
-    reading = settings.model_copy(update={"kafka_fetch_max_wait_ms": 1000})
-    consumer = create_consumer(reading, settings.topic_states, group_id=f"soak-{uuid.uuid4().hex[:8]}")
+    consumer = create_consumer(settings, settings.topic_states, group_id=f"soak-{uuid.uuid4().hex[:8]}")
     await consumer.start()
-    in_order = OffsetGapGuard(consumer, wait_s=settings.kafka_gap_wait_s)
     found: dict[str, set[str]] = defaultdict(set)
     try:
         last_new = time.monotonic()
         while any(ids - found[s] for s, ids in expected.items()) and time.monotonic() - last_new < 15:
-            for records in (await in_order.getmany(timeout_ms=500)).values():
+            for records in (await consumer.getmany(timeout_ms=500)).values():
                 for record in records:
                     key = (record.key or b"").decode()
                     if key in expected:
@@ -117,10 +113,8 @@ def main() -> None:
     parser.add_argument("--fps", type=float, default=5)
     parser.add_argument("--imgsz", type=int, default=640)
     args = parser.parse_args()
-    # every state event stays on the topic until it is counted at the end
-    with throwaway_settings(
-        "soak", ml_imgsz=args.imgsz, broker_retention_s=args.minutes * 60 + 3600
-    ) as settings:
+    # the states topic keeps days: every state event is still there when it is counted at the end
+    with throwaway_settings("soak", ml_imgsz=args.imgsz) as settings:
         run = LookoutRun(settings)
         camera = TestCamera(log_dir=settings.data_dir.parent / "camera")
         try:

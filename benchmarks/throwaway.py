@@ -37,6 +37,7 @@ def throwaway_settings(name: str, **overrides: Any) -> Iterator[Settings]:
             stack_pg_port=servers.free_port(),
             stack_s3_port=free_s3_port(),
             stack_kafka_port=servers.free_port(),
+            stack_kafka_controller_port=servers.free_port(),
             stack_temporal_port=servers.free_port(),
             stack_temporal_ui_port=servers.free_port(),
             api_port=servers.free_port(),
@@ -45,5 +46,7 @@ def throwaway_settings(name: str, **overrides: Any) -> Iterator[Settings]:
         try:
             yield settings
         finally:
-            with psycopg.connect(ADMIN_PG_URL, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+            # on the machine's Postgres; a private cluster went with the stack and its folder
+            if servers.postgres_ok(ADMIN_PG_URL):
+                with psycopg.connect(ADMIN_PG_URL, autocommit=True) as conn:
+                    conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')

@@ -39,8 +39,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 db_app = typer.Typer(name="db", help="The database schema.", no_args_is_help=True)
+kafka_app = typer.Typer(name="kafka", help="Lookout's Kafka topics.", no_args_is_help=True)
 app.add_typer(stack_app)
 app.add_typer(db_app)
+app.add_typer(kafka_app)
 app.add_typer(streams_app)
 app.add_typer(keys_app, name="keys")
 
@@ -61,6 +63,19 @@ def migrate() -> None:
         say("no secret key configured: camera URLs stored in clear by an earlier release stay so")
     else:
         say(f"camera URLs sealed with the current secret key: {sealed}")
+
+
+@kafka_app.command("topics")
+def kafka_topics() -> None:
+    """Create Lookout's topics at LOOKOUT_KAFKA_BOOTSTRAP, or reconcile them with their declaration
+    (partitions, retention, compression: core/topics.py)."""
+    from core.kafka import ensure_topics
+
+    configure_logging("lookout", level="WARNING")  # compose runs it: logs to stderr
+    changes = asyncio.run(ensure_topics(get_settings()))
+    for change in changes:
+        say(change)
+    say("topics as declared" if not changes else f"{len(changes)} change(s) made")
 
 
 async def _seal_stored_urls(settings: Settings) -> int:

@@ -35,9 +35,10 @@ PROGRESS_EVERY_S = 2.0
 
 @contextmanager
 def interrupts() -> Iterator[threading.Event]:
-    """An event set by Ctrl-C or SIGTERM, so the main loop can shut down in order."""
+    """An event set by Ctrl-C, SIGTERM or SIGHUP (a closed terminal), so the main loop shuts down in
+    order whichever way the run is ended."""
     stop = threading.Event()
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     for sig in previous:
         signal.signal(sig, lambda *_: stop.set())
     try:
@@ -51,7 +52,8 @@ class LookoutRun:
     """Starts the stack and the services; stops, in reverse order, what it started."""
 
     def __init__(self, settings: Settings) -> None:
-        self.stack = LocalStack(settings)
+        # what this run starts goes with it, even when it is killed (cli/supervisor.py)
+        self.stack = LocalStack(settings, die_with_parent=True)
         self.settings = settings
         self.started_parts: list[str] = []
         self.supervisor: ServiceSupervisor | None = None
@@ -78,7 +80,7 @@ class LookoutRun:
         self.runtime = self.stack.runtime_settings(self.stack.database_url())
         # only the servers this stack started are its to restart; one a user runs is theirs
         watched = [
-            SupervisedServer(spec.name, self.stack)
+            SupervisedServer(spec.name, self.stack, die_with_parent=spec.name in self.started_parts)
             for spec in self.stack.server_specs()
             if self.stack.recorded_pid(spec.name) is not None
         ]
@@ -88,6 +90,7 @@ class LookoutRun:
             settings=self.runtime,
             servers=watched,
             on_restart=self._restarted,
+            pid_file=self.stack.run_dir / "services.json",
         )
         self.supervisor.start()
         client = LookoutClient(self.api_url, api_key=self.api_key)

@@ -1,4 +1,4 @@
-"""``lookout stack up|down|status|import-juicefs``: the embedded local stack, as a table of its parts."""
+"""``lookout stack up|down|status``: the embedded local stack, as a table of its parts."""
 
 from __future__ import annotations
 
@@ -64,14 +64,3 @@ def status() -> None:
     say(parts_table(parts))
     if not all(part.healthy for part in parts):
         raise typer.Exit(1)
-
-
-@stack_app.command("import-juicefs")
-def import_juicefs() -> None:
-    """Copy the annotated frames of an earlier release's juicefs S3 data into the stack's S3 server."""
-    from deploy.local_stack import JUICEFS_DIR
-
-    stack = local_stack()
-    for bucket, count in stack.import_juicefs().items():
-        say(f"{bucket}: {count} object(s) copied")
-    say(f"done; {stack.data_dir / JUICEFS_DIR} can be deleted")

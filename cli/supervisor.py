@@ -3,10 +3,18 @@
 Services are child processes of the supervisor. The stack's own servers (S3, broker, Temporal) are
 the ones ``LocalStack`` started (pid files); one that dies is started again from its recipe, on
 the same port and data, and the services ride through the gap (their clients reconnect).
+
+Nothing outlives the supervisor: every service (and every server a ``lookout up`` started) asks the
+kernel for SIGTERM when its parent dies (``core/lifetime.py``), so a SIGKILL of ``lookout up``
+takes them all down. The parent-death signal follows the thread that started a child, so the
+thread that restarts them lives as long as the process. The services' pids are also written to
+``<data_dir>/run/services.json``, and the next supervisor stops any that are still there.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import subprocess
@@ -18,10 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from core.lifetime import terminate_with_parent
 from core.retry import delays
 from core.settings import Settings
 from deploy.local_stack import LocalStack
-from deploy.servers import stop_process_group
+from deploy.servers import stop_process_group, stop_process_groups
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +43,6 @@ SERVICES = (
     "lookout-runner",
     "lookout-ml",
     "lookout-webhooks",
-    "lookout-broker-retention",  # the embedded broker only: a real Kafka has retention of its own
 )
 
 
@@ -56,6 +64,7 @@ class SupervisedServer:
 
     name: str
     stack: LocalStack
+    die_with_parent: bool = False  # started by this run: it goes when the run goes
     restarts: int = 0
     started_at: float = field(default_factory=time.monotonic)
 
@@ -65,7 +74,7 @@ class SupervisedServer:
 
     def start(self) -> None:
         """Start the server from its recipe and wait until it is ready."""
-        self.stack.start_part(self.name)
+        self.stack.start_part(self.name, die_with_parent=self.die_with_parent)
         self.started_at = time.monotonic()
 
 
@@ -86,7 +95,8 @@ class SupervisedService:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self) -> None:
-        """Start the service in a session of its own, its output appended to its log file."""
+        """Start the service in a session of its own, its output appended to its log file; it gets
+        SIGTERM when the thread that started it (the supervisor's) is gone."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
@@ -96,6 +106,7 @@ class SupervisedService:
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, **self.env},
                 start_new_session=True,
+                preexec_fn=terminate_with_parent,
             )
         self.started_at = time.monotonic()
         log.info("service started", extra={"service_name": self.name, "pid": self.proc.pid})
@@ -112,12 +123,17 @@ class ServiceSupervisor:
         servers: list[SupervisedServer] | None = None,
         settings: Settings | None = None,
         on_restart: Callable[[Supervised], None] | None = None,
+        pid_file: Path | None = None,
     ) -> None:
+        """``pid_file``: where the services' pids are kept, so that the next supervisor finds and
+        stops any a killed one left (none should be: they die with it)."""
         self.services = services
         self.servers = servers or []
         self._settings = settings or Settings()
         self._on_restart = on_restart
+        self._pid_file = pid_file
         self._stopping = threading.Event()
+        self._idle = threading.Event()  # the watcher has seen the stop and restarts nothing more
         self._thread: threading.Thread | None = None
 
     @classmethod
@@ -136,11 +152,22 @@ class ServiceSupervisor:
         )
 
     def start(self) -> None:
-        """Start every service, then watch them (and the servers) from a background thread."""
+        """Stop what an earlier supervisor left, start every service, then watch them (and the
+        servers) from a background thread."""
+        self._stop_leftovers()
         for service in self.services:
             service.start()
-        self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
+        self._record_pids()
+        self._thread = threading.Thread(target=self._watch_then_park, name="supervisor", daemon=True)
         self._thread.start()
+
+    def _watch_then_park(self) -> None:
+        try:
+            self._watch()
+        finally:
+            self._idle.set()
+        # What this thread restarted gets SIGTERM when the thread ends: it ends with the process.
+        threading.Event().wait()
 
     def _watch(self) -> None:
         # servers first: the services need them
@@ -167,6 +194,7 @@ class ServiceSupervisor:
                     part.started_at = time.monotonic()
                     continue
                 part.restarts += 1  # counted once the new process exists: readers see both together
+                self._record_pids()
                 log.warning("restarted", extra={"service_name": part.name, "restarts": part.restarts})
                 if self._on_restart is not None:
                     self._on_restart(part)
@@ -175,7 +203,7 @@ class ServiceSupervisor:
         """Stop watching, then SIGTERM every service (SIGKILL after ``timeout``), all in parallel."""
         self._stopping.set()
         if self._thread is not None:
-            self._thread.join()
+            self._idle.wait()
         threads = [
             threading.Thread(target=stop_process_group, args=(s.proc.pid, timeout))
             for s in self.services
@@ -188,4 +216,29 @@ class ServiceSupervisor:
         for service in self.services:
             if service.proc is not None:
                 service.proc.wait()
+        if self._pid_file is not None:
+            self._pid_file.unlink(missing_ok=True)
         log.info("services stopped")
+
+    def _record_pids(self) -> None:
+        if self._pid_file is None:
+            return
+        pids = {s.name: s.proc.pid for s in self.services if s.proc is not None}
+        self._pid_file.parent.mkdir(parents=True, exist_ok=True)
+        self._pid_file.write_text(json.dumps(pids))
+
+    def _stop_leftovers(self) -> None:
+        """Stop the services an earlier supervisor recorded that still run (the same command), so
+        that a restart never runs two sets side by side."""
+        if self._pid_file is None or not self._pid_file.exists():
+            return
+        recorded: dict[str, int] = json.loads(self._pid_file.read_text() or "{}")
+        leftovers = []
+        for name, pid in recorded.items():
+            with contextlib.suppress(OSError):  # gone
+                if name.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    leftovers.append(pid)
+        if leftovers:
+            log.warning("stopping services an earlier run left", extra={"pids": leftovers})
+            stop_process_groups(leftovers)
+        self._pid_file.unlink(missing_ok=True)

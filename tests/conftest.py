@@ -1,9 +1,10 @@
 """Session-scoped throw-away servers on free ports, so the suite never touches a developer's stack.
 
 Each server starts only when a test asks for it: ``pg_url`` (a fresh migrated database on the
-machine's Postgres, or on a private cluster when none answers), ``kafka_bootstrap`` (memory-mode
-Tansu), ``s3_endpoint`` (SeaweedFS in a temp folder), ``temporal_address`` (dev server with a
-temp database). ``settings`` points a ``Settings`` at all four.
+machine's Postgres, or on a private cluster when none answers), ``kafka_bootstrap`` (Apache Kafka
+in KRaft mode from the stack's recipe, in a temp folder), ``s3_endpoint`` (SeaweedFS in a temp
+folder), ``temporal_address`` (dev server with a temp database). ``settings`` points a
+``Settings`` at all four.
 """
 
 from __future__ import annotations
@@ -82,8 +83,10 @@ def s3_endpoint(servers_dir: Path) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap(servers_dir: Path) -> Iterator[str]:
-    """A memory-mode Tansu broker; yields its bootstrap address."""
-    spec = servers.kafka_broker(servers_dir / "logs", servers.free_port())
+    """An Apache Kafka broker (the stack's recipe) in a temp folder; yields its bootstrap address."""
+    spec = servers.kafka_broker(
+        servers_dir / "kafka", servers.free_port(), controller_port=servers.free_port()
+    )
     proc = spec.start(die_with_parent=True)
     try:
         yield spec.address

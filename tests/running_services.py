@@ -4,7 +4,8 @@ Each ``running_*`` context manager starts one part against the given settings an
 exit: the API (an httpx client with the app's lifespan entered), the outbox relay, the
 state-manager bridge, the Temporal worker, and ``running_lifecycle`` with all of them together.
 ``isolated_settings`` gives a test its own topics and task queue on the session's servers, and
-``private_broker`` / ``private_temporal`` give it a server of its own to stop and start again.
+``private_broker`` / ``private_temporal`` give it a server of its own to stop and start again;
+``stack_broker`` runs the broker exactly as ``lookout stack up`` does, to kill it with SIGKILL.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from pydantic import SecretStr
 from temporalio.client import Client
 
 from api.main import create_app
@@ -34,11 +34,11 @@ from core.settings import Settings
 from core.temporal import SEARCH_ATTRIBUTES, connect_temporal
 from core.timeouts import within
 from deploy import servers
-from deploy.local_stack import LocalStack, S3Recipe
-from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY, make_settings
-from tests.ports import free_s3_port
+from deploy.local_stack import LocalStack
+from tests.conftest import make_settings
+from workers.consumer_service import ConsumerService
 from workers.outbox_relay import OutboxRelay
-from workers.state_bridge import StateBridge
+from workers.state_bridge import bridge_service
 from workers.temporal_worker import build_worker
 from workflows.starter import signal_with_start
 
@@ -54,14 +54,11 @@ async def isolated_settings(base: Settings, **overrides: Any) -> Settings:
             "topic_events": f"lookout.events.{tag}",
             "temporal_task_queue": f"lookout-lifecycle-{tag}",
             "kafka_group_prefix": f"lookout-{tag}",  # no dead member of another test in its groups
-            # Tansu makes a group join wait half the session: keep joins short in tests
-            "kafka_session_timeout_ms": 2000,
-            "kafka_heartbeat_ms": 500,
             **overrides,
         }
     )
     await ensure_topics(
-        settings, [settings.topic_commands, settings.topic_states, settings.topic_dead_letter], partitions=3
+        settings, [settings.topic_commands, settings.topic_states, settings.topic_dead_letter]
     )
     return settings
 
@@ -129,12 +126,12 @@ async def running_bridge(
     signal_event: Callable[[StateEvent], Awaitable[object]] | None = None,
     group_id: str | None = None,
     **options: Any,
-) -> AsyncIterator[StateBridge]:
+) -> AsyncIterator[ConsumerService]:
     """A state bridge in a group of its own; without ``signal_event`` it signals the real workflow."""
     if signal_event is None:
         client = await connect_temporal(settings)
         signal_event = partial(signal_with_start, client, settings)
-    bridge = StateBridge(
+    bridge = bridge_service(
         settings, signal_event, group_id=group_id or f"test-bridge-{uuid.uuid4().hex[:8]}", **options
     )
     async with _running_task("state-bridge", bridge.run):
@@ -159,7 +156,7 @@ class LifecycleStack:
     api: httpx.AsyncClient
     temporal: Client
     relay: OutboxRelay
-    bridge: StateBridge
+    bridge: ConsumerService
 
 
 @contextlib.asynccontextmanager
@@ -220,10 +217,10 @@ class RestartableServer:
 
 @dataclass
 class StackBroker:
-    """The stack's S3 server and the broker with its log on it, started from the stack's recipes."""
+    """The Kafka broker started from the stack's recipe, as ``lookout stack up`` runs it."""
 
     stack: LocalStack
-    settings: Settings  # Lookout's settings pointing at this broker and S3 server
+    settings: Settings  # Lookout's settings pointing at this broker
 
     def kill_9(self) -> None:
         """SIGKILL the broker and wait until it is gone."""
@@ -240,42 +237,31 @@ class StackBroker:
 
 
 @contextlib.contextmanager
-def stack_broker(
-    data_dir: Path, base: Settings | None = None, *, s3_recipe: S3Recipe = servers.s3_server
-) -> Iterator[StackBroker]:
-    """Tansu on SeaweedFS exactly as ``lookout stack up`` runs them, on free ports in ``data_dir``."""
+def stack_broker(data_dir: Path, base: Settings | None = None) -> Iterator[StackBroker]:
+    """Kafka exactly as ``lookout stack up`` runs it, on free ports in ``data_dir``."""
     settings = (base or make_settings()).model_copy(
         update={
             "data_dir": data_dir,
-            "s3_access_key": S3_ACCESS_KEY,
-            "s3_secret_key": SecretStr(S3_SECRET_KEY),
-            "stack_s3_port": free_s3_port(),
             "stack_kafka_port": servers.free_port(),
+            "stack_kafka_controller_port": servers.free_port(),
         }
     )
-    stack = LocalStack(settings, s3_recipe=s3_recipe)
+    stack = LocalStack(settings)
     stack.run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        stack.start_part("s3")
-        stack.prepare_s3()
-        stack.start_part("kafka")
+        stack.start_part("kafka", die_with_parent=True)
         yield StackBroker(
-            stack,
-            settings.model_copy(
-                update={
-                    "kafka_bootstrap": f"127.0.0.1:{settings.stack_kafka_port}",
-                    "s3_endpoint": f"127.0.0.1:{settings.stack_s3_port}",
-                }
-            ),
+            stack, settings.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{settings.stack_kafka_port}"})
         )
     finally:
-        stack.down(only=["kafka", "s3"])
+        stack.down(only=["kafka"])
 
 
-def private_broker(log_dir: Path) -> RestartableServer:
-    """A memory-mode Tansu broker; restarted, it has lost its topics and offsets (topics come back
-    on first use and consumer groups start again from ``earliest``)."""
-    return RestartableServer(servers.kafka_broker(log_dir, servers.free_port()))
+def private_broker(data_dir: Path) -> RestartableServer:
+    """A Kafka broker of one test in ``data_dir``; restarted, it keeps its topics, records and offsets."""
+    return RestartableServer(
+        servers.kafka_broker(data_dir / "kafka", servers.free_port(), controller_port=servers.free_port())
+    )
 
 
 def private_temporal(data_dir: Path) -> RestartableServer:

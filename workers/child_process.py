@@ -27,6 +27,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext, SpawnContext
 from typing import Generic, NoReturn, TypeVar
 
+from core.lifetime import die_with_parent
 from core.logs import configure_logging
 from core.timeouts import within
 
@@ -220,6 +221,7 @@ def run_child(
     handed to ``on_crash`` (to tell the service why) before the process exits.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the service decides
+    die_with_parent()  # a service killed with SIGKILL leaves no stream process behind
     configure_logging(service, stream_id=stream_id)
     code = EXIT_CRASHED
     try:

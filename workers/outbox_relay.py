@@ -257,7 +257,7 @@ class OutboxRelay:
             try:
                 await producer.start()
                 # the events topic is only written through the outbox: the relay makes it
-                await ensure_topics(self._settings, [self._settings.topic_events])
+                await ensure_topics(self._settings, [self._settings.topic_events], reconcile=False)
             except BaseException:
                 with contextlib.suppress(Exception):
                     await producer.stop()

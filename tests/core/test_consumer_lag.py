@@ -19,7 +19,7 @@ async def test_consumer_lag_is_the_records_not_yet_handed_to_the_service_and_dro
     settings: Settings,
 ) -> None:
     topic, group = f"test.lag.{uuid.uuid4().hex[:8]}", f"test-lag-{uuid.uuid4().hex[:8]}"
-    own = settings.model_copy(update={"kafka_session_timeout_ms": 2000, "kafka_heartbeat_ms": 500})
+    own = settings
     await ensure_topics(own, [topic], partitions=1)
     producer = create_producer(own)
     await producer.start()

@@ -18,6 +18,7 @@ import yaml
 
 from core.settings import Settings
 from core.temporal import SEARCH_ATTRIBUTES
+from deploy.servers import kafka_version
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -217,6 +218,25 @@ def test_kafka_runs_in_kraft_mode_and_accepts_lookout_frames() -> None:
     assert kafka["image"].startswith("apache/kafka:")
     assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
     assert int(env["KAFKA_MESSAGE_MAX_BYTES"]) >= Settings.model_fields["kafka_max_request_size"].default
+
+
+def test_kafka_is_the_version_the_embedded_stack_runs() -> None:
+    assert SERVICES["kafka"]["image"] == f"apache/kafka:{kafka_version()}"
+
+
+def test_topics_come_from_the_declaration_and_every_kafka_client_waits_for_them() -> None:
+    assert _environment(SERVICES["kafka"])["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
+    assert _command(SERVICES["kafka-topics"]) == ["lookout", "kafka", "topics"]
+    assert SERVICES["kafka-topics"]["restart"] == "no"
+    for name in (
+        "lookout-api",
+        "lookout-outbox-relay",
+        "lookout-state-bridge",
+        "lookout-runner",
+        "lookout-ml",
+    ):
+        condition = SERVICES[name]["depends_on"]["kafka-topics"]["condition"]
+        assert condition == "service_completed_successfully", name
 
 
 def test_temporal_init_registers_the_lifecycle_search_attributes() -> None:

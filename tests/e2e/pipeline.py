@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import psutil
@@ -26,8 +26,8 @@ from api.main import create_app
 from core.settings import Settings
 from tests.running_services import LifecycleStack, isolated_settings, running_lifecycle
 from workers.ml.preload import wait_until_preloaded
-from workers.ml.service import MLService
-from workers.runner.service import RunnerService
+from workers.ml.service import MLHandler, ml_service
+from workers.runner.service import RunnerHandler, runner_service
 
 TERMINAL = {"inactive", "inactive_error"}
 
@@ -53,8 +53,8 @@ class Pipeline:
     """The running services of one pipeline; ``api`` talks to its API in-process."""
 
     lifecycle: LifecycleStack
-    runner: RunnerService
-    ml: MLService
+    runner: RunnerHandler
+    ml: MLHandler
 
     @property
     def settings(self) -> Settings:
@@ -90,15 +90,19 @@ def living_children() -> set[int]:
 async def running_pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
     """Lifecycle, runner and ML on ``settings``, each in consumer groups of its own."""
     tag = uuid.uuid4().hex[:8]
-    runner = RunnerService(settings, group_id=f"e2e-runner-{tag}")
+    runner = runner_service(settings, group_id=f"e2e-runner-{tag}")
     runner_task = asyncio.create_task(runner.run(), name="runner")
     try:
         async with (
-            MLService(settings, group_id=f"e2e-ml-{tag}") as ml,
+            ml_service(settings, group_id=f"e2e-ml-{tag}") as ml,
             running_lifecycle(settings) as lifecycle,
         ):
             await asyncio.to_thread(wait_until_preloaded)  # ML is ready for streams from here on
-            yield Pipeline(lifecycle=lifecycle, runner=runner, ml=ml)
+            yield Pipeline(
+                lifecycle=lifecycle,
+                runner=cast(RunnerHandler, runner.handler),
+                ml=cast(MLHandler, ml.handler),
+            )
     finally:
         runner_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -1,4 +1,4 @@
-"""kill -9 of the broker under running streams: the stack's Tansu on SeaweedFS, the real model and camera.
+"""kill -9 of the broker under running streams: Kafka as `stack up` runs it, the real model and camera.
 
 After the broker's restart both streams store rows again, a new stream reaches ``ml_started``, no
 outbox row stays unsent and every state event the outbox published is on the states topic.

@@ -50,7 +50,8 @@ async def test_bridge_serves_consumer_lag_and_event_counts_and_the_worker_the_st
     def bridge_caught_up(scraped: MetricSamples) -> bool:
         return (
             scraped.value("lookout_bridge_events_signalled_total") == 1
-            and scraped.value("lookout_bridge_events_dead_lettered_total") == len(MALFORMED)
+            and scraped.value("lookout_dead_lettered_total", service="state-bridge", topic=own.topic_states)
+            == len(MALFORMED)
             and scraped.value(
                 "lookout_consumer_lag", group=consumer_group(own, "state-manager"), topic=own.topic_states
             )

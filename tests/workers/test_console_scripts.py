@@ -106,5 +106,5 @@ async def test_lookout_state_bridge_dead_letters_a_malformed_event_and_stops_on_
 
     assert dead[0].value == b"definitely not a state event"
     assert await bridge.terminate() == 0
-    assert bridge.logged("malformed state event skipped") and bridge.logged("state bridge stopped")
+    assert bridge.logged("malformed record dead-lettered") and bridge.logged("stopped")
     assert_json_lines(bridge, "state-bridge")

@@ -150,7 +150,7 @@ async def test_relay_keeps_rows_while_the_broker_is_down_and_publishes_them_once
             return all(r["sent_at"] is None and r["attempts"] >= 2 and r["last_error"] for r in rows)
 
         await eventually(failed_and_kept, timeout_s=30)
-        await broker.start_async()  # memory broker: the topic comes back on first use
+        await broker.start_async()  # its log is on disk: the topic is still there
 
         await eventually(lambda: all_sent(db_pool, topic), timeout_s=30)
 

@@ -9,6 +9,7 @@ import asyncpg
 import pytest
 from pydantic import SecretStr
 
+from core.kafka import ensure_topics
 from core.outbox import OutboxMessage, enqueue
 from core.settings import Settings
 from deploy import servers
@@ -61,7 +62,8 @@ async def test_outbox_backlog_grows_while_the_broker_is_down_and_returns_to_zero
                 service=relay,
             )
 
-            await broker.start_async()  # memory broker: the topic is created on first use
+            await broker.start_async()
+            await ensure_topics(relay_settings, [topic], partitions=1)  # topics are made, never auto-created
             scraped = await wait_for_metrics(
                 port, lambda m: m.value("lookout_outbox_backlog") == 0, service=relay, timeout_s=40
             )

@@ -211,7 +211,9 @@ async def test_a_real_temporal_outage_delays_the_signal_without_losing_or_dead_l
         on_private = bridge_settings.model_copy(update={"temporal_address": temporal.address})
         event = state_event(service=Service.API, state=StreamState.INIT_STARTUP)
         retries_before = sample("lookout_bridge_signal_retries_total")
-        dead_before = sample("lookout_bridge_events_dead_lettered_total")
+        dead_before = sample(
+            "lookout_dead_lettered_total", service="state-bridge", topic=on_private.topic_states
+        )
 
         async with running_bridge(on_private, max_backoff_s=1.0) as bridge:
             await within(bridge.assigned.wait(), 15)
@@ -234,7 +236,10 @@ async def test_a_real_temporal_outage_delays_the_signal_without_losing_or_dead_l
 
             await eventually(started, timeout_s=40)
 
-        assert sample("lookout_bridge_events_dead_lettered_total") == dead_before
+        assert (
+            sample("lookout_dead_lettered_total", service="state-bridge", topic=on_private.topic_states)
+            == dead_before
+        )
         await handle.terminate("test cleanup")
     finally:
         await temporal.stop_async()

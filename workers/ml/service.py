@@ -4,42 +4,24 @@ One consumer-group member reads both the commands and the frames topic. Both are
 id, and the range assignor gives a member the same partitions of each, so the instance that runs a
 stream's process is the one that receives its ``stop``. Frames go to their stream's bounded queue
 (workers/ml/stream.py) without waiting for the model, so the loop stays responsive under overload.
+A frame settles once its process is done with it (stored, dropped or discarded), and the shell
+(workers/consumer_service.py) commits every second up to the oldest frame still unsettled.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import time
-from collections import OrderedDict
-from collections.abc import Collection, Hashable
+from collections.abc import Hashable
 from multiprocessing.process import BaseProcess
-from types import TracebackType
-from typing import cast
 
-from aiokafka import (
-    AIOKafkaConsumer,
-    AIOKafkaProducer,
-    ConsumerRebalanceListener,
-    ConsumerRecord,
-    TopicPartition,
-)
+from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.errors import KafkaError
+from cachetools import LRUCache
 from pydantic import ValidationError
 
 from core.inference import detection_threads
-from core.kafka import (
-    ConsumerLagReporter,
-    close_client,
-    consumer_group,
-    create_consumer,
-    create_producer,
-    ensure_topics,
-)
-from core.kafka_gaps import OffsetGapGuard
 from core.messages import (
     ErrorKind,
     EventKind,
@@ -50,17 +32,13 @@ from core.messages import (
     StreamOptions,
     parse_command,
 )
-from core.metrics import BAD_MESSAGES, forget_stream
-from core.retry import KAFKA_DOWN, retrying
+from core.metrics import forget_stream
 from core.settings import Settings
 from core.states import StreamState
-from workers.background import BackgroundTasks
-from workers.dead_letters import dead_letter
+from workers.consumer_service import ConsumerService, RecordHandler
 from workers.entrypoint import run_service
-from workers.ml.offsets import OffsetTracker
 from workers.ml.preload import prepare_default_model, start_preloading
 from workers.ml.stream import QueuedFrame, StreamProcess, StreamStats
-from workers.state_events import Heartbeats, StateEventPublisher
 
 log = logging.getLogger(__name__)
 
@@ -68,133 +46,66 @@ FINISHED_STREAMS_KEPT = 10_000  # remembered so that late frames of a stopped st
 COMMIT_INTERVAL_S = 1.0
 
 
-class MLService:
-    """Runs detection for every stream this member owns and publishes ML's state events."""
+class MLHandler(RecordHandler):
+    """Runs detection for every stream this member owns (a ``ConsumerService`` handler)."""
 
-    def __init__(self, settings: Settings, *, group_id: str | None = None) -> None:
+    name = "ml"
+    role = "ml"
+    publishes = Service.ML
+    # co-partitioning: the member that owns a stream's commands partition owns its frames partition
+    assignors = (RangePartitionAssignor,)
+    commit_interval_s = COMMIT_INTERVAL_S
+
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.group_id = group_id or consumer_group(settings, "ml")
         # a frame still busy after this much of the ack deadline is abandoned so the ack is in time
         self.stop_grace_s = max(1.0, settings.ack_deadline_s / 2)
         self.streams: dict[str, StreamProcess] = {}
-        self.finished: OrderedDict[str, StreamStats] = OrderedDict()
+        self.finished: LRUCache[str, StreamStats] = LRUCache(FINISHED_STREAMS_KEPT)
         self._ending: dict[str, asyncio.Task[str | None]] = {}
         # partition of each running stream: the same number on both topics (co-partitioned)
         self._partition_of: dict[str, int] = {}
-        self._offsets = OffsetTracker()
-        self._background = BackgroundTasks()
-        self._producer: AIOKafkaProducer | None = None
-        self._events: StateEventPublisher | None = None
-        self._heartbeats: asyncio.Task[None] | None = None
-        self._consumer: AIOKafkaConsumer | None = None
-        self._in_order: OffsetGapGuard | None = None
-        self._lag: ConsumerLagReporter | None = None
-        self._loop_task: asyncio.Task[None] | None = None
-        self._last_commit = 0.0
         self._cores = settings.ml_cores or len(os.sched_getaffinity(0))
         self._preparing: BaseProcess | None = None
 
-    # --- lifecycle of the service -----------------------------------------------------------------
+    def topics(self, settings: Settings) -> list[str]:
+        return [settings.topic_commands, settings.topic_frames]
 
-    async def start(self) -> None:
-        """Start preloading the detection processes' imports, connect, consume commands and frames."""
+    def produced_topics(self, settings: Settings) -> list[str]:
+        return [settings.topic_events]
+
+    async def open(self, shell: ConsumerService) -> None:
+        """Start preloading the detection processes' imports and the default model's export."""
+        await super().open(shell)
         start_preloading(self.settings)
         self._preparing = prepare_default_model(self.settings)
-        self._producer = create_producer(self.settings, client_id="lookout-ml")
-        await self._producer.start()
-        self._events = StateEventPublisher(self.settings, self._producer, Service.ML)
-        beats = Heartbeats(
-            self._events, self.settings.heartbeat_interval_s, self.figures, lambda f: f.frames_processed
-        )
-        self._heartbeats = asyncio.create_task(beats.run(), name="ml-heartbeats")
-        self._consumer = create_consumer(
-            self.settings, group_id=self.group_id, client_id="lookout-ml", assignors=(RangePartitionAssignor,)
-        )
-        self._consumer.subscribe(
-            [self.settings.topic_commands, self.settings.topic_frames], listener=_Rebalance(self)
-        )
-        await self._consumer.start()
-        self._lag = ConsumerLagReporter(self._consumer, self.group_id)
-        self._in_order = OffsetGapGuard(
-            self._consumer,
-            wait_s=self.settings.kafka_gap_wait_s,
-            lossy_topics=frozenset({self.settings.topic_frames}),
-        )
-        self._loop_task = asyncio.create_task(self._consume(), name="ml-consume")
-        log.info("ml service started", extra={"group_id": self.group_id})
 
     async def close(self) -> None:
-        """Stop consuming, let every process finish its frame in hand, commit, disconnect.
-
-        Streams are not acknowledged: the service stopping is not a stream stopping, and frames not
-        yet processed stay uncommitted so the next instance detects them.
-        """
-        for task in (self._loop_task, self._heartbeats):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        """Let every process finish its frame in hand. Streams are not acknowledged: the service
+        stopping is not a stream stopping, and frames not yet processed stay uncommitted so the next
+        instance detects them."""
         await self._hand_over(list(self.streams))
         if self._preparing is not None and self._preparing.is_alive():
             self._preparing.terminate()  # an export cut short leaves nothing: the next start makes it
             await asyncio.to_thread(self._preparing.join, 5.0)
-        await self._background.finish()
-        if self._consumer is not None:
-            await self._commit(force=True)
-            await close_client(self._consumer, "ml consumer")
-        if self._producer is not None:
-            await close_client(self._producer, "ml producer")
-        log.info("ml service stopped")
 
-    async def run_until(self, stop: asyncio.Event) -> None:
-        """Serve until ``stop`` is set; raises when consuming fails for good."""
-        assert self._loop_task is not None, "start() first"
-        waiter = asyncio.create_task(stop.wait())
-        await asyncio.wait([waiter, self._loop_task], return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        if self._loop_task.done() and not self._loop_task.cancelled():
-            self._loop_task.result()  # re-raises what ended the loop
-
-    async def __aenter__(self) -> MLService:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
+    def heartbeat_rate(self, figures: StreamFigures) -> int | None:
+        return figures.frames_processed
 
     # --- consuming ----------------------------------------------------------------------------------
 
-    async def _consume(self) -> None:
-        assert self._in_order is not None and self._lag is not None
-        while True:
-            # a broker restarting: the consumer reconnects by itself
-            async for attempt in retrying(self.settings, "fetch", retry=KAFKA_DOWN):
-                with attempt:
-                    batch = await self._in_order.getmany(timeout_ms=200, max_records=200)
-            for tp, records in batch.items():
-                for record in records:
-                    self._offsets.seen(tp, record.offset)
-                    if tp.topic == self.settings.topic_commands:
-                        self._on_command(record, (tp, record.offset))
-                    else:
-                        self._on_frame(record, (tp, record.offset))
-            await self._commit()
-            await self._lag.update()
+    async def handle(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        """Frames go to their stream's queue without waiting for the model; commands act at once."""
+        if record.topic == self.settings.topic_commands:
+            self._on_command(record, self.shell.token(record))
+        else:
+            self._on_frame(record, self.shell.token(record))
 
     def _on_frame(self, record: ConsumerRecord[bytes, bytes], token: tuple[TopicPartition, int]) -> None:
         try:
             headers = FrameHeaders.from_kafka(record.headers)
         except (ValidationError, UnicodeDecodeError) as err:
-            BAD_MESSAGES.labels("ml", record.topic).inc()
-            log.error(
-                "frame without valid headers skipped",
-                extra={"offset": record.offset, "error": type(err).__name__},
-            )
-            self._background.spawn(
-                self._dead_letter(record, f"frame without valid headers: {type(err).__name__}", token)
-            )
+            self.shell.reject(record, f"frame without valid headers: {type(err).__name__}")
             return
         stream_id = headers.stream_id
         stream = self.streams.get(stream_id)
@@ -213,20 +124,14 @@ class MLService:
         try:
             command = parse_command(record.value or b"")
         except ValidationError as err:
-            BAD_MESSAGES.labels("ml", record.topic).inc()
-            # the value may hold a camera URL: say where it was and what failed, never what it says
-            log.error(
-                "unreadable command skipped", extra={"offset": record.offset, "errors": err.error_count()}
-            )
-            reason = f"malformed command: {err.error_count()} validation error(s)"
-            self._background.spawn(self._dead_letter(record, reason, token))
+            self.shell.reject(record, f"malformed command: {err.error_count()} validation error(s)")
             return
         stream_id = command.stream_id
         if isinstance(command, StartCommand):
             if not command.is_for(Service.ML):
                 pass
             elif command.replace:
-                self._background.spawn(
+                self.shell.spawn(
                     self._restart_stream(stream_id, command.options, token[0].partition, command.reason)
                 )
             elif stream_id in self.streams:
@@ -237,7 +142,7 @@ class MLService:
                 self._start_stream(stream_id, command.options, token[0].partition)
             self.frame_settled(token)
             return
-        self._background.spawn(self._acknowledge_stop(stream_id, command.command_id, token))
+        self.shell.spawn(self._acknowledge_stop(stream_id, command.command_id, token))
 
     async def _acknowledge_stop(
         self, stream_id: str, command_id: str, token: tuple[TopicPartition, int]
@@ -253,28 +158,10 @@ class MLService:
         )
         self.frame_settled(token)
 
-    async def _commit(self, *, force: bool = False) -> None:
-        assert self._consumer is not None
-        now = time.monotonic()
-        if not force and now - self._last_commit < COMMIT_INTERVAL_S:
-            return
-        self._last_commit = now
-        offsets = self._offsets.to_commit(self._consumer.assignment())
-        if not offsets:
-            return
-        try:
-            await self._consumer.commit(offsets)
-        except KafkaError as err:
-            log.warning("offset commit failed", extra={"error": str(err)})
-            return
-        self._offsets.committed(offsets)
-
-    async def partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
-        """Stop the streams of partitions moving to another member, commit what they finished."""
-        moving = {tp.partition for tp in revoked}
+    async def revoked(self, partitions: set[TopicPartition]) -> None:
+        """Stop the streams of partitions moving to another member (the shell commits what they finished)."""
+        moving = {tp.partition for tp in partitions}
         await self._hand_over([sid for sid in self.streams if self._partition_of.get(sid) in moving])
-        await self._commit(force=True)
-        self._offsets.forget(revoked)
 
     # --- streams ------------------------------------------------------------------------------------
 
@@ -289,7 +176,7 @@ class MLService:
             log.exception("detection process did not start", extra={"stream_id": stream_id})
             self._remember_finished(stream_id, stream.stats)
             reason = f"detection process did not start: {type(err).__name__}: {err}"
-            self._background.spawn(
+            self.shell.spawn(
                 self._publish(stream_id, EventKind.ERROR, error=reason, error_kind=ErrorKind.PROCESS)
             )
             return None
@@ -364,38 +251,26 @@ class MLService:
 
     def _remember_finished(self, stream_id: str, stats: StreamStats) -> None:
         self.finished[stream_id] = stats
-        self.finished.move_to_end(stream_id)
-        while len(self.finished) > FINISHED_STREAMS_KEPT:
-            self.finished.popitem(last=False)
 
     # --- StreamListener -----------------------------------------------------------------------------
 
     def frame_settled(self, token: Hashable) -> None:
-        tp, offset = cast(tuple[TopicPartition, int], token)
-        self._offsets.settle(tp, offset)
+        self.shell.settle(token)
 
     def first_frame_processed(self, stream_id: str) -> None:
         log.info("first frame processed", extra={"stream_id": stream_id})
-        self._background.spawn(self._publish(stream_id, EventKind.PROGRESS, state=StreamState.ML_STARTED))
+        self.shell.spawn(self._publish(stream_id, EventKind.PROGRESS, state=StreamState.ML_STARTED))
 
     def stream_failed(self, stream_id: str, reason: str, *, fatal: bool = False) -> None:
         log.error("stream failed", extra={"stream_id": stream_id, "error": reason, "fatal": fatal})
         kind = ErrorKind.FATAL if fatal else ErrorKind.PROCESS
-        self._background.spawn(self._publish(stream_id, EventKind.ERROR, error=reason, error_kind=kind))
+        self.shell.spawn(self._publish(stream_id, EventKind.ERROR, error=reason, error_kind=kind))
         self._end_stream(stream_id)
 
     def stream_closed(self, stream_id: str) -> None:
         self._end_stream(stream_id)
 
     # --- publishing ---------------------------------------------------------------------------------
-
-    async def _dead_letter(
-        self, record: ConsumerRecord[bytes, bytes], reason: str, token: tuple[TopicPartition, int]
-    ) -> None:
-        """Copy a record this service cannot use to the dead-letter topic, then let its offset go."""
-        assert self._producer is not None
-        await dead_letter(self._producer, self.settings, record, reason, group=self.group_id, service="ml")
-        self.frame_settled(token)
 
     async def _publish(
         self,
@@ -406,32 +281,17 @@ class MLService:
         error: str | None = None,
         error_kind: ErrorKind | None = None,
     ) -> None:
-        assert self._events is not None
-        await self._events.publish(stream_id, kind, state=state, error=error, error_kind=error_kind)
+        await self.shell.events.publish(stream_id, kind, state=state, error=error, error_kind=error_kind)
 
 
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Hands the streams of revoked partitions over before the group moves them."""
-
-    def __init__(self, service: MLService) -> None:
-        self._service = service
-
-    async def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
-        if revoked:
-            await self._service.partitions_revoked(revoked)
-
-    async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
-        log.info(
-            "partitions assigned",
-            extra={"partitions": sorted(f"{tp.topic}:{tp.partition}" for tp in assigned)},
-        )
+def ml_service(settings: Settings, *, group_id: str | None = None) -> ConsumerService:
+    """The ML service: its handler in the consumer-service shell."""
+    return ConsumerService(settings, MLHandler(settings), group_id=group_id)
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     """Run the ML service until ``stop`` is set."""
-    await ensure_topics(settings)
-    async with MLService(settings) as service:
-        await service.run_until(stop)
+    await ml_service(settings).run(stop)
 
 
 def main() -> None:

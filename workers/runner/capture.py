@@ -92,7 +92,10 @@ class CaptureSession:
     async def run(self) -> int:
         """Capture until stopped (``EXIT_STOPPED``) or lost for good (``EXIT_FAILED``, reason reported)."""
         self._loop = asyncio.get_running_loop()
-        producer = create_producer(self._settings, client_id=f"lookout-runner-{self.spec.stream_id}")
+        # a repeated frame is stored once and a lost one is a live frame gone: the leader's ack will do
+        producer = create_producer(
+            self._settings, client_id=f"lookout-runner-{self.spec.stream_id}", idempotent=False
+        )
         try:
             await within(producer.start(), self._settings.runner_reconnect_budget_s)
         except (KafkaError, OSError, TimeoutError) as exc:

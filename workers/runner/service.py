@@ -7,34 +7,23 @@ run, so the lifecycle never waits for a runner that never started. It publishes 
 once a stream's first frame is out, a heartbeat per stream every ``heartbeat_interval_s``, and an
 ``error`` when a stream is lost (the camera's fault or the process's). Stopping the service, or
 losing a stream's partition to another instance, stops its capture processes and reports nothing:
-the lifecycle's watchdog hands the streams to whichever runner is there. Offsets are committed after
-a batch's commands are carried out (stops included), so a command is never lost, only possibly
-repeated; repeats are harmless.
+the lifecycle's watchdog hands the streams to whichever runner is there. A command's offset is
+committed once it is carried out (a stop once acknowledged), so a command is never lost, only
+possibly repeated; repeats are harmless. The Kafka side (clients, loop, commits, dead letters,
+heartbeats) is the consumer-service shell's (workers/consumer_service.py); this is its handler.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Collection
 
-from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka import ConsumerRecord, TopicPartition
+from cachetools import LRUCache
 from cryptography.fernet import InvalidToken
 from pydantic import ValidationError
 
-from core.kafka import (
-    ConsumerLagReporter,
-    close_client,
-    consumer_group,
-    create_consumer,
-    create_producer,
-    ensure_topics,
-)
-from core.kafka_gaps import OffsetGapGuard
 from core.messages import (
     ErrorKind,
     EventKind,
@@ -44,104 +33,61 @@ from core.messages import (
     StreamFigures,
     parse_command,
 )
-from core.metrics import BAD_MESSAGES, forget_stream
+from core.metrics import forget_stream
 from core.redact import redact_url
-from core.retry import KAFKA_DOWN, retrying
 from core.sealing import UrlSealer
 from core.settings import Settings
 from core.states import StreamState
-from workers.background import BackgroundTasks
-from workers.dead_letters import dead_letter
+from workers.consumer_service import ConsumerService, RecordHandler
 from workers.entrypoint import run_service
 from workers.runner.messages import CaptureSpec
 from workers.runner.stream import CaptureProcess, StopOutcome
-from workers.state_events import Heartbeats, StateEventPublisher
 
 log = logging.getLogger(__name__)
 
 SEEN_COMMANDS = 10_000  # start command ids remembered to ignore redelivered duplicates
 
 
-class RunnerService:
-    """Consumes commands and keeps one capture process per running stream."""
+class RunnerHandler(RecordHandler):
+    """Consumes commands and keeps one capture process per running stream (a ``ConsumerService`` handler)."""
 
-    def __init__(self, settings: Settings, *, group_id: str | None = None) -> None:
+    name = "runner"
+    role = "runner"
+    publishes = Service.RUNNER
+
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.group_id = group_id or consumer_group(settings, "runner")
         self.streams: dict[str, CaptureProcess] = {}
         self._stops: dict[str, asyncio.Task[None]] = {}
-        self._background = BackgroundTasks()
-        self._seen_starts: OrderedDict[str, None] = OrderedDict()
+        self._seen_starts: LRUCache[str, None] = LRUCache(SEEN_COMMANDS)
         self._partition_of: dict[str, int] = {}  # commands partition of each running stream
         self._sealer = UrlSealer(settings)  # only the runner opens the camera URLs
-        self._events: StateEventPublisher | None = None
 
-    async def run(self) -> None:
-        """Serve until cancelled; on the way out every capture process is stopped and reported."""
-        settings = self.settings
-        await ensure_topics(settings, [settings.topic_commands, settings.topic_frames, settings.topic_states])
-        producer = create_producer(settings, client_id="lookout-runner")
-        await producer.start()
-        self._events = StateEventPublisher(settings, producer, Service.RUNNER)
-        heartbeats = asyncio.create_task(
-            Heartbeats(
-                self._events, settings.heartbeat_interval_s, self.figures, lambda f: f.frames_published
-            ).run()
-        )
-        consumer = create_consumer(settings, group_id=self.group_id, client_id="lookout-runner")
-        consumer.subscribe([settings.topic_commands], listener=_Rebalance(self))
-        lag = ConsumerLagReporter(consumer, self.group_id)
-        in_order = OffsetGapGuard(consumer, wait_s=settings.kafka_gap_wait_s)
-        try:
-            await consumer.start()
-            log.info(
-                "runner consuming commands", extra={"topic": settings.topic_commands, "group": self.group_id}
-            )
-            while True:
-                # a broker restarting: the consumer reconnects by itself
-                async for attempt in retrying(settings, "commands fetch", retry=KAFKA_DOWN):
-                    with attempt:
-                        batch = await in_order.getmany(timeout_ms=1000)
-                for records in batch.values():
-                    for record in records:
-                        await self._handle(record)
-                await self._finish_stops()
-                if batch:
-                    try:
-                        await consumer.commit()
-                    except KafkaError as err:
-                        # the commands come again after a rebalance: starts are deduped, stops idempotent
-                        log.warning("commands offset commit failed", extra={"error": repr(err)})
-                await lag.update()
-        finally:
-            heartbeats.cancel()
-            await self._shutdown()
-            await close_client(consumer, "runner commands consumer")
-            await close_client(producer, "runner producer")
+    def topics(self, settings: Settings) -> list[str]:
+        return [settings.topic_commands]
+
+    def produced_topics(self, settings: Settings) -> list[str]:
+        return [settings.topic_frames]
+
+    def heartbeat_rate(self, figures: StreamFigures) -> int | None:
+        return figures.frames_published
 
     # --- commands ---------------------------------------------------------------------------------
 
-    async def _handle(self, record: ConsumerRecord[bytes, bytes]) -> None:
+    async def handle(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        """A start is carried out before the next record; a stop runs beside the loop and its record
+        settles once it is acknowledged."""
         try:
             command = parse_command(record.value or b"")
         except ValidationError as exc:
-            # The raw value may carry a URL with credentials: log where it was, never what it says.
-            BAD_MESSAGES.labels("runner", record.topic).inc()
-            log.warning(
-                "malformed command skipped",
-                extra={"partition": record.partition, "offset": record.offset, "errors": exc.error_count()},
-            )
-            assert self._events is not None
-            reason = f"malformed command: {exc.error_count()} validation error(s)"
-            await dead_letter(
-                self._events.producer, self.settings, record, reason, group=self.group_id, service="runner"
-            )
+            self.shell.reject(record, f"malformed command: {exc.error_count()} validation error(s)")
             return
         if isinstance(command, StartCommand):
             if command.is_for(Service.RUNNER):
                 await self._start(command, record.partition)
+            self.shell.settle(record)
         else:
-            self._begin_stop(command)
+            self._begin_stop(command, record)
 
     async def _start(self, command: StartCommand, partition: int) -> None:
         stream_id = command.stream_id
@@ -150,7 +96,7 @@ class RunnerService:
                 "duplicate start ignored", extra={"stream_id": stream_id, "command_id": command.command_id}
             )
             return
-        self._remember(command.command_id)
+        self._seen_starts[command.command_id] = None
         pending_stop = self._stops.get(stream_id)
         if pending_stop is not None:  # stop then start of the same stream: the stop finishes first
             await asyncio.shield(pending_stop)
@@ -201,12 +147,12 @@ class RunnerService:
                 error_kind=ErrorKind.PROCESS,
             )
 
-    def _begin_stop(self, command: StopCommand) -> None:
+    def _begin_stop(self, command: StopCommand, record: ConsumerRecord[bytes, bytes]) -> None:
         stream_id = command.stream_id
         previous = self._stops.get(stream_id)
         task = asyncio.create_task(self._stop(command, after=previous), name=f"stop {stream_id}")
         self._stops[stream_id] = task
-        task.add_done_callback(lambda done: self._forget_stop(stream_id, done))
+        task.add_done_callback(lambda done: self._forget_stop(stream_id, done, record))
 
     async def _stop(self, command: StopCommand, *, after: asyncio.Task[None] | None) -> None:
         stream_id = command.stream_id
@@ -223,24 +169,18 @@ class RunnerService:
             log.info("stream stopped", extra={"stream_id": stream_id, "error": outcome.error})
         await self._publish(stream_id, EventKind.ACK, error=outcome.error)
 
-    def _forget_stop(self, stream_id: str, task: asyncio.Task[None]) -> None:
+    def _forget_stop(
+        self, stream_id: str, task: asyncio.Task[None], record: ConsumerRecord[bytes, bytes]
+    ) -> None:
         if self._stops.get(stream_id) is task:
             del self._stops[stream_id]
-
-    async def _finish_stops(self) -> None:
-        # Stops run concurrently, but a batch's offsets are committed only once they are acknowledged.
-        if self._stops:
-            await asyncio.gather(*self._stops.values(), return_exceptions=True)
-
-    def _remember(self, command_id: str) -> None:
-        self._seen_starts[command_id] = None
-        while len(self._seen_starts) > SEEN_COMMANDS:
-            self._seen_starts.popitem(last=False)
+        if not task.cancelled() and task.exception() is None:
+            self.shell.settle(record)  # acknowledged: its offset may be committed
 
     # --- reports from capture processes -----------------------------------------------------------
 
     def _on_started(self, process: CaptureProcess) -> None:
-        self._background.spawn(
+        self.shell.spawn(
             self._publish(process.stream_id, EventKind.PROGRESS, state=StreamState.RUNNER_STARTED)
         )
 
@@ -249,9 +189,7 @@ class RunnerService:
             self._forget(process.stream_id)
             forget_stream(process.stream_id)  # on_failed comes once the process is reaped
         kind = ErrorKind.CAMERA if process.camera_failure else ErrorKind.PROCESS
-        self._background.spawn(
-            self._publish(process.stream_id, EventKind.ERROR, error=reason, error_kind=kind)
-        )
+        self.shell.spawn(self._publish(process.stream_id, EventKind.ERROR, error=reason, error_kind=kind))
 
     def figures(self) -> dict[str, StreamFigures]:
         """The live figures of every stream whose capture process runs here (for the heartbeats)."""
@@ -281,8 +219,7 @@ class RunnerService:
         error: str | None = None,
         error_kind: ErrorKind | None = None,
     ) -> None:
-        assert self._events is not None
-        await self._events.publish(stream_id, kind, state=state, error=error, error_kind=error_kind)
+        await self.shell.events.publish(stream_id, kind, state=state, error=error, error_kind=error_kind)
 
     def _forget(self, stream_id: str) -> None:
         """The stream no longer runs here (its metrics go once its process is gone)."""
@@ -301,46 +238,31 @@ class RunnerService:
         for process in running:
             forget_stream(process.stream_id)
 
-    async def partitions_assigned(self, partitions: set[int]) -> None:
+    async def assigned(self, partitions: set[TopicPartition]) -> None:
         """Give up the streams whose commands partition went to another runner. (A rebalance revokes
         every partition first and gives most back: only those not given back have moved.)"""
-        moving = [sid for sid, partition in self._partition_of.items() if partition not in partitions]
+        numbers = {tp.partition for tp in partitions}
+        moving = [sid for sid, partition in self._partition_of.items() if partition not in numbers]
         if moving:
             log.info("handing streams over", extra={"streams": moving})
             await self._stop_quietly(moving)
 
-    async def _shutdown(self) -> None:
+    async def close(self) -> None:
         """Stop every capture process. The service stopping is not the streams stopping: nothing is
         reported, and they resume when a runner is back (the lifecycle's watchdog restarts them)."""
         await self._stop_quietly(list(self.streams))
         if self._stops:
             await asyncio.gather(*self._stops.values(), return_exceptions=True)
-        await self._background.finish()
 
 
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Stops the streams of commands partitions that a rebalance gave to another runner."""
-
-    def __init__(self, service: RunnerService) -> None:
-        self._service = service
-
-    async def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
-        pass
-
-    async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
-        log.info("partitions assigned", extra={"partitions": sorted(tp.partition for tp in assigned)})
-        await self._service.partitions_assigned({tp.partition for tp in assigned})
+def runner_service(settings: Settings, *, group_id: str | None = None) -> ConsumerService:
+    """The runner: its handler in the consumer-service shell."""
+    return ConsumerService(settings, RunnerHandler(settings), group_id=group_id)
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     """Run the runner until ``stop`` is set; on the way out its capture processes are stopped."""
-    service = asyncio.create_task(RunnerService(settings).run(), name="runner")
-    stopped = asyncio.create_task(stop.wait())
-    await asyncio.wait([service, stopped], return_when=asyncio.FIRST_COMPLETED)
-    stopped.cancel()
-    service.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await service
+    await runner_service(settings).run(stop)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import cast
 
 import asyncpg
 import cv2
@@ -20,6 +21,7 @@ from core.kafka import create_consumer, create_producer, ensure_topics
 from core.messages import FrameHeaders, StateEvent, StreamOptions
 from core.settings import Settings
 from core.timeouts import within
+from workers.ml.service import MLHandler, ml_service
 
 # found without importing ultralytics: it must first be imported by workers.ml.detector, which sets
 # YOLO_OFFLINE before ultralytics reads it
@@ -62,7 +64,6 @@ def topics_of_their_own(settings: Settings) -> Settings:
             "topic_frames": f"test.ml.frames.{suffix}",
             "topic_states": f"test.ml.states.{suffix}",
             "kafka_group_prefix": f"test-{suffix}",
-            "kafka_session_timeout_ms": 3000,
             "heartbeat_interval_s": 1.0,
         }
     )
@@ -170,3 +171,10 @@ async def state_events(settings: Settings) -> AsyncIterator[StateEvents]:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await consumer.stop()
+
+
+@contextlib.asynccontextmanager
+async def running_ml(settings: Settings, group_id: str | None = None) -> AsyncIterator[MLHandler]:
+    """The ML service in a consumer group of its own; yields its handler (streams, finished)."""
+    async with ml_service(settings, group_id=group_id or f"test-ml-{uuid.uuid4().hex[:8]}") as service:
+        yield cast(MLHandler, service.handler)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from aiokafka import TopicPartition
 
-from workers.ml.offsets import OffsetTracker
 from workers.ml.stream import FrameQueue
+from workers.offsets import OffsetTracker
 
 
 def test_full_queue_drops_its_oldest_frame_counts_it_and_keeps_the_newest() -> None:

@@ -30,10 +30,11 @@ from tests.workers.ml.conftest import (
     frame_sender,
     frame_size,
     insert_stream,
+    running_ml,
     state_events,
     topics_of_their_own,
 )
-from workers.ml.service import MLService
+from workers.ml.service import MLHandler
 
 pytestmark = pytest.mark.integration
 
@@ -61,9 +62,9 @@ async def sender(ml_settings: Settings) -> AsyncIterator[FrameSender]:
 
 
 @pytest.fixture(scope="module")
-async def ml_service(ml_settings: Settings, events: StateEvents) -> AsyncIterator[MLService]:
-    async with MLService(ml_settings, group_id=f"test-ml-{uuid.uuid4().hex[:8]}") as service:
-        yield service
+async def ml_service(ml_settings: Settings, events: StateEvents) -> AsyncIterator[MLHandler]:
+    async with running_ml(ml_settings) as handler:
+        yield handler
 
 
 async def rows_of(pool: asyncpg.Pool, stream_id: str) -> list[asyncpg.Record]:
@@ -89,7 +90,7 @@ def best_confidence(objects: list[dict[str, object]], class_name: str) -> float:
 
 
 async def test_first_frames_start_the_process_and_become_rows_with_bus_and_person_and_jpeg_links(
-    ml_service: MLService,
+    ml_service: MLHandler,
     ml_settings: Settings,
     sender: FrameSender,
     events: StateEvents,
@@ -135,7 +136,7 @@ async def rows_count_is(pool: asyncpg.Pool, stream_id: str, count: int) -> bool:
 
 
 async def test_redelivered_frame_is_stored_once(
-    ml_service: MLService, sender: FrameSender, events: StateEvents, db_pool: asyncpg.Pool, bus_jpeg: bytes
+    ml_service: MLHandler, sender: FrameSender, events: StateEvents, db_pool: asyncpg.Pool, bus_jpeg: bytes
 ) -> None:
     stream_id = await insert_stream(db_pool)
     await start(sender, stream_id)
@@ -151,7 +152,7 @@ async def test_redelivered_frame_is_stored_once(
 
 
 async def test_stop_lets_the_frame_in_hand_finish_then_acknowledges_and_the_process_is_gone(
-    ml_service: MLService, sender: FrameSender, events: StateEvents, db_pool: asyncpg.Pool, bus_jpeg: bytes
+    ml_service: MLHandler, sender: FrameSender, events: StateEvents, db_pool: asyncpg.Pool, bus_jpeg: bytes
 ) -> None:
     stream_id = await insert_stream(db_pool)
     await start(sender, stream_id, StreamOptions())  # 640: slow enough to be busy when the stop comes
@@ -181,7 +182,7 @@ async def test_stop_lets_the_frame_in_hand_finish_then_acknowledges_and_the_proc
 
 
 async def test_stop_of_a_stream_never_seen_is_acknowledged(
-    ml_service: MLService, sender: FrameSender, events: StateEvents
+    ml_service: MLHandler, sender: FrameSender, events: StateEvents
 ) -> None:
     stream_id = str(uuid.uuid4())
     await stop_and_wait_for_ack(sender, events, stream_id)
@@ -190,7 +191,7 @@ async def test_stop_of_a_stream_never_seen_is_acknowledged(
 
 
 async def test_frames_of_a_stream_without_a_row_or_already_ended_start_no_detection(
-    ml_service: MLService, sender: FrameSender, events: StateEvents, db_pool: asyncpg.Pool, bus_jpeg: bytes
+    ml_service: MLHandler, sender: FrameSender, events: StateEvents, db_pool: asyncpg.Pool, bus_jpeg: bytes
 ) -> None:
     ended = await insert_stream(db_pool)
     await db_pool.execute("UPDATE streams SET state = 'inactive' WHERE id = $1", uuid.UUID(ended))
@@ -208,7 +209,7 @@ async def test_frames_of_a_stream_without_a_row_or_already_ended_start_no_detect
 
 
 async def test_overload_keeps_the_queue_bounded_counts_drops_and_processes_the_newest_frames(
-    ml_service: MLService,
+    ml_service: MLHandler,
     ml_settings: Settings,
     sender: FrameSender,
     events: StateEvents,
@@ -254,7 +255,7 @@ async def test_model_that_fails_to_load_reports_an_error_event_with_the_reason(
     async with (
         state_events(own) as collected,
         frame_sender(own) as send,
-        MLService(own, group_id=f"test-ml-{uuid.uuid4().hex[:8]}") as service,
+        running_ml(own) as service,
     ):
         await start(send, stream_id)
         error = await collected.wait_for(lambda e: e.stream_id == stream_id and e.kind is EventKind.ERROR, 60)
@@ -281,7 +282,7 @@ async def test_s3_stopped_for_a_few_seconds_mid_stream_loses_no_frame_in_hand(
         async with (
             state_events(own) as collected,
             frame_sender(own) as send,
-            MLService(own, group_id=f"test-ml-{uuid.uuid4().hex[:8]}") as service,
+            running_ml(own) as service,
         ):
             await start(send, stream_id)
             await send.frame(stream_id, 1, bus_jpeg)
@@ -316,7 +317,7 @@ async def test_frames_left_queued_at_service_shutdown_are_detected_by_the_next_r
     group = f"test-ml-{uuid.uuid4().hex[:8]}"
     stream_id = await insert_stream(db_pool, FAST)  # the next run reads these options from the row
     async with frame_sender(own) as send:
-        async with MLService(own, group_id=group) as first:
+        async with running_ml(own, group) as first:
             await start(send, stream_id, StreamOptions())  # 640: frames queue up behind the model
             await send.frame(stream_id, 1, bus_jpeg)
             await eventually(lambda: rows_count_is(db_pool, stream_id, 1), 60)
@@ -328,13 +329,13 @@ async def test_frames_left_queued_at_service_shutdown_are_detected_by_the_next_r
         left_behind = 7 - len(await rows_of(db_pool, stream_id))
         assert left_behind > 0
 
-        async with MLService(own, group_id=group):  # the next run of the same consumer group
+        async with running_ml(own, group):  # the next run of the same consumer group
             await eventually(lambda: rows_count_is(db_pool, stream_id, 7), 60)
             await send.command(stream_id, StopCommand(stream_id=stream_id).model_dump_json())
 
 
 async def test_a_stream_has_heartbeats_with_its_live_figures_and_a_restart_replaces_its_process(
-    ml_service: MLService,
+    ml_service: MLHandler,
     sender: FrameSender,
     events: StateEvents,
     db_pool: asyncpg.Pool,
@@ -374,7 +375,7 @@ async def test_a_stream_has_heartbeats_with_its_live_figures_and_a_restart_repla
 
 
 async def test_a_killed_detection_process_is_reported_as_a_process_error(
-    ml_service: MLService,
+    ml_service: MLHandler,
     sender: FrameSender,
     events: StateEvents,
     db_pool: asyncpg.Pool,

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import psutil
 import pytest
@@ -20,7 +21,7 @@ from core.sealing import UrlSealer
 from core.settings import Settings
 from deploy.camera.control import TestCamera
 from tests.conftest import make_settings
-from workers.runner.service import RunnerService
+from workers.runner.service import RunnerHandler, runner_service
 
 # Short timeouts keep the failure tests fast; the test camera opens in well under a second.
 OPEN_TIMEOUT_MS = 2000
@@ -58,8 +59,6 @@ def runner_settings(kafka_bootstrap: str, **overrides: object) -> Settings:
         "topic_states": f"{prefix}.states",
         "topic_dead_letter": f"{prefix}.dead-letter",
         "kafka_group_prefix": prefix,  # no dead member of another test in its group
-        "kafka_session_timeout_ms": 3000,  # the embedded broker's group joins wait half of this
-        "kafka_heartbeat_ms": 500,
         "kafka_fetch_max_wait_ms": 20,
         "runner_open_timeout_ms": OPEN_TIMEOUT_MS,
         "runner_read_timeout_ms": READ_TIMEOUT_MS,
@@ -114,11 +113,12 @@ class TopicReader:
 
 
 class RunnerHarness:
-    """A ``RunnerService`` running as a task, with a command producer and readers of its output."""
+    """The runner service running as a task, with a command producer and readers of its output."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.service = RunnerService(settings, group_id=f"runner-{uuid.uuid4().hex[:8]}")
+        self.service = runner_service(settings, group_id=f"runner-{uuid.uuid4().hex[:8]}")
+        self.handler = cast(RunnerHandler, self.service.handler)
         self.task: asyncio.Task[None] | None = None
         self._producer = create_producer(settings, client_id="runner-test")
         self.frames = TopicReader(settings, settings.topic_frames)

@@ -134,7 +134,7 @@ async def test_stop_acknowledges_within_3s_and_the_capture_process_is_gone(
 ) -> None:
     stream_id = await runner.start_stream(camera.url("cam2"), fps=2)
     await runner.wait_event(stream_id, is_runner_started, within=20)
-    pid = runner.service.streams[stream_id].pid
+    pid = runner.handler.streams[stream_id].pid
     assert pid is not None and not pid_gone(pid)
 
     assert await stop_and_wait_ack(runner, stream_id) < 3
@@ -142,7 +142,7 @@ async def test_stop_acknowledges_within_3s_and_the_capture_process_is_gone(
     ack = await runner.wait_event(stream_id, is_ack, within=1)
     assert ack.event.error is None
     assert pid_gone(pid)
-    assert stream_id not in runner.service.streams
+    assert stream_id not in runner.handler.streams
 
 
 async def test_stop_for_a_stream_never_started_is_acknowledged(runner: RunnerHarness) -> None:
@@ -171,7 +171,7 @@ async def test_killed_camera_is_retried_then_reported_as_error_within_the_budget
 ) -> None:
     stream_id = await runner.start_stream(own_camera.url("cam1"), fps=5)
     await runner.wait_event(stream_id, is_runner_started, within=20)
-    pid = runner.service.streams[stream_id].pid
+    pid = runner.handler.streams[stream_id].pid
 
     own_camera.kill()
     killed_at = time.monotonic()
@@ -183,7 +183,7 @@ async def test_killed_camera_is_retried_then_reported_as_error_within_the_budget
     assert attempts is not None and int(attempts.group(1)) >= 2, error.event.error
     assert error.event.error_kind is ErrorKind.CAMERA  # retried by the lifecycle for its window
     assert pid is not None and pid_gone(pid)
-    assert stream_id not in runner.service.streams
+    assert stream_id not in runner.handler.streams
     assert await stop_and_wait_ack(runner, stream_id) < 3  # nothing left to stop, still acknowledged
 
 
@@ -225,7 +225,7 @@ async def test_frozen_camera_is_detected_within_twice_the_read_timeout(
     assert spent is not None, reason
     detected_after = error.received_at - frozen_at - float(spent.group(1))
     assert detected_after <= 2 * READ_TIMEOUT_MS / 1000, (detected_after, reason)
-    assert stream_id not in runner.service.streams
+    assert stream_id not in runner.handler.streams
 
 
 async def test_unreachable_address_is_reported_within_the_open_timeout_budget(
@@ -248,7 +248,7 @@ async def test_capture_process_that_dies_is_reported_at_once(
 ) -> None:
     stream_id = await runner.start_stream(camera.url("cam3"), fps=2)
     await runner.wait_event(stream_id, is_runner_started, within=20)
-    pid = runner.service.streams[stream_id].pid
+    pid = runner.handler.streams[stream_id].pid
     assert pid is not None
 
     os.kill(pid, signal.SIGKILL)
@@ -258,7 +258,7 @@ async def test_capture_process_that_dies_is_reported_at_once(
     assert error.received_at - killed_at < 1.0
     assert "exit code -9" in (error.event.error or "")
     assert error.event.error_kind is ErrorKind.PROCESS  # the lifecycle restarts the runner for it
-    assert stream_id not in runner.service.streams
+    assert stream_id not in runner.handler.streams
 
 
 async def test_stuck_capture_process_is_killed_and_the_stop_still_acked_within_3s(
@@ -266,7 +266,7 @@ async def test_stuck_capture_process_is_killed_and_the_stop_still_acked_within_3
 ) -> None:
     stream_id = await runner.start_stream(camera.url("cam4"), fps=2)
     await runner.wait_event(stream_id, is_runner_started, within=20)
-    pid = runner.service.streams[stream_id].pid
+    pid = runner.handler.streams[stream_id].pid
     assert pid is not None
     os.kill(pid, signal.SIGSTOP)  # ignores the cooperative stop and SIGTERM alike
 
@@ -285,7 +285,7 @@ async def test_runner_shutdown_stops_its_capture_processes_and_fails_no_stream(
     try:
         stream_id = await harness.start_stream(camera.url("cam1"), fps=2)
         await harness.wait_event(stream_id, is_runner_started, within=20)
-        pid = harness.service.streams[stream_id].pid
+        pid = harness.handler.streams[stream_id].pid
         assert pid is not None
 
         await harness.stop_service()
@@ -341,7 +341,7 @@ async def test_a_restart_replaces_the_capture_process_and_frame_numbers_keep_inc
     stream_id = await runner.start_stream(camera.url("cam3"), fps=5)
     await runner.wait_event(stream_id, is_runner_started, within=20)
     before = await runner.collect_frames(stream_id, lambda f: len(f) >= 3, within=10)
-    old_pid = runner.service.streams[stream_id].pid
+    old_pid = runner.handler.streams[stream_id].pid
 
     restart = StartCommand(
         stream_id=stream_id,
@@ -353,12 +353,12 @@ async def test_a_restart_replaces_the_capture_process_and_frame_numbers_keep_inc
     await runner.send(restart)
     after = await runner.collect_frames(stream_id, lambda f: len(f) >= len(before) + 5, within=20)
 
-    new_pid = runner.service.streams[stream_id].pid
+    new_pid = runner.handler.streams[stream_id].pid
     assert new_pid != old_pid and old_pid is not None and pid_gone(old_pid)
     assert_numbered_by_the_clock([f.headers.frame_seq for f in after])
     assert not [e for e in runner.events_of(stream_id) if is_error(e.event)]
     # a command for ML only is not the runner's
     await runner.send(restart.model_copy(update={"command_id": "ml-only", "service": Service.ML}))
     await runner.collect_frames(stream_id, lambda f: len(f) >= len(after) + 3, within=10)
-    assert runner.service.streams[stream_id].pid == new_pid
+    assert runner.handler.streams[stream_id].pid == new_pid
     assert await stop_and_wait_ack(runner, stream_id) < 3
