@@ -101,7 +101,7 @@ class StreamView(BaseModel):
     workflow_url: str = Field(description="The workflow in the Temporal Web UI")
     health: StreamHealth | None = Field(
         default=None,
-        description="Per service: its latest heartbeat figures, ok | degraded | recovering |"
+        description="Per service: its latest heartbeat figures, starting | ok | degraded | recovering |"
         " camera_unreachable | lost, restarts so far and the last one's reason (from the lifecycle)",
     )
     health_unavailable: str | None = Field(

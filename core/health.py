@@ -20,9 +20,10 @@ HEALTH_QUERY = "health"
 class HealthStatus(StrEnum):
     """How one service is doing with a running stream, as the lifecycle's watchdog sees it."""
 
+    STARTING = "starting"  # the stream has just started: no heartbeat or first frame yet
     OK = "ok"
     DEGRADED = "degraded"  # running, but its bounded queue dropped frames since the last heartbeat
-    RECOVERING = "recovering"  # restarted (or starting): waiting for its first heartbeat
+    RECOVERING = "recovering"  # restarted by the watchdog: waiting for it to run again
     CAMERA_UNREACHABLE = "camera_unreachable"  # runner: the camera does not answer; retried
     LOST = "lost"  # no heartbeat for the liveness timeout
 
@@ -30,7 +31,7 @@ class HealthStatus(StrEnum):
 class ServiceHealth(BaseModel):
     """One service's health for a stream: its latest figures and what the watchdog did about it."""
 
-    status: HealthStatus = HealthStatus.RECOVERING
+    status: HealthStatus = HealthStatus.STARTING
     figures: StreamFigures | None = None
     last_heartbeat_at: datetime | None = None
     restarts: int = 0

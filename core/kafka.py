@@ -9,6 +9,7 @@ gone). Fetch latency follows ``fetch_max_wait_ms``; frames need ``max_request_si
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from typing import Any
 
@@ -76,6 +77,14 @@ def consumer_group(settings: Settings, role: str) -> str:
     return f"{settings.kafka_group_prefix}-{role}"
 
 
+def group_instance_id(settings: Settings, group_id: str) -> str | None:
+    """The static member id of this instance in ``group_id`` (None: dynamic membership)."""
+    instance = settings.kafka_instance_id
+    if not instance:
+        return None
+    return f"{group_id}-{socket.gethostname() if instance == 'auto' else instance}"
+
+
 def create_consumer(
     settings: Settings,
     *topics: str,
@@ -83,11 +92,13 @@ def create_consumer(
     client_id: str = "lookout",
     max_records_bytes: int | None = None,
     assignors: tuple[type[AbstractPartitionAssignor], ...] = (RoundRobinPartitionAssignor,),
+    static: bool = False,
 ) -> AIOKafkaConsumer:
     """A consumer-group member that starts from ``earliest`` and commits offsets explicitly.
 
     ``assignors``: pass ``(RangePartitionAssignor,)`` to a member subscribed to several topics keyed
     alike when one instance must own the same stream ids on all of them (co-partitioning).
+    ``static``: a static member (``group_instance_id``) when the settings name an instance.
     """
     return AIOKafkaConsumer(
         *topics,
@@ -102,6 +113,7 @@ def create_consumer(
         max_partition_fetch_bytes=max_records_bytes or settings.kafka_max_request_size,
         fetch_max_bytes=max(max_records_bytes or 0, settings.kafka_max_request_size) * 2,
         partition_assignment_strategy=assignors,
+        group_instance_id=group_instance_id(settings, group_id) if static else None,
     )
 
 

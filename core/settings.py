@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     # consumer groups are <prefix>-runner, <prefix>-ml and <prefix>-state-manager: two deployments
     # (or two test runs) sharing a broker use different prefixes
     kafka_group_prefix: str = "lookout"
+    # Static group membership (KIP-345): a restarted instance of a service takes its partitions back
+    # at once instead of waiting for the group to drop its dead predecessor (the session timeout).
+    # Each instance of a service needs its own id: "auto" is the host name (one per box, one per
+    # container); set it when two instances of a service share a host; "" turns static membership off.
+    kafka_instance_id: str = "auto"
     kafka_session_timeout_ms: int = 6000
     kafka_heartbeat_ms: int = 1000
     kafka_fetch_max_wait_ms: int = 50

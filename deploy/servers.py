@@ -23,6 +23,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -330,7 +331,10 @@ def java_bin() -> str:
 
 
 def kafka_ok(bootstrap: str, timeout: float = 2.0) -> bool:
-    """True when the broker answers a metadata request and lists itself (it is past its start-up)."""
+    """True when the broker answers a metadata request and lists itself (it is past its start-up).
+
+    Callable with or without an event loop running in the calling thread (the check runs on a loop
+    of its own, on a thread of its own when one is running here)."""
 
     async def ask() -> bool:
         client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
@@ -340,10 +344,18 @@ def kafka_ok(bootstrap: str, timeout: float = 2.0) -> bool:
         finally:
             await client.close()
 
+    def check() -> bool:
+        try:
+            return asyncio.run(within(ask(), timeout))
+        except Exception:  # refused, timed out, not ready: all mean "not yet"
+            return False
+
     try:
-        return asyncio.run(within(ask(), timeout))
-    except Exception:  # refused, timed out, not ready: all mean "not yet"
-        return False
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return check()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(check).result()
 
 
 def kafka_cluster_id() -> str:

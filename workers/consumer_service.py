@@ -11,7 +11,9 @@ The shell owns what the three share, so each is written once:
   partitions are revoked, and on the way out. A record is never lost, only possibly repeated;
 - dead-lettering: ``reject`` logs and counts a malformed record, copies it to the dead-letter topic
   with why and where from, then settles it, so one bad record never stops a partition;
-- the consumer-lag gauge and the rebalance hooks;
+- the consumer-lag gauge and the rebalance hooks; static group membership (``kafka_instance_id``),
+  so that a restarted service takes its partitions back at once, not after the group drops its
+  dead predecessor;
 - for a service that runs streams (``publishes``), its state-event publisher and heartbeats.
 
 One start/stop contract: ``run(stop)`` serves until ``stop`` is set (or the task is cancelled);
@@ -240,6 +242,7 @@ class ConsumerService:
                 group_id=self.group_id,
                 client_id=f"lookout-{handler.name}",
                 assignors=handler.assignors,
+                static=True,
             )
             made.subscribe(handler.topics(settings), listener=_Rebalance(self))
             return made

@@ -87,7 +87,8 @@ class StreamSupervisor:
             self.health.next_camera_retry_at = None
             self.health.camera_error = None
         if figures.camera is CameraState.CONNECTING:
-            health.status = HealthStatus.RECOVERING
+            # still opening the camera: a fresh stream is starting, a restarted one recovering
+            health.status = HealthStatus.STARTING if health.restarts == 0 else HealthStatus.RECOVERING
         elif self.health.camera_unreachable_since is not None and event.service is Service.RUNNER:
             health.status = HealthStatus.CAMERA_UNREACHABLE
         else:

@@ -44,6 +44,8 @@ def service(name: str, settings: Settings, log_dir: Path, instance: str = "") ->
     bindir = Path(sys.executable).parent
     env = {**settings_env(settings), "LOOKOUT_LOG_LEVEL": "INFO"}
     label = f"{name}{instance}"
+    # two instances of a service on this host: each a static group member of its own
+    env["LOOKOUT_KAFKA_INSTANCE_ID"] = f"test-{label}"
     return SupervisedService(label, [str(bindir / name)], log_dir / f"{label}.log", env)
 
 

@@ -17,7 +17,10 @@ def stack_env(data_dir: Path, pg_admin_url: str, **settings: str) -> dict[str, s
     """The environment of a ``lookout up``/``demo`` with its own database, data folder and free ports
     (a developer's running stack is no obstacle); ``settings`` as more ``LOOKOUT_*`` variables."""
     database = f"lookout_cmd_{uuid.uuid4().hex[:8]}"
-    ports = {name: str(servers.free_port()) for name in ("KAFKA", "TEMPORAL", "TEMPORAL_UI", "API", "CAM")}
+    ports = {
+        name: str(servers.free_port())
+        for name in ("KAFKA", "KAFKA_CONTROLLER", "TEMPORAL", "TEMPORAL_UI", "API", "CAM")
+    }
     return {
         **os.environ,
         "LOOKOUT_DATA_DIR": str(data_dir),
@@ -25,13 +28,14 @@ def stack_env(data_dir: Path, pg_admin_url: str, **settings: str) -> dict[str, s
         "LOOKOUT_STACK_PG_PORT": str(servers.free_port()),
         "LOOKOUT_STACK_S3_PORT": str(free_s3_port()),
         "LOOKOUT_STACK_KAFKA_PORT": ports["KAFKA"],
+        "LOOKOUT_STACK_KAFKA_CONTROLLER_PORT": ports["KAFKA_CONTROLLER"],
         "LOOKOUT_STACK_TEMPORAL_PORT": ports["TEMPORAL"],
         "LOOKOUT_STACK_TEMPORAL_UI_PORT": ports["TEMPORAL_UI"],
         "LOOKOUT_API_PORT": ports["API"],
         "LOOKOUT_DEMO_CAMERA_PORT": ports["CAM"],
         **{
             f"LOOKOUT_METRICS_PORT_{s}": str(servers.free_port())
-            for s in ("RUNNER", "ML", "RELAY", "BRIDGE", "WORKER")
+            for s in ("RUNNER", "ML", "RELAY", "BRIDGE", "WORKER", "WEBHOOKS")
         },
         **{f"LOOKOUT_{name.upper()}": value for name, value in settings.items()},
     }

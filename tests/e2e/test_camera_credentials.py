@@ -16,6 +16,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from core.sealing import UrlSealer, generate_key, seal_stored_urls
 from core.settings import Settings, settings_env
@@ -50,8 +51,7 @@ async def kafka_text(settings: Settings) -> str:
             settings.topic_states,
             settings.topic_dead_letter,
         ]
-        await consumer.topics()
-        tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or [])]
+        tps = await all_partitions(settings, topics)
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         for _ in range(30):
@@ -65,6 +65,16 @@ async def kafka_text(settings: Settings) -> str:
         await consumer.stop()
     assert parts, "no records read"
     return b"\n".join(parts).decode(errors="replace")
+
+
+async def all_partitions(settings: Settings, topics: list[str]) -> list[TopicPartition]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_topics(topics)
+    finally:
+        await admin.close()
+    return [TopicPartition(t["topic"], p["partition"]) for t in described for p in t["partitions"]]
 
 
 async def postgres_text(db: asyncpg.Pool) -> str:

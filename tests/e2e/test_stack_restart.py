@@ -12,9 +12,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import psutil
 import psycopg
 import pytest
 
+from cli.supervisor import SERVICES
 from deploy.camera.control import TestCamera
 from tests.e2e.lookout_command import LOOKOUT, database_of, stack_env
 
@@ -43,9 +45,27 @@ class LookoutUp:
             time.sleep(0.5)
 
     def ctrl_c(self) -> int:
+        return self.signal(signal.SIGINT)
+
+    def signal(self, signum: int) -> int:
+        """Send ``signum`` and wait for the exit code."""
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGINT)
+        self.proc.send_signal(signum)
         return self.proc.wait(120)
+
+    def descendants(self) -> set[int]:
+        """Every process it started, and theirs (servers and services run in sessions of their own,
+        but they are its children all the same)."""
+        assert self.proc is not None
+        return {child.pid for child in psutil.Process(self.proc.pid).children(recursive=True)}
+
+    def api(self) -> httpx.Client:
+        token = (Path(self.env["LOOKOUT_DATA_DIR"]) / "api-key").read_text().strip()  # made by `stack up`
+        return httpx.Client(
+            base_url=f"http://127.0.0.1:{self.env['LOOKOUT_API_PORT']}",
+            timeout=10,
+            headers={"Authorization": f"Bearer {token}"},
+        )
 
 
 @pytest.fixture
@@ -76,12 +96,7 @@ def test_lookout_up_stopped_and_started_again_resumes_the_running_stream(
     up: LookoutUp, camera: TestCamera
 ) -> None:
     up.start()
-    token = (Path(up.env["LOOKOUT_DATA_DIR"]) / "api-key").read_text().strip()  # made by `stack up`
-    api = httpx.Client(
-        base_url=f"http://127.0.0.1:{up.env['LOOKOUT_API_PORT']}",
-        timeout=10,
-        headers={"Authorization": f"Bearer {token}"},
-    )
+    api = up.api()
     stream_id = api.post(
         "/init", json={"url": camera.url("cam1"), "options": {"fps": 5, "imgsz": 320}}
     ).json()["id"]
@@ -101,6 +116,71 @@ def test_lookout_up_stopped_and_started_again_resumes_the_running_stream(
     restarts = {name: s["restarts"] for name, s in view["health"]["services"].items()}
     assert restarts["runner"] >= 1 and restarts["ml"] >= 1, restarts
     log.info("stack restart: first row of a frame captured after it %.1f s after `lookout up` was back", took)
+    assert api.post("/shutdown", json={"id": stream_id}).status_code == 202
+    wait_for(lambda: api.get(f"/state/{stream_id}").json()["state"] == "inactive", 30, "not inactive")
+    assert up.ctrl_c() == 0
+
+
+def alive(pids: set[int]) -> set[int]:
+    """The ``pids`` still running (a zombie has exited)."""
+    running = set()
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                running.add(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return running
+
+
+def processes_of(data_dir: str) -> set[int]:
+    """Every process on the machine whose environment names this stack's data folder."""
+    found = set()
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("LOOKOUT_DATA_DIR") == data_dir:
+                found.add(process.pid)
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_sighup_then_sigkill_of_lookout_up_leave_no_process_and_the_next_up_runs_one_set_of_services(
+    up: LookoutUp, camera: TestCamera
+) -> None:
+    up.start()
+    api = up.api()
+    stream_id = api.post(
+        "/init", json={"url": camera.url("cam2"), "options": {"fps": 5, "imgsz": 320}}
+    ).json()["id"]
+    started_at = datetime.now(UTC)
+    wait_for(lambda: rows_after(api, stream_id, started_at) > 0, 120, "no rows before SIGHUP")
+
+    # a closed terminal: stopped in order, as with Ctrl-C
+    started = up.descendants()
+    assert up.signal(signal.SIGHUP) == 0, up.out.read_text()[-3000:]
+    assert alive(started) == set(), "processes left after SIGHUP"
+
+    up.start()
+    restarted_at = datetime.now(UTC)
+    wait_for(lambda: rows_after(api, stream_id, restarted_at) > 0, 120, "no rows after SIGHUP")
+    started = up.descendants()
+    assert up.signal(signal.SIGKILL) == -signal.SIGKILL
+    # every child asked the kernel for SIGTERM when its parent dies: they stop on their own
+    wait_for(lambda: not alive(started), 60, f"processes left after SIGKILL: {alive(started)}")
+
+    up.start()
+    restarted_at = datetime.now(UTC)
+    wait_for(lambda: rows_after(api, stream_id, restarted_at) > 0, 120, "no rows after SIGKILL")
+    services = [
+        psutil.Process(pid).cmdline()[1].rsplit("/", 1)[1]
+        for pid in up.descendants()
+        if "/bin/lookout-" in " ".join(psutil.Process(pid).cmdline()[:2])
+    ]
+    assert sorted(services) == sorted(SERVICES), "one set of services"
+    assert processes_of(up.env["LOOKOUT_DATA_DIR"]) - up.descendants() - {up.proc.pid} == set(), (  # type: ignore[union-attr]
+        "a process of this stack runs outside the new `lookout up`"
+    )
     assert api.post("/shutdown", json={"id": stream_id}).status_code == 202
     wait_for(lambda: api.get(f"/state/{stream_id}").json()["state"] == "inactive", 30, "not inactive")
     assert up.ctrl_c() == 0

@@ -12,6 +12,7 @@ import cv2
 import pytest
 import torch
 
+from core.detections import Box
 from core.inference import Backend, Precision, detection_threads, resolve_backend, resolve_precision
 from core.messages import StreamOptions
 from deploy.camera.clip import ensure_clip
@@ -39,6 +40,12 @@ def bus() -> cv2.typing.MatLike:
 
 def spec(backend: Backend, precision: Precision = Precision.FP32) -> ModelSpec:
     return ModelSpec(default_weights(), backend, 640, precision, dict(enumerate(coco_names())))
+
+
+def iou(a: Box, b: Box) -> float:
+    inter = max(0.0, min(a.x2, b.x2) - max(a.x1, b.x1)) * max(0.0, min(a.y2, b.y2) - max(a.y1, b.y1))
+    union = (a.x2 - a.x1) * (a.y2 - a.y1) + (b.x2 - b.x1) * (b.y2 - b.y1) - inter
+    return inter / union if union > 0 else 0.0
 
 
 def classes_found(detector: Detector, image: cv2.typing.MatLike) -> Counter[str]:
@@ -117,7 +124,14 @@ def test_int8_passes_its_agreement_check_on_the_demo_clip_and_is_refused_below_t
     manifest = read_manifest(int8.prepared.path)
     assert manifest["agreement"] >= 0.9, manifest
     assert manifest["agreement_frames"] >= 60  # the clip's frames between the calibration ones
-    assert classes_found(int8, bus) == Counter({"person": 4, "bus": 1})
+    # what INT8 promises is agreement with FP32, not one CPU's exact output (with AVX-512 VNNI it
+    # also finds a skateboard on bus.jpg): every confident FP32 object is there, same class, same place
+    fp32 = load_detector("", "cpu", 1, backend=Backend.OPENVINO, cache_dir=cache_dir)
+    found = int8.detect(bus, FULL)
+    for wanted in (o for o in fp32.detect(bus, FULL) if o.confidence >= 0.5):
+        assert any(o.class_name == wanted.class_name and iou(o.box, wanted.box) >= 0.5 for o in found), (
+            f"INT8 misses FP32's {wanted.class_name} at {wanted.box}; it found {found}"
+        )
 
     strict = prepare_model(spec(Backend.OPENVINO, Precision.INT8), cache_dir, min_agreement=1.0)
     assert strict.precision is Precision.FP32  # the same measured agreement, judged against a higher bar

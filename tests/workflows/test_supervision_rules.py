@@ -1,0 +1,52 @@
+"""The watchdog's rules on their own (workflows/supervision.py), without Temporal: what a stream's
+health says from its first moment to a restart and back."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from core.health import HealthStatus, StreamHealth
+from core.messages import CameraState, EventKind, Service, StateEvent, StreamFigures
+from workflows.models import LifecycleParams
+from workflows.supervision import Restart, StreamSupervisor
+
+T0 = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+
+
+def heartbeat(service: Service, camera: CameraState | None = None) -> StateEvent:
+    figures = StreamFigures(camera=camera) if camera is not None else StreamFigures()
+    return StateEvent(
+        stream_id="s", service=service, kind=EventKind.HEARTBEAT, figures=figures, event_id="e", time=T0
+    )
+
+
+def supervisor() -> StreamSupervisor:
+    params = LifecycleParams(stream_id="s", startup_deadline_s=60, ack_deadline_s=15, liveness_timeout_s=20)
+    watchdog = StreamSupervisor(params, StreamHealth())
+    watchdog.supervise_from(T0)
+    return watchdog
+
+
+def test_a_fresh_stream_is_starting_until_its_services_report_then_ok() -> None:
+    watchdog = supervisor()
+    assert {s.status for s in watchdog.health.services.values()} == {HealthStatus.STARTING}
+    watchdog.heartbeat(heartbeat(Service.RUNNER, CameraState.CONNECTING), T0)
+    assert watchdog.health.services[Service.RUNNER].status is HealthStatus.STARTING
+    watchdog.heartbeat(heartbeat(Service.RUNNER, CameraState.STREAMING), T0)
+    watchdog.heartbeat(heartbeat(Service.ML), T0)
+    assert {s.status for s in watchdog.health.services.values()} == {HealthStatus.OK}
+
+
+def test_a_restarted_service_is_recovering_until_it_runs_again() -> None:
+    watchdog = supervisor()
+    silent = T0 + timedelta(seconds=21)
+    decisions = watchdog.due(silent)
+    assert Restart(Service.RUNNER, "no heartbeat for 21s") in decisions
+    for decision in decisions:
+        assert isinstance(decision, Restart)
+        watchdog.restarted(decision, silent)
+    assert watchdog.health.services[Service.RUNNER].status is HealthStatus.RECOVERING
+    watchdog.heartbeat(heartbeat(Service.RUNNER, CameraState.CONNECTING), silent)
+    assert watchdog.health.services[Service.RUNNER].status is HealthStatus.RECOVERING
+    watchdog.heartbeat(heartbeat(Service.RUNNER, CameraState.STREAMING), silent)
+    assert watchdog.health.services[Service.RUNNER].status is HealthStatus.OK
