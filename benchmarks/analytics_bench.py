@@ -1,7 +1,7 @@
 """Analytics benchmark (not a test): what tracking, a line and a zone cost per frame, per backend.
 
 On the demo clip (people walking, 768x576; every 2nd frame, as a 5 fps stream of the 10 fps clip)
-each backend detects every frame once; the same detections then go through the tracker (ByteTrack)
+each backend detects every frame once; the same detections then go through the tracker (workers/ml/tracking.py)
 and the zone/line analytics. Printed side by side per backend: the model's ms/frame (predict with
 pre- and post-processing), tracking + events ms/frame, the fps of one stream's detection alone and
 with tracking, the overhead, the events found, and the
@@ -28,8 +28,9 @@ import cv2  # noqa: E402
 from core.analytics import Line, Zone  # noqa: E402
 from core.inference import Backend  # noqa: E402
 from deploy.camera.clip import ensure_clip  # noqa: E402
-from workers.ml.analytics import ObjectTracker, ZoneAnalytics  # noqa: E402
+from workers.ml.analytics import ZoneAnalytics  # noqa: E402
 from workers.ml.detector import DetectionOptions, load_detector  # noqa: E402
+from workers.ml.tracking import MotionTracker  # noqa: E402
 
 DOOR = Line(name="door", points=((0.5, 0.05), (0.5, 0.95)))
 LEFT_SIDE = Zone(name="left side", points=[(0.0, 0.3), (0.4, 0.3), (0.4, 1.0), (0.0, 1.0)], dwell_s=3.0)
@@ -70,17 +71,20 @@ def main() -> None:
         started = time.perf_counter()
         detections = [detector.detect(image, options) for image in frames]
         model_s = time.perf_counter() - started
-        tracker = ObjectTracker(track_buffer=round(3 * FPS))
+        tracker = MotionTracker()
         analytics = ZoneAnalytics([LEFT_SIDE], [DOOR])
         events: Counter[str] = Counter()
         started = time.perf_counter()
         for i, objects in enumerate(detections):
-            for event in analytics.update(tracker.update(objects), width, height, i / FPS):
+            tracked = tracker.update(objects, i / FPS, (width, height))
+            for event in analytics.update(tracked.objects, width, height, i / FPS, seeds=tracked.seeds):
                 events[f"{event.kind.value}{'-' + event.direction.value if event.direction else ''}"] += 1
         tracking_s = time.perf_counter() - started
         for loop in range(1, 10):  # a long stream: the clip again and again
             for i, objects in enumerate(detections):
-                analytics.update(tracker.update(objects), width, height, (loop * len(detections) + i) / FPS)
+                now = (loop * len(detections) + i) / FPS
+                tracked = tracker.update(objects, now, (width, height))
+                analytics.update(tracked.objects, width, height, now, seeds=tracked.seeds)
         rows.append((detector.label, model_s, tracking_s, events, tracker.size))
     n = len(frames)
     lines = [

@@ -48,6 +48,10 @@ def interrupts() -> Iterator[threading.Event]:
             signal.signal(sig, handler)
 
 
+class Interrupted(Exception):
+    """A signal asked the run to stop while it was starting."""
+
+
 class LookoutRun:
     """Starts the stack and the services; stops, in reverse order, what it started."""
 
@@ -69,8 +73,9 @@ class LookoutRun:
         """The base URL of the API this run serves."""
         return f"http://{self.runtime.api_host}:{self.runtime.api_port}"
 
-    def start(self, api_ready_timeout: float = 180.0) -> LookoutClient:
-        """Bring the stack up, start the services under the supervisor; returns a client once the API is ready."""
+    def start(self, api_ready_timeout: float = 180.0, stop: threading.Event | None = None) -> LookoutClient:
+        """Bring the stack up, start the services under the supervisor; returns a client once the API is
+        ready. ``stop`` set meanwhile (a signal) ends the wait with ``Interrupted``."""
         say("starting the embedded stack ...")
         report = self.stack.up()
         for notice in self.stack.notices:
@@ -94,14 +99,16 @@ class LookoutRun:
         )
         self.supervisor.start()
         client = LookoutClient(self.api_url, api_key=self.api_key)
-        self._wait_until_ready(client, api_ready_timeout)
+        self._wait_until_ready(client, api_ready_timeout, stop)
         say(f"services running (logs in {self.log_dir})")
         self.print_addresses()
         return client
 
-    def _wait_until_ready(self, client: LookoutClient, timeout: float) -> None:
+    def _wait_until_ready(self, client: LookoutClient, timeout: float, stop: threading.Event | None) -> None:
         deadline = time.monotonic() + timeout
         while not client.ready():
+            if stop is not None and stop.is_set():
+                raise Interrupted("stopped before the API was ready")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the API is not ready after {timeout:.0f}s; see {self.log_dir}")
             time.sleep(0.5)
@@ -143,9 +150,11 @@ def run_up(settings: Settings) -> None:
     run = LookoutRun(settings)
     with interrupts() as stop:
         try:
-            run.start()
+            run.start(stop=stop)
             say("Lookout is up; start a stream with: lookout init rtsp://HOST/PATH   (Ctrl-C stops)")
             stop.wait()
+        except Interrupted:
+            pass
         finally:
             run.stop()
 
@@ -158,7 +167,7 @@ def run_demo(settings: Settings, fps: float = 5.0) -> None:
     stream_id: str | None = None
     with interrupts() as stop:
         try:
-            client = run.start()
+            client = run.start(stop=stop)
             camera.start(port=settings.demo_camera_port, mounts=[DEMO_MOUNT])
             url = camera.url(DEMO_MOUNT)
             say(f"demo camera: {url} (OpenCV's vtest.avi, people walking, looped)")
@@ -166,6 +175,8 @@ def run_demo(settings: Settings, fps: float = 5.0) -> None:
             say(f"stream {stream_id} started: {run.workflow_url(stream_id)}")
             say("Ctrl-C shuts the stream down and stops everything")
             show_progress(StreamProgress(client, stream_id), stop)
+        except Interrupted:
+            pass
         finally:
             if client is not None and stream_id is not None:
                 shutdown_stream(client, stream_id)

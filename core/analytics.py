@@ -11,6 +11,7 @@ side to the right side, ``out`` the other way.
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import datetime
 from enum import StrEnum
@@ -107,6 +108,19 @@ def segments_intersect(p1: Point, p2: Point, q1: Point, q2: Point) -> bool:
         or (d3 == 0 and on_segment(p1, p2, q1))
         or (d4 == 0 and on_segment(p1, p2, q2))
     )
+
+
+def distance_to_segment(p: Point, a: Point, b: Point) -> float:
+    """The distance from ``p`` to the segment ``ab``."""
+    dx, dy = b[0] - a[0], b[1] - a[1]
+    length2 = dx * dx + dy * dy
+    f = 0.0 if length2 == 0 else max(0.0, min(1.0, ((p[0] - a[0]) * dx + (p[1] - a[1]) * dy) / length2))
+    return math.hypot(p[0] - (a[0] + f * dx), p[1] - (a[1] + f * dy))
+
+
+def distance_to_border(p: Point, polygon: list[Point]) -> float:
+    """The distance from ``p`` to the nearest edge of ``polygon``."""
+    return min(distance_to_segment(p, a, b) for a, b in zip(polygon, polygon[1:] + polygon[:1], strict=True))
 
 
 def polygon_area(points: list[Point]) -> float:

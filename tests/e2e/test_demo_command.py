@@ -13,6 +13,7 @@ import psutil
 import psycopg
 import pytest
 
+from core.lifetime import terminate_with_parent
 from tests.e2e.lookout_command import LOOKOUT, database_of, stack_env
 
 pytestmark = pytest.mark.e2e
@@ -65,7 +66,12 @@ def test_demo_shows_detections_within_a_minute_rides_through_kill_9_of_each_stac
     log_path = tmp_path / "demo.out"
     with open(log_path, "wb") as out:
         demo = subprocess.Popen(
-            [LOOKOUT, "demo"], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path
+            [LOOKOUT, "demo"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            preexec_fn=terminate_with_parent,  # a killed test run leaves no demo behind
         )
     descendants: set[int] = set()
     try:

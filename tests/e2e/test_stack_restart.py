@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 from cli.supervisor import SERVICES
+from core.lifetime import terminate_with_parent
 from deploy.camera.control import TestCamera
 from tests.e2e.lookout_command import LOOKOUT, database_of, stack_env
 
@@ -36,7 +37,13 @@ class LookoutUp:
     def start(self) -> None:
         """Start it and wait until its services run."""
         with open(self.out, "ab") as out:
-            self.proc = subprocess.Popen([LOOKOUT, "up"], env=self.env, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [LOOKOUT, "up"],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                preexec_fn=terminate_with_parent,  # a killed test run leaves no `lookout up` behind
+            )
         self.starts += 1
         deadline = time.monotonic() + 240
         while self.out.read_text().count("services running") < self.starts:

@@ -199,11 +199,11 @@ class StreamAnalytics:
     """A stream's tracker and zone and line analytics, as its options ask (None where off)."""
 
     def __init__(self, settings: Settings, options: StreamOptions) -> None:
-        from workers.ml.analytics import ObjectTracker, ZoneAnalytics
+        from workers.ml.analytics import ZoneAnalytics
+        from workers.ml.tracking import MotionTracker, TrackerConfig
 
-        fps = options.fps or settings.runner_default_fps
         self.tracker = (
-            ObjectTracker(max(1, round(settings.track_buffer_s * fps))) if options.tracking else None
+            MotionTracker(TrackerConfig(buffer_s=settings.track_buffer_s)) if options.tracking else None
         )
         self.zones = (
             ZoneAnalytics(
@@ -228,10 +228,11 @@ class StreamAnalytics:
 
         if self.tracker is None:
             return objects, None
-        objects = self.tracker.update(objects)
+        tracked = self.tracker.update(objects, headers.capture_ts, size)
+        objects = tracked.objects
         if self.zones is None:
             return objects, None
-        changes = self.zones.update(objects, size[0], size[1], headers.capture_ts)
+        changes = self.zones.update(objects, size[0], size[1], headers.capture_ts, seeds=tracked.seeds)
         occupancy = self.zones.occupancy()
         if not changes and occupancy == self.written_occupancy:
             return objects, None
