@@ -48,6 +48,12 @@ class AnalyticsKind(StrEnum):
     CROSSED = "crossed"
 
 
+class EventCause(StrEnum):
+    """Why an event came other than from what the camera showed."""
+
+    RESTART = "restart"  # the detection process restarted: the visits it had open are closed
+
+
 class Direction(StrEnum):
     IN = "in"  # from the left of first→second point to its right
     OUT = "out"
@@ -209,6 +215,11 @@ class AnalyticsEvent(BaseModel):
     occurred_at: datetime = Field(description="Capture time of the frame that shows it")
     s3_key: str = Field(description="The annotated frame that shows it")
     dwell_s: float | None = Field(default=None, description="For 'dwell' and 'left': time spent in the zone")
+    cause: EventCause | None = Field(
+        default=None,
+        description="Why a 'left' came when the object was not seen walking out: 'restart', the stream's"
+        " detection process restarted and its tracks were lost with it",
+    )
 
 
 def event_id(stream_id: str, frame_seq: int, kind: AnalyticsKind, shape: str, track_id: int) -> str:

@@ -45,6 +45,11 @@ ANALYTICS_EVENTS = Counter(
     "Zone and line events stored (entered, left, dwell, crossed), per zone or line",
     ["stream_id", "zone", "kind"],
 )
+UNTRACKED_DETECTIONS = Counter(
+    "lookout_tracker_unmatched_detections_total",
+    "Detections above the confidence threshold that joined no track and were too unsure to start one",
+    ["stream_id"],
+)
 DETECTIONS_STORED = Counter(
     "lookout_detections_stored_total", "Detection rows inserted (one per frame with objects)", ["stream_id"]
 )
@@ -85,6 +90,7 @@ PER_STREAM = (
     FRAMES_PROCESSED,
     FRAMES_SKIPPED,
     ANALYTICS_EVENTS,
+    UNTRACKED_DETECTIONS,
     DETECTIONS_STORED,
     INFERENCE_SECONDS,
     CAPTURE_TO_ROW_SECONDS,

@@ -51,7 +51,7 @@ UPDATE webhook_deliveries d
  WHERE d.id = due.id AND e.id = d.event_pk AND s.id = d.stream_id
 RETURNING d.id, d.attempts, s.options->>'webhook_url' AS url, s.webhook_secret,
           e.event_id, e.stream_id, e.kind, e.zone, e.direction, e.track_id, e.class_name, e.confidence,
-          e.frame_seq, e.occurred_at, e.s3_key, e.dwell_s
+          e.frame_seq, e.occurred_at, e.s3_key, e.dwell_s, e.cause
 """
 
 

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from api.auth import AUTH_RESPONSES, ReadKey
 from api.deps import DbDep, SettingsDep
 from api.routes.detections import S3Dep, parse_cursor
-from core.analytics import AnalyticsKind, Direction
+from core.analytics import AnalyticsKind, Direction, EventCause
 from core.storage import presigned_get
 
 router = APIRouter(tags=["events"], responses=AUTH_RESPONSES)
@@ -33,7 +33,7 @@ FEED_BATCH = 200
 
 SELECT = """
 SELECT id, event_id, stream_id, frame_seq, kind, zone, direction, track_id, class_name, confidence,
-       dwell_s, occurred_at, s3_key
+       dwell_s, occurred_at, s3_key, cause
   FROM events
  WHERE ($1::uuid IS NULL OR stream_id = $1)
    AND ($2::text IS NULL OR kind = $2)
@@ -57,6 +57,9 @@ class EventView(BaseModel):
     class_name: str
     confidence: float
     dwell_s: float | None
+    cause: EventCause | None = Field(
+        default=None, description="'restart': a visit closed because the detection process restarted"
+    )
     frame_seq: int
     occurred_at: datetime
     image_url: str

@@ -29,6 +29,7 @@ from deploy import servers
 from deploy.camera.control import TestCamera
 from tests.e2e.pipeline import TERMINAL, Pipeline, pipeline_settings, running_pipeline, served_api
 from tests.running_services import wait_for_state
+from workers.ml.store import OPEN_VISITS
 from workers.webhooks import SIGNATURE_HEADER, WebhookDeliverer, verify
 
 pytestmark = pytest.mark.e2e
@@ -307,13 +308,30 @@ async def test_a_detection_process_killed_mid_stream_comes_back_and_its_events_g
 ) -> None:
     """Runs last: kill -9 of the stream's detection process while its line and zone are watched."""
     old_pid = running.pipeline.stream_pids(running.stream_id)["ml"]
-    killed_at = await db_pool.fetchval("SELECT now()")
     os.kill(old_pid, signal.SIGKILL)
+    killed_at = await db_pool.fetchval("SELECT now()")
+    last_track = await db_pool.fetchval(
+        "SELECT coalesce(max(track_id), 0) FROM events WHERE stream_id = $1::uuid", running.stream_id
+    )
+    open_at_kill = {
+        (r["zone"], r["track_id"])
+        for r in await db_pool.fetch(OPEN_VISITS.replace("%s", "$1::uuid"), running.stream_id)
+    }
 
     def new_events(rows: list[asyncpg.Record]) -> bool:
         return any(r["created_at"] > killed_at for r in rows)
 
     await wait_for_events(db_pool, running.stream_id, new_events)
+    after = await db_pool.fetch(
+        "SELECT kind, zone, track_id, cause FROM events WHERE stream_id = $1::uuid AND created_at > $2",
+        running.stream_id,
+        killed_at,
+    )
+    # the visits the killed process left open are closed, saying why; new tracks take new ids
+    closed = {(r["zone"], r["track_id"]) for r in after if r["cause"] == "restart"}
+    assert closed == open_at_kill
+    assert all(r["kind"] == "left" for r in after if r["cause"] == "restart")
+    assert all(r["track_id"] > last_track for r in after if r["cause"] is None)
     assert running.pipeline.stream_pids(running.stream_id)["ml"] != old_pid
     view = (await running.api.get(f"/state/{running.stream_id}")).json()
     assert view["state"] == "ml_started"

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from core.analytics import (
     AnalyticsKind,
     Direction,
+    EventCause,
     Line,
     Point,
     Zone,
@@ -38,6 +39,7 @@ class TrackEvent:
     confidence: float
     direction: Direction | None = None
     dwell_s: float | None = None
+    cause: EventCause | None = None
 
 
 @dataclass
@@ -73,6 +75,24 @@ class ZoneAnalytics:
             ln.name: dict.fromkeys(Direction, 0) for ln in lines
         }
         self._size = (1, 1)
+
+    def close_visits(self, visits: list[tuple[str, int, str, float]], now: float) -> list[TrackEvent]:
+        """``left`` (cause: restart) for the (zone, track id, class, entered at) visits an earlier
+        detection process of the stream left open: its tracks died with it, and a new track is a new
+        visit, so occupancy is true again and the restart shows in the events."""
+        return [
+            TrackEvent(
+                AnalyticsKind.LEFT,
+                zone,
+                track_id,
+                class_name,
+                0.0,
+                dwell_s=max(0.0, now - entered_at),
+                cause=EventCause.RESTART,
+            )
+            for zone, track_id, class_name, entered_at in visits
+            if any(z.name == zone for z in self.zones)
+        ]
 
     def occupancy(self) -> dict[str, int]:
         """Tracks standing in each zone now."""

@@ -38,7 +38,7 @@ from workers.ml.messages import (
 if TYPE_CHECKING:
     from workers.ml.detector import Detector
     from workers.ml.motion import MotionGate
-    from workers.ml.store import DetectionStore, FrameAnalytics
+    from workers.ml.store import AnalyticsResume, DetectionStore, FrameAnalytics
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +184,22 @@ def _options_from_stream_row(
     return row.options or StreamOptions()
 
 
+def _analytics_resume(
+    store: DetectionStore, options: StreamOptions, context: dict[str, object]
+) -> AnalyticsResume | None:
+    """What earlier processes of the stream left for its analytics; None without tracking, or when
+    Postgres does not answer now (then ids start at 1 and open visits stay open: logged)."""
+    import psycopg
+
+    if not options.tracking:
+        return None
+    try:
+        return store.analytics_resume(str(context["stream_id"]))
+    except (psycopg.OperationalError, psycopg.InterfaceError) as err:
+        log.warning("analytics state of earlier processes unavailable", extra={**context, "error": str(err)})
+        return None
+
+
 def _motion_gate(settings: Settings, options: StreamOptions) -> MotionGate | None:
     from workers.ml.motion import MotionGate
 
@@ -196,14 +212,23 @@ def _motion_gate(settings: Settings, options: StreamOptions) -> MotionGate | Non
 
 
 class StreamAnalytics:
-    """A stream's tracker and zone and line analytics, as its options ask (None where off)."""
+    """A stream's tracker and zone and line analytics, as its options ask (None where off).
 
-    def __init__(self, settings: Settings, options: StreamOptions) -> None:
+    ``resume``: what earlier detection processes of the stream left (workers/ml/store.py): track
+    ids go on from theirs, and the zone visits they left open are closed with a ``left`` (cause
+    ``restart``) on the first frame."""
+
+    def __init__(
+        self, settings: Settings, options: StreamOptions, resume: AnalyticsResume | None = None
+    ) -> None:
         from workers.ml.analytics import ZoneAnalytics
         from workers.ml.tracking import MotionTracker, TrackerConfig
 
+        first_id = (resume.last_track_id if resume else 0) + 1
         self.tracker = (
-            MotionTracker(TrackerConfig(buffer_s=settings.track_buffer_s)) if options.tracking else None
+            MotionTracker(TrackerConfig(buffer_s=settings.track_buffer_s), first_id=first_id)
+            if options.tracking
+            else None
         )
         self.zones = (
             ZoneAnalytics(
@@ -212,7 +237,11 @@ class StreamAnalytics:
             if options.has_analytics and self.tracker is not None
             else None
         )
+        self._open_visits = [
+            (v.zone, v.track_id, v.class_name, v.entered_at) for v in (resume.open_visits if resume else [])
+        ]
         self.written_occupancy: dict[str, int] | None = None  # a new process writes it on its first frame
+        self.untracked = 0  # of the last frame: detections that joined no track (metrics)
 
     @staticmethod
     def key(options: StreamOptions) -> tuple[object, ...]:
@@ -229,10 +258,12 @@ class StreamAnalytics:
         if self.tracker is None:
             return objects, None
         tracked = self.tracker.update(objects, headers.capture_ts, size)
-        objects = tracked.objects
+        objects, self.untracked = tracked.objects, tracked.unmatched
         if self.zones is None:
             return objects, None
-        changes = self.zones.update(objects, size[0], size[1], headers.capture_ts, seeds=tracked.seeds)
+        # until a frame carrying them is stored (a redelivered one stores nothing)
+        changes = self.zones.close_visits(self._open_visits, headers.capture_ts)
+        changes += self.zones.update(objects, size[0], size[1], headers.capture_ts, seeds=tracked.seeds)
         occupancy = self.zones.occupancy()
         if not changes and occupancy == self.written_occupancy:
             return objects, None
@@ -252,16 +283,20 @@ class StreamAnalytics:
                 occurred_at=occurred_at,
                 s3_key=key,
                 dwell_s=None if c.dwell_s is None else round(c.dwell_s, 2),
+                cause=c.cause,
             )
             for c in changes
         ]
         changed = None if occupancy == self.written_occupancy else occupancy
         return objects, FrameAnalytics(stream_id, events, changed)
 
-    def stored(self, frame: FrameAnalytics) -> None:
-        """``frame`` is in Postgres: its occupancy is what the stream's row shows now."""
+    def stored(self, frame: FrameAnalytics, saved: bool) -> None:
+        """``frame`` is in Postgres (``saved``: by this call, not before): its occupancy is what the
+        stream's row shows now, and the visits it closed are closed."""
         if frame.occupancy is not None:
             self.written_occupancy = frame.occupancy
+        if saved:
+            self._open_visits = []
 
 
 def _detect_frames(
@@ -284,7 +319,7 @@ def _detect_frames(
 
     current = detection_options(options)
     gate = _motion_gate(settings, options)
-    analytics = StreamAnalytics(settings, options)
+    analytics = StreamAnalytics(settings, options, _analytics_resume(store, options, context))
     stream_id = str(context["stream_id"])
     processed = 0
     while True:
@@ -308,7 +343,9 @@ def _detect_frames(
             ):
                 gate = _motion_gate(settings, message.options)
             if StreamAnalytics.key(message.options) != StreamAnalytics.key(options):
-                analytics = StreamAnalytics(settings, message.options)
+                analytics = StreamAnalytics(
+                    settings, message.options, _analytics_resume(store, message.options, context)
+                )
                 log.info("analytics changed with the options", extra=context)
             options = message.options
             current = detection_options(options)
@@ -322,6 +359,7 @@ def _detect_frames(
         error = None
         skipped = False
         events: tuple[tuple[str, str], ...] = ()
+        analytics.untracked = 0
         try:
             if gate is not None and not gate.should_detect(message.jpeg, headers.capture_ts):
                 skipped = True
@@ -339,7 +377,7 @@ def _detect_frames(
                     if stored:  # wall clocks of two processes, maybe two hosts: never below zero
                         capture_to_row_s = max(0.0, time.time() - headers.capture_ts)
                     if frame_analytics is not None:
-                        analytics.stored(frame_analytics)
+                        analytics.stored(frame_analytics, stored)
                         if stored:
                             events = tuple((e.zone, e.kind.value) for e in frame_analytics.events)
         except PermanentStoreError as err:
@@ -361,5 +399,6 @@ def _detect_frames(
                 error=error,
                 skipped=skipped,
                 events=events,
+                untracked=analytics.untracked,
             )
         )

@@ -67,6 +67,7 @@ class FrameDone:
     error: str | None = None
     skipped: bool = False  # motion gating: nothing moved, the model did not run, no row
     events: tuple[tuple[str, str], ...] = ()  # (zone or line, kind) of each event stored with it
+    untracked: int = 0  # detections that joined no track and started none
 
 
 @dataclass(frozen=True)

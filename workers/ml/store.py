@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -36,10 +36,19 @@ T = TypeVar("T")
 
 INSERT_EVENT = """
 INSERT INTO events (event_id, stream_id, frame_seq, kind, zone, direction, track_id, class_name,
-                    confidence, dwell_s, occurred_at, s3_key)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                    confidence, dwell_s, occurred_at, s3_key, cause)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (event_id) DO NOTHING
 RETURNING id
+"""
+# visits a stream's earlier detection process left open: entered, and no left for that track after it
+OPEN_VISITS = """
+SELECT e.zone, e.track_id, e.class_name, e.occurred_at
+  FROM events e
+ WHERE e.stream_id = %s AND e.kind = 'entered'
+   AND NOT EXISTS (SELECT 1 FROM events l
+                    WHERE l.stream_id = e.stream_id AND l.kind = 'left' AND l.zone = e.zone
+                      AND l.track_id = e.track_id AND l.id > e.id)
 """
 # a delivery when the stream has a webhook_url now (its row decides, not the process's copy of it)
 INSERT_DELIVERY = """
@@ -57,6 +66,24 @@ ON CONFLICT (stream_id, name) DO UPDATE
        count_out = a.count_out + EXCLUDED.count_out,
        updated_at = now()
 """
+
+
+@dataclass(frozen=True)
+class OpenVisit:
+    """A zone visit an earlier detection process of the stream left open."""
+
+    zone: str
+    track_id: int
+    class_name: str
+    entered_at: float  # seconds since the epoch
+
+
+@dataclass(frozen=True)
+class AnalyticsResume:
+    """What a new detection process takes up from its predecessors (``DetectionStore.analytics_resume``)."""
+
+    last_track_id: int = 0
+    open_visits: list[OpenVisit] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -159,6 +186,27 @@ class DetectionStore:
         )
         return self._retry("detection insert", lambda: self._insert(row, analytics), context)
 
+    def analytics_resume(self, stream_id: str) -> AnalyticsResume:
+        """Where a new detection process of the stream takes its analytics up: the track ids used so
+        far and the zone visits left open (an ``entered`` with no ``left`` after it). One attempt:
+        raises psycopg.OperationalError when Postgres does not answer."""
+        try:
+            with self._connection().cursor() as cursor:
+                row = cursor.execute(
+                    "SELECT coalesce(max(track_id), 0) FROM events WHERE stream_id = %s", (stream_id,)
+                ).fetchone()
+                visits = cursor.execute(OPEN_VISITS, (stream_id,)).fetchall()
+        except (psycopg.OperationalError, psycopg.InterfaceError):
+            self._drop_connection()
+            raise
+        return AnalyticsResume(
+            last_track_id=int(row[0]) if row else 0,
+            open_visits=[
+                OpenVisit(zone, track_id, class_name, at.timestamp())
+                for zone, track_id, class_name, at in visits
+            ],
+        )
+
     def stream_row(self, stream_id: str) -> StreamRow | None:
         """The stream's row; None when it has none.
 
@@ -250,6 +298,7 @@ class DetectionStore:
                     event.event_id, event.stream_id, event.frame_seq, event.kind.value, event.zone,
                     event.direction.value if event.direction else None, event.track_id, event.class_name,
                     event.confidence, event.dwell_s, event.occurred_at, event.s3_key,
+                    event.cause.value if event.cause else None,
                 ),
             ).fetchone()  # fmt: skip
             if inserted is None:

@@ -25,6 +25,7 @@ from core.metrics import (
     FRAMES_SKIPPED,
     INFERENCE_SECONDS,
     ML_QUEUE_DEPTH,
+    UNTRACKED_DETECTIONS,
 )
 from core.settings import Settings
 from workers.child_process import ChildProcess, StopEnding
@@ -331,6 +332,8 @@ class StreamProcess:
             DETECTIONS_STORED.labels(sid).inc()
         for zone, kind in done.events:
             ANALYTICS_EVENTS.labels(sid, zone, kind).inc()
+        if done.untracked:
+            UNTRACKED_DETECTIONS.labels(sid).inc(done.untracked)
         if done.capture_to_row_s is not None:
             CAPTURE_TO_ROW_SECONDS.labels(sid).observe(done.capture_to_row_s)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from core.analytics import COCO_NAMES, AnalyticsKind, Direction, Line, Zone
+from core.analytics import COCO_NAMES, AnalyticsKind, Direction, EventCause, Line, Zone
 from core.detections import Box, DetectedObject
 from workers.ml.analytics import ZoneAnalytics
 from workers.ml.tracking import MotionTracker
@@ -121,3 +121,15 @@ def test_jitter_on_a_line_or_a_zone_border_is_no_crossing_and_no_second_entry() 
         (AnalyticsKind.CROSSED, "door"),
         (AnalyticsKind.ENTERED, "bay"),
     ]
+
+
+def test_visits_a_restarted_process_inherits_are_closed_with_their_cause_and_new_tracks_are_new() -> None:
+    analytics = ZoneAnalytics([BAY], [DOOR])
+    closed = analytics.close_visits([("bay", 7, "person", 100.0), ("gone zone", 8, "person", 100.0)], 112.5)
+    assert [(e.kind, e.zone, e.track_id, e.cause, e.dwell_s) for e in closed] == [
+        (AnalyticsKind.LEFT, "bay", 7, EventCause.RESTART, 12.5)
+    ]
+    # the person still standing there is a new visit on a new track
+    again = analytics.update([person(0.8, 9)], W, H, 113.0)
+    assert [(e.kind, e.track_id, e.cause) for e in again] == [(AnalyticsKind.ENTERED, 9, None)]
+    assert analytics.occupancy() == {"bay": 1}

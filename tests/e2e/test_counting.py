@@ -1,0 +1,88 @@
+"""Counts that are right on the real pipeline at the default 5 fps: the test camera plays the walkers
+clip (deploy/camera/walkers.py: people walking known paths across a door line and through a zone)
+to a stream with that line and zone; the events stored over one pass of the clip are its true events,
+exactly."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from core.settings import Settings
+from deploy.camera.control import TestCamera
+from deploy.camera.walkers import clip_seconds, ensure_walkers_clip, walkers_scene
+from tests.e2e.pipeline import TERMINAL, pipeline_settings, running_pipeline
+from tests.running_services import wait_for_state
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def walkers_camera(tmp_path: Path) -> Iterator[TestCamera]:
+    """A camera of this test: the clip starts from its beginning when the stream connects."""
+    camera = TestCamera(log_dir=tmp_path).start(mounts=[f"walkers={ensure_walkers_clip()}"])
+    yield camera
+    camera.stop()
+
+
+def shape(name: str, points: object) -> dict[str, object]:
+    return {"name": name, "points": points, "classes": ["person"]}
+
+
+async def test_a_line_and_a_zone_over_the_walkers_clip_count_its_true_events_exactly_at_5_fps(
+    settings: Settings, walkers_camera: TestCamera, db_pool: asyncpg.Pool
+) -> None:
+    scene = walkers_scene()
+    (door,), (shop,) = scene.lines, scene.zones
+    truth = Counter(
+        (e.kind.value, e.shape, e.direction.value if e.direction else None) for e in scene.true_events()
+    )
+    # every processed frame is a row, so the first row's capture time is the clip's start
+    own = await pipeline_settings(settings, ml_store_empty_frames=True)
+    options = {
+        "fps": 5,
+        "lines": [shape(door.name, [list(p) for p in door.points])],
+        "zones": [shape(shop.name, [list(p) for p in shop.points])],
+    }
+    async with running_pipeline(own) as pipeline:
+        response = await pipeline.api.post(
+            "/init", json={"url": walkers_camera.url("walkers"), "options": options}
+        )
+        assert response.status_code == 202, response.text
+        stream_id = response.json()["id"]
+        view = await wait_for_state(pipeline.api, stream_id, {"ml_started", *TERMINAL}, timeout_s=90)
+        assert view["state"] == "ml_started", view
+        window = timedelta(seconds=clip_seconds(scene) - 1.0)  # one pass; the next starts with 4 s of nobody
+
+        async def first_and_last() -> tuple[datetime, datetime]:
+            row = await db_pool.fetchrow(
+                "SELECT min(capture_time) AS first, max(capture_time) AS last FROM detections WHERE stream_id = $1",
+                stream_id,
+            )
+            assert row is not None and row["first"] is not None
+            return row["first"], row["last"]
+
+        deadline = time.monotonic() + clip_seconds(scene) + 60
+        first, last = await first_and_last()
+        while last < first + window:
+            assert time.monotonic() < deadline, f"the stream processed only {last - first} of the clip"
+            await asyncio.sleep(1)
+            first, last = await first_and_last()
+        rows = await db_pool.fetch(
+            "SELECT kind, zone, direction, track_id FROM events WHERE stream_id = $1 AND occurred_at < $2",
+            stream_id,
+            first + window,
+        )
+        assert (await pipeline.api.post("/shutdown", json={"id": stream_id})).status_code == 202
+        await wait_for_state(pipeline.api, stream_id, TERMINAL, timeout_s=30)
+    counted = Counter((r["kind"], r["zone"], r["direction"]) for r in rows)
+    assert counted == truth, f"counted {dict(counted)}, true {dict(truth)}"
+    crossings = [r["track_id"] for r in rows if r["kind"] == "crossed"]
+    assert len(set(crossings)) == len(crossings), "each walker crosses once, each on a track of its own"
