@@ -8,10 +8,11 @@ walkers' boxes with jitter, confidence give or take, 3 % misses, occlusion, a fa
 20th frame; tests/counting.py), the tracker and the zone and line analytics, and scored walker by
 walker against the true events: found, missed and extra crossings, entries, exits and dwells, and
 identity switches. Lookout's tracker (workers/ml/tracking.py) beside ultralytics' ByteTrack, which
-Lookout ran before. ``--live`` also plays the walkers clip through the real pipeline (the test
-camera over RTSP, the real model) at the default 5 fps; see tests/e2e/test_counting.py.
+Lookout ran before. ``--live`` also plays the walkers clip (deploy/camera/walkers.py) through the
+real pipeline as ``lookout up`` runs it (the test camera over RTSP, the real model, the default
+5 fps) for ``--passes`` passes and scores the events stored against the clip's true ones.
 
-    .venv/bin/python benchmarks/counting_bench.py [--fps 2 5 10 30] [--seeds 3]
+    .venv/bin/python benchmarks/counting_bench.py [--fps 2 5 10 30] [--seeds 3] [--live [--passes 2]]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import sys
 import time
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -64,12 +66,96 @@ def rates(score: CountScore, kinds: tuple[str, ...]) -> tuple[float, float]:
     return (found / true if true else 1.0), (extra / true if true else 0.0)
 
 
+def live(passes: int) -> None:
+    """The walkers clip through the whole pipeline: events stored over ``passes`` passes vs the truth."""
+    import psycopg
+
+    from benchmarks.throwaway import throwaway_settings
+    from cli.run import LookoutRun
+    from deploy.camera.control import TestCamera
+    from deploy.camera.walkers import clip_seconds, ensure_walkers_clip, first_full_pass, walkers_scene
+
+    scene = walkers_scene()
+    (door,), (shop,) = scene.lines, scene.zones
+    truth = Counter(
+        (e.kind.value, e.shape, e.direction.value if e.direction else None) for e in scene.true_events()
+    )
+    with throwaway_settings("counting", ml_store_empty_frames=True) as settings:
+        run = LookoutRun(settings)
+        camera = TestCamera(log_dir=settings.data_dir.parent / "camera")
+        try:
+            client = run.start()
+            camera.start(mounts=[f"walkers={ensure_walkers_clip()}"])
+            shapes = {
+                "lines": [
+                    {"name": door.name, "points": [list(p) for p in door.points], "classes": ["person"]}
+                ],
+                "zones": [
+                    {"name": shop.name, "points": [list(p) for p in shop.points], "classes": ["person"]}
+                ],
+            }
+            stream_id = str(client.init(camera.url("walkers"), {"fps": 5, **shapes})["id"])
+            length = clip_seconds(scene)
+            db_url = run.runtime.database_url.get_secret_value()
+            with psycopg.connect(db_url, autocommit=True) as conn:
+
+                def capture_times() -> tuple[datetime | None, datetime | None]:
+                    row = conn.execute(
+                        "SELECT min(capture_time), max(capture_time) FROM detections WHERE stream_id = %s",
+                        (stream_id,),
+                    ).fetchone()
+                    return (row[0], row[1]) if row else (None, None)
+
+                detecting_since, _ = capture_times()
+                while detecting_since is None:
+                    time.sleep(1)
+                    detecting_since, _ = capture_times()
+                playing_since = camera.started_playing_at("walkers")
+                assert playing_since is not None
+                # whole passes of the looping clip only: from the first one detection saw from its start
+                skip = first_full_pass(scene, playing_since, detecting_since.timestamp())
+                first = datetime.fromtimestamp(playing_since + skip * length, UTC)
+                end = first + timedelta(seconds=passes * length)
+                while (capture_times()[1] or first) < end:
+                    time.sleep(1)
+                found = conn.execute(
+                    "SELECT kind, zone, direction, extract(epoch FROM occurred_at - %s) FROM events"
+                    " WHERE stream_id = %s AND occurred_at >= %s AND occurred_at < %s ORDER BY occurred_at",
+                    (first, stream_id, first, end),
+                ).fetchall()
+                frames = conn.execute(
+                    "SELECT count(*) FROM detections WHERE stream_id = %s AND capture_time >= %s"
+                    " AND capture_time < %s",
+                    (stream_id, first, end),
+                ).fetchone()
+            client.shutdown(stream_id)
+        finally:
+            camera.stop()
+            run.stop()
+    events = [tuple(e[:3]) for e in found]
+    counted = Counter(events)
+    want = Counter({key: n * passes for key, n in truth.items()})
+    out("")
+    out(f"live: the walkers clip, {passes} whole passes at 5 fps through the real pipeline (lookout up)")
+    for key in sorted(want.keys() | counted.keys(), key=str):
+        out(f"  {' '.join(k for k in key if k):24} true {want[key]:3d}  counted {counted[key]:3d}")
+    processed = frames[0] if frames else 0
+    out(f"  frames processed: {processed} of {5 * passes * clip_seconds(scene):.0f} asked")
+    verdict = "exact" if counted == want else "differs"
+    out(
+        f"  {verdict}; the crossings at (s into the first whole pass): "
+        + ", ".join(f"{e[3]:.1f} {e[2]}" for e in found if e[0] == "crossed")
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--fps", type=float, nargs="+", default=[2.0, 5.0, 10.0, 30.0])
     parser.add_argument("--seeds", type=int, default=3, help="detector noise draws per scene and rate")
+    parser.add_argument("--live", action="store_true", help="also the walkers clip through the real pipeline")
+    parser.add_argument("--passes", type=int, default=2, help="passes of the clip in the live run")
     args = parser.parse_args()
     started = time.monotonic()
     out(
@@ -115,6 +201,8 @@ def main() -> None:
     if misses:
         out(f"  lookout missed: {dict(misses)}")
     out(f"({time.monotonic() - started:.0f} s)")
+    if args.live:
+        live(args.passes)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,18 @@ class TestCamera:
             f"test camera not answering on port {self.port} after {timeout:.0f}s; see {log_path}"
         )
 
+    def started_playing_at(self, mount: str) -> float | None:
+        """When ``mount``'s clip last started playing from its beginning (unix time; None: not yet)."""
+        if self.port is None:
+            return None
+        log_path = self.log_dir / f"rtsp-server-{self.port}.log"
+        times = [
+            float(line.split()[2])
+            for line in log_path.read_text(errors="replace").splitlines()
+            if line.startswith(f"PLAYING {mount} ")
+        ]
+        return times[-1] if times else None
+
     def url(self, mount: str = "cam1") -> str:
         if self.port is None:
             raise CameraError("test camera not started")

@@ -13,7 +13,8 @@ paced by the clock, not by the disk; nothing is decoded or re-encoded. Every mou
 media pipeline between its clients, and the server's thread pool is larger than one so that
 concurrent clients do not wait on each other (DESIGN.md). The line ``READY <port>`` on stdout tells a
 parent that the server listens. SIGTERM/SIGINT or the death of its parent stop
-it; SIGSTOP freezes it with its connections open.
+it; SIGSTOP freezes it with its connections open. ``PLAYING <mount> <unix time>`` on stdout says
+when a mount's clip started playing from its beginning (its first client came).
 
 This file must stay importable without the venv's packages: it uses the standard library and GI only.
 """
@@ -24,6 +25,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import gi
@@ -50,9 +52,19 @@ def _pts_from_dts(_pad: Gst.Pad, info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
     return Gst.PadProbeReturn.OK
 
 
-def _on_media_configure(_factory: GstRtspServer.RTSPMediaFactory, media: GstRtspServer.RTSPMedia) -> None:
+def _on_media_configure(
+    _factory: GstRtspServer.RTSPMediaFactory, media: GstRtspServer.RTSPMedia, mount: str
+) -> None:
     parse = media.get_element().get_by_name("parse")
     parse.get_static_pad("src").add_probe(Gst.PadProbeType.BUFFER, _pts_from_dts)
+
+    def on_state(_media: GstRtspServer.RTSPMedia, state: int) -> None:
+        # the clip plays from its start from here on (clock-paced): a test can tell its phase
+        if state == Gst.State.PLAYING:
+            sys.stdout.write(f"PLAYING {mount} {time.time():.3f}\n")
+            sys.stdout.flush()
+
+    media.connect("new-state", on_state)
 
 
 def build_server(
@@ -69,7 +81,7 @@ def build_server(
         factory = GstRtspServer.RTSPMediaFactory()
         factory.set_launch(PIPELINE.format(clip=clip, fps=fps))
         factory.set_shared(True)
-        factory.connect("media-configure", _on_media_configure)
+        factory.connect("media-configure", _on_media_configure, mount.strip("/"))
         mount_points.add_factory("/" + mount.strip("/"), factory)
     return server
 

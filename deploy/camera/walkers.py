@@ -11,6 +11,7 @@ ultralytics' sample images).
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -47,6 +48,16 @@ def walkers_scene() -> Scene:
 def clip_seconds(scene: Scene) -> float:
     """How long one pass of the clip lasts: the scene and a quiet second after it."""
     return round(scene.duration_s + 1.0)
+
+
+def first_full_pass(scene: Scene, playing_since: float, detecting_since: float, margin_s: float = 1.5) -> int:
+    """The first pass of the looping clip that a stream detecting since ``detecting_since`` sees
+    whole (unix times; ``playing_since``: when the camera began the clip, its time 0): detection
+    must have begun ``margin_s`` before that pass's first event."""
+    first_event_s = min(e.at for e in scene.true_events())
+    length = clip_seconds(scene)
+    into = detecting_since - playing_since
+    return max(0, math.ceil((into - first_event_s + margin_s) / length))
 
 
 def ensure_walkers_clip(clip_dir: Path | None = None) -> Path:

@@ -9,7 +9,7 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -17,7 +17,7 @@ import pytest
 
 from core.settings import Settings
 from deploy.camera.control import TestCamera
-from deploy.camera.walkers import clip_seconds, ensure_walkers_clip, walkers_scene
+from deploy.camera.walkers import clip_seconds, ensure_walkers_clip, first_full_pass, walkers_scene
 from tests.e2e.pipeline import TERMINAL, pipeline_settings, running_pipeline
 from tests.running_services import wait_for_state
 
@@ -44,7 +44,7 @@ async def test_a_line_and_a_zone_over_the_walkers_clip_count_its_true_events_exa
     truth = Counter(
         (e.kind.value, e.shape, e.direction.value if e.direction else None) for e in scene.true_events()
     )
-    # every processed frame is a row, so the first row's capture time is the clip's start
+    # every processed frame is a row: the first row says when detection began
     own = await pipeline_settings(settings, ml_store_empty_frames=True)
     options = {
         "fps": 5,
@@ -59,26 +59,29 @@ async def test_a_line_and_a_zone_over_the_walkers_clip_count_its_true_events_exa
         stream_id = response.json()["id"]
         view = await wait_for_state(pipeline.api, stream_id, {"ml_started", *TERMINAL}, timeout_s=90)
         assert view["state"] == "ml_started", view
-        window = timedelta(seconds=clip_seconds(scene) - 1.0)  # one pass; the next starts with 4 s of nobody
-
-        async def first_and_last() -> tuple[datetime, datetime]:
-            row = await db_pool.fetchrow(
-                "SELECT min(capture_time) AS first, max(capture_time) AS last FROM detections WHERE stream_id = $1",
-                stream_id,
-            )
-            assert row is not None and row["first"] is not None
-            return row["first"], row["last"]
-
-        deadline = time.monotonic() + clip_seconds(scene) + 60
-        first, last = await first_and_last()
-        while last < first + window:
-            assert time.monotonic() < deadline, f"the stream processed only {last - first} of the clip"
+        # the clip loops from when the stream connected (its time 0): count one whole pass of it
+        playing_since = walkers_camera.started_playing_at("walkers")
+        assert playing_since is not None
+        detecting_since = await db_pool.fetchval(
+            "SELECT min(capture_time) FROM detections WHERE stream_id = $1", stream_id
+        )
+        length = clip_seconds(scene)
+        first = datetime.fromtimestamp(playing_since, UTC) + timedelta(
+            seconds=length * first_full_pass(scene, playing_since, detecting_since.timestamp())
+        )
+        end = first + timedelta(seconds=length)
+        deadline = time.monotonic() + 2 * length + 60
+        while (
+            await db_pool.fetchval("SELECT max(capture_time) FROM detections WHERE stream_id = $1", stream_id)
+        ) < end:
+            assert time.monotonic() < deadline, "the stream did not process a whole pass of the clip"
             await asyncio.sleep(1)
-            first, last = await first_and_last()
         rows = await db_pool.fetch(
-            "SELECT kind, zone, direction, track_id FROM events WHERE stream_id = $1 AND occurred_at < $2",
+            "SELECT kind, zone, direction, track_id FROM events"
+            " WHERE stream_id = $1 AND occurred_at >= $2 AND occurred_at < $3",
             stream_id,
-            first + window,
+            first,
+            end,
         )
         assert (await pipeline.api.post("/shutdown", json={"id": stream_id})).status_code == 202
         await wait_for_state(pipeline.api, stream_id, TERMINAL, timeout_s=30)
