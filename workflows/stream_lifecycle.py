@@ -215,6 +215,8 @@ class StreamLifecycle:
             reason = f"shutdown requested by {event.service.value}"
             return _ShutdownRequest(reason=reason, event_id=event.event_id)
         if event.state in (StreamState.RUNNER_STARTED, StreamState.ML_STARTED):
+            if self._self_healing and self._supervisor.supervising:
+                self._supervisor.progress(event)
             await self._advance(event.state, event_id=event.event_id, source=event.service.value)
             if self._state is not None and self._state.rank >= StreamState.ML_STARTED.rank:
                 self._startup_deadline_at = None

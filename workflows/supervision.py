@@ -10,8 +10,8 @@ so the rules are deterministic under replay and testable on their own.
 - A process error (a capture or detection process died) restarts that service at once, within the
   same budget; a fatal error (no restart can help) ends the stream.
 - The camera unreachable (the runner spent its reconnect budget) is retried with backoff for up to
-  ``camera_retry_s`` (0: for ever), without counting against the services' budget; a heartbeat that
-  shows the camera streaming again ends the outage.
+  ``camera_retry_s`` (0: for ever), without counting against the services' budget; the runner's
+  ``runner_started`` of a new capture, or a heartbeat that shows the camera streaming, ends the outage.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from datetime import datetime, timedelta
 
 from core.health import HealthStatus, ServiceHealth, StreamHealth
 from core.messages import CameraState, ErrorKind, Service, StateEvent, StreamFigures
+from core.states import StreamState
 from workflows.models import LifecycleParams
 
 SUPERVISED = (Service.RUNNER, Service.ML)
@@ -82,10 +83,7 @@ class StreamSupervisor:
             health.status = HealthStatus.CAMERA_UNREACHABLE
             return
         if event.service is Service.RUNNER and figures.camera is CameraState.STREAMING:
-            self.health.camera_unreachable_since = None  # the camera is back
-            self.health.camera_retries = 0
-            self.health.next_camera_retry_at = None
-            self.health.camera_error = None
+            self._camera_back()
         if figures.camera is CameraState.CONNECTING:
             # still opening the camera: a fresh stream is starting, a restarted one recovering
             health.status = HealthStatus.STARTING if health.restarts == 0 else HealthStatus.RECOVERING
@@ -93,6 +91,23 @@ class StreamSupervisor:
             health.status = HealthStatus.CAMERA_UNREACHABLE
         else:
             health.status = HealthStatus.DEGRADED if dropped else HealthStatus.OK
+
+    def progress(self, event: StateEvent) -> None:
+        """A service's progress event while the stream runs: a runner that has published a frame
+        again (``runner_started`` of its new capture) has its camera back, before its next heartbeat."""
+        if (
+            event.service is Service.RUNNER
+            and event.state is StreamState.RUNNER_STARTED
+            and self.health.camera_unreachable_since is not None
+        ):
+            self._camera_back()
+            self.health.services[Service.RUNNER].status = HealthStatus.OK
+
+    def _camera_back(self) -> None:
+        self.health.camera_unreachable_since = None
+        self.health.camera_retries = 0
+        self.health.next_camera_retry_at = None
+        self.health.camera_error = None
 
     def error(self, event: StateEvent, now: datetime) -> Decision | None:
         """A service's error while the stream runs: restart it, retry the camera, or give up."""

@@ -6,7 +6,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from core.health import HealthStatus, StreamHealth
-from core.messages import CameraState, EventKind, Service, StateEvent, StreamFigures
+from core.messages import CameraState, ErrorKind, EventKind, Service, StateEvent, StreamFigures
+from core.states import StreamState
 from workflows.models import LifecycleParams
 from workflows.supervision import Restart, StreamSupervisor
 
@@ -49,4 +50,22 @@ def test_a_restarted_service_is_recovering_until_it_runs_again() -> None:
     watchdog.heartbeat(heartbeat(Service.RUNNER, CameraState.CONNECTING), silent)
     assert watchdog.health.services[Service.RUNNER].status is HealthStatus.RECOVERING
     watchdog.heartbeat(heartbeat(Service.RUNNER, CameraState.STREAMING), silent)
+    assert watchdog.health.services[Service.RUNNER].status is HealthStatus.OK
+
+
+def test_a_runner_that_publishes_again_has_its_camera_back_before_its_next_heartbeat() -> None:
+    watchdog = supervisor()
+    lost = StateEvent(
+        stream_id="s", service=Service.RUNNER, kind=EventKind.ERROR, error="camera gone",
+        error_kind=ErrorKind.CAMERA, event_id="e1", time=T0,
+    )  # fmt: skip
+    watchdog.error(lost, T0 + timedelta(seconds=1))
+    assert watchdog.health.camera_unreachable_since is not None
+    started = StateEvent(
+        stream_id="s", service=Service.RUNNER, kind=EventKind.PROGRESS, state=StreamState.RUNNER_STARTED,
+        event_id="e2", time=T0,
+    )  # fmt: skip
+    watchdog.progress(started)
+    assert watchdog.health.camera_unreachable_since is None
+    assert watchdog.health.next_camera_retry_at is None
     assert watchdog.health.services[Service.RUNNER].status is HealthStatus.OK
