@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError, UnknownTopicOrPartitionError
 from tenacity import retry_if_exception_type
 
 from core.db import POSTGRES_DOWN, connect_pool
@@ -217,11 +218,21 @@ class OutboxRelay:
         """
         results: dict[int, BaseException | None] = {}
         by_stream: dict[str, list[asyncpg.Record]] = {}
+        # a row for a topic the broker does not have fails at once: waiting for it to appear would
+        # hold up the whole batch for the publish timeout, every batch (topics are never auto-created)
+        try:
+            known = (await within(producer.client.fetch_all_metadata(), self._publish_timeout_s)).topics()
+        except (KafkaError, TimeoutError) as err:  # the broker is away: every row waits for the next try
+            return [err] * len(rows)
         for row in rows:
             by_stream.setdefault(row["key"], []).append(row)
+            if row["topic"] not in known:
+                results[row["id"]] = UnknownTopicOrPartitionError(f"topic {row['topic']!r} does not exist")
 
         async def publish_in_order(stream_rows: list[asyncpg.Record]) -> None:
             for row in stream_rows:
+                if results.get(row["id"]) is not None:
+                    return  # its topic does not exist: it holds back the stream's later rows
                 try:
                     await producer.send_and_wait(row["topic"], bytes(row["payload"]), key=row["key"].encode())
                 except Exception as err:

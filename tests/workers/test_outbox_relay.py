@@ -192,3 +192,26 @@ async def test_a_row_the_broker_refuses_holds_back_its_streams_later_rows_but_no
     await db_pool.execute(
         "UPDATE outbox SET sent_at = now() WHERE topic = $1", topic
     )  # leave no poison behind
+
+
+async def test_a_row_for_a_topic_that_does_not_exist_holds_up_no_other_stream(
+    settings: Settings, db_pool: asyncpg.Pool, topic: str
+) -> None:
+    """Topics are never created by a first use: such a row fails at once, with the reason, and the
+    rows of other streams go out without waiting for it (it used to stall every batch)."""
+    missing = f"test.relay.missing.{uuid.uuid4().hex[:8]}"
+    lost = await insert_rows(db_pool, missing, 1, streams=1)
+    try:
+        messages = await insert_rows(db_pool, topic, 10)
+        async with running_relay(settings, publish_timeout_s=10.0, max_backoff_s=1.0):
+            started = time.monotonic()
+            await eventually(lambda: all_sent(db_pool, topic), timeout_s=30)
+            took = time.monotonic() - started
+            records = await consume(settings, topic, until=lambda got: len(got) >= 10, linger_s=0.5)
+            error = await db_pool.fetchval("SELECT last_error FROM outbox WHERE topic = $1", missing)
+        assert {r.value for r in records} == {m.payload for m in messages}
+        assert took < 5.0, f"the other streams' rows waited {took:.1f}s"
+        assert error is not None and "does not exist" in error
+    finally:
+        await db_pool.execute("DELETE FROM outbox WHERE topic = $1", missing)
+    assert lost
