@@ -46,6 +46,8 @@ class StreamHealth(BaseModel):
 
     services: dict[Service, ServiceHealth] = Field(default_factory=dict)
     supervised_since: datetime | None = None  # the stream reached ml_started
+    # the runner is watched from the stream's start on: a start lost in a handover is sent again
+    runner_watched_since: datetime | None = None
     camera_unreachable_since: datetime | None = None
     camera_error: str | None = None  # the runner's last word on the camera during an outage
     camera_retries: int = 0

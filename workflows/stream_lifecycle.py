@@ -43,6 +43,7 @@ MEMO_URL = "url_redacted"
 MAX_SEEN_EVENT_IDS = 1000
 # Marks the runs that supervise their stream; runs recorded before it replay without (see run()).
 SELF_HEALING_PATCH = "self-healing"
+RUNNER_WATCHED_AT_START_PATCH = "runner-watched-at-start"
 ACTIVITY_TIMEOUT = timedelta(seconds=30)
 # No maximum attempts: while Postgres is down the lifecycle waits, durably, rather than give up.
 ACTIVITY_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
@@ -159,6 +160,8 @@ class StreamLifecycle:
             return False
         if stream.state.rank < StreamState.ML_STARTED.rank:
             self._startup_deadline_at = workflow.now() + timedelta(seconds=self._params.startup_deadline_s)
+            if self._self_healing and workflow.patched(RUNNER_WATCHED_AT_START_PATCH):
+                self._supervisor.watch_runner_from(workflow.now())
         await self._advance(StreamState.IN_STARTUP_PROCESSING)
         return True
 

@@ -6,6 +6,7 @@ so the rules are deterministic under replay and testable on their own.
 
 - A service whose heartbeat is older than the liveness timeout has lost the stream: it is
   restarted; while it stays silent the waits double (from the timeout, up to the backoff maximum).
+  The runner is watched from the stream's start, the others once it runs (``ml_started``).
   Past ``restart_budget`` restarts within ``restart_window_s`` the stream ends, naming the service.
 - A process error (a capture or detection process died) restarts that service at once, within the
   same budget; a fatal error (no restart can help) ends the stream.
@@ -64,6 +65,15 @@ class StreamSupervisor:
         """The stream runs (``ml_started``): liveness counts from now."""
         if self.health.supervised_since is None:
             self.health.supervised_since = now
+
+    def watch_runner_from(self, now: datetime) -> None:
+        """The stream is starting: the runner's liveness counts from now, before the stream runs.
+
+        A start command can be lost to a rebalance: the runner that took it hands the stream over
+        when its partition moves, and the new owner resumes after the start's committed offset. ML
+        needs no such watch during start-up: the stream's first frame starts its process."""
+        if self.health.runner_watched_since is None:
+            self.health.runner_watched_since = now
 
     @property
     def supervising(self) -> bool:
@@ -166,7 +176,7 @@ class StreamSupervisor:
     def next_check_at(self) -> datetime | None:
         """When ``due`` may next have something to do (None: nothing is pending)."""
         if not self.supervising:
-            return None
+            return self._liveness_due_at(Service.RUNNER)
         times = [t for s in SUPERVISED if (t := self._liveness_due_at(s)) is not None]
         for camera_time in (self.health.next_camera_retry_at, self._camera_window_ends_at()):
             if camera_time is not None:
@@ -224,13 +234,16 @@ class StreamSupervisor:
 
     def _last_sign_of_life(self, service: Service) -> datetime:
         health = self.health.services[service]
+        watched = self.health.runner_watched_since if service is Service.RUNNER else None
         known = [
-            t for t in (health.last_heartbeat_at, health.last_restart_at, self.health.supervised_since) if t
+            t
+            for t in (health.last_heartbeat_at, health.last_restart_at, self.health.supervised_since, watched)
+            if t
         ]
         return max(known)
 
     def _liveness_due_at(self, service: Service) -> datetime | None:
-        if not self.supervising:
+        if not self.supervising and not (service is Service.RUNNER and self.health.runner_watched_since):
             return None
         if service is Service.RUNNER and self.health.next_camera_retry_at is not None:
             return None  # the camera retry brings the runner back

@@ -69,3 +69,20 @@ def test_a_runner_that_publishes_again_has_its_camera_back_before_its_next_heart
     assert watchdog.health.camera_unreachable_since is None
     assert watchdog.health.next_camera_retry_at is None
     assert watchdog.health.services[Service.RUNNER].status is HealthStatus.OK
+
+
+def test_a_start_lost_before_the_stream_runs_is_sent_again_to_the_runner_only() -> None:
+    """A rebalance can move a stream's partition right after a runner took its start: the runner
+    that took it hands it over, the new owner never sees the start. The runner is watched from the
+    stream's start; ML starts from the first frame and is watched once the stream runs."""
+    params = LifecycleParams(stream_id="s", startup_deadline_s=90, ack_deadline_s=15, liveness_timeout_s=20)
+    watchdog = StreamSupervisor(params, StreamHealth())
+    watchdog.watch_runner_from(T0)
+    assert watchdog.next_check_at() == T0 + timedelta(seconds=20)
+    assert watchdog.due(T0 + timedelta(seconds=19)) == []
+    assert watchdog.due(T0 + timedelta(seconds=20)) == [Restart(Service.RUNNER, "no heartbeat for 20s")]
+    # a runner that beats is left alone
+    fresh = StreamSupervisor(params, StreamHealth())
+    fresh.watch_runner_from(T0)
+    fresh.heartbeat(heartbeat(Service.RUNNER, CameraState.CONNECTING), T0 + timedelta(seconds=5))
+    assert fresh.due(T0 + timedelta(seconds=20)) == []
