@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.analytics import MAX_SHAPES, Line, Zone
 from core.health import StreamHealth
 from core.messages import StreamOptions
+from core.retention import StreamStorage
 from core.states import StreamState
 from core.text import StorableText
 
@@ -113,6 +114,12 @@ class StreamView(BaseModel):
     webhook_secret: str | None = Field(
         default=None,
         description="The stream's webhook signing secret: shown once, in the response that made it",
+    )
+    storage: StreamStorage | None = Field(
+        default=None, description="Its frames kept now, the oldest one's age, and what retention deleted"
+    )
+    deleting: bool = Field(
+        default=False, description="An admin deleted the stream: its frames, events and row are going"
     )
 
 

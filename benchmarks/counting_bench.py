@@ -80,7 +80,7 @@ def live(passes: int) -> None:
     truth = Counter(
         (e.kind.value, e.shape, e.direction.value if e.direction else None) for e in scene.true_events()
     )
-    with throwaway_settings("counting", ml_store_empty_frames=True) as settings:
+    with throwaway_settings("counting", store_policy="all") as settings:
         run = LookoutRun(settings)
         camera = TestCamera(log_dir=settings.data_dir.parent / "camera")
         try:

@@ -141,7 +141,7 @@ def throwaway_servers(root: Path) -> Iterator[tuple[str, str, str]]:
 
 def service_env(settings: Settings) -> dict[str, str]:
     """The ML service's environment: the benchmark's settings, a row for every processed frame."""
-    counted = settings.model_copy(update={"ml_store_empty_frames": True})  # rows count the frames
+    counted = settings.model_copy(update={"store_policy": "all"})  # rows count the frames
     return {**os.environ, **settings_env(counted), "LOOKOUT_LOG_LEVEL": "WARNING"}
 
 

@@ -6,7 +6,7 @@ test cameras looping the demo clip (OpenCV's vtest.avi, people walking, 768x576)
 30 fps (more than one stream can process, so single-stream figures are model-bound) and one at the
 clip's own 10 fps (for capacity), and Lookout's six services as real OS processes
 (cli/supervisor.py), the ML service storing a row for every processed frame
-(``ml_store_empty_frames``). Then, in one run, on the same frames and the same exported models:
+(store policy ``all``). Then, in one run, on the same frames and the same exported models:
 
 - bare loops: ``model.predict`` on decoded clip frames for PyTorch, OpenVINO and ONNX Runtime, one
   process with every core (the best a single loop does);
@@ -625,7 +625,7 @@ async def run(args: argparse.Namespace, root: Path) -> str:
             api_port=servers.free_port(),
             ml_imgsz=args.imgsz,
             ml_models_dir=args.models_dir.resolve(),
-            ml_store_empty_frames=True,  # every processed frame is a row, so rows count them
+            store_policy="all",  # every processed frame is a row, so rows count them
             max_active_streams=64,
             init_rate_per_minute=10_000,
         )

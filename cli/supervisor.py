@@ -43,6 +43,7 @@ SERVICES = (
     "lookout-runner",
     "lookout-ml",
     "lookout-webhooks",
+    "lookout-janitor",
 )
 
 

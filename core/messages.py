@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.analytics import MAX_SHAPES, Line, Zone, shapes_problem
 from core.inference import Backend, Precision
+from core.retention import Retention, StorePolicy
 from core.states import StreamState
 from core.text import StorableText
 
@@ -75,6 +76,7 @@ class StreamFigures(BaseModel):
     queue_depth: int | None = None  # ml: frames waiting for the model
     inference_ms: float | None = None  # ml: mean model time per frame over the last interval
     frames_skipped: int | None = None  # ml: skipped by motion gating (nothing moved), no row stored
+    frames_not_stored: int | None = None  # ml: detected, but not stored under the stream's store policy
     backend: str | None = None  # ml: what the detection process runs, e.g. "openvino fp32"
     threads: int | None = None  # ml: the detection process's inference threads
 
@@ -127,7 +129,22 @@ class StreamOptions(BaseModel):
     )
     track: bool | None = Field(
         default=None,
-        description="Track objects (ByteTrack): a track_id per object; default on with zones or lines",
+        description="Track objects (motion-gated tracker): a track_id per object; default on with zones or lines",
+    )
+    store: StorePolicy | None = Field(
+        default=None,
+        description="Which processed frames are stored: all, objects (frames with objects), changes (when "
+        "the tracked objects or their zones change, or every store_every_s while objects stay), events "
+        "(frames that carry an event); default: the store_policy setting",
+    )
+    store_every_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=86400,
+        description="With store=changes: a frame at least this often while objects stay",
+    )
+    retention: Retention | None = Field(
+        default=None, description="How long frames and events are kept and the bytes the frames may take"
     )
     webhook_url: str | None = Field(
         default=None,

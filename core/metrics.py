@@ -40,6 +40,12 @@ FRAMES_SKIPPED = Counter(
     "Frames skipped by motion gating: nothing moved, no row (ml)",
     ["stream_id"],
 )
+FRAMES_NOT_STORED = Counter(
+    "lookout_frames_not_stored_total",
+    "Frames detected but not stored under the stream's store policy (e.g. empty, or unchanged under "
+    "`changes`) (ml)",
+    ["stream_id"],
+)
 ANALYTICS_EVENTS = Counter(
     "lookout_analytics_events_total",
     "Zone and line events stored (entered, left, dwell, crossed), per zone or line",
@@ -89,6 +95,7 @@ PER_STREAM = (
     FRAMES_DROPPED,
     FRAMES_PROCESSED,
     FRAMES_SKIPPED,
+    FRAMES_NOT_STORED,
     ANALYTICS_EVENTS,
     UNTRACKED_DETECTIONS,
     DETECTIONS_STORED,
@@ -174,3 +181,32 @@ def start_metrics_server(port: int, host: str = "127.0.0.1") -> WSGIServer | Non
         return None
     log.info("metrics served", extra={"host": host, "port": port})
     return server
+
+
+# --- storage (janitor) -------------------------------------------------------------------------------
+
+STORAGE_TOTAL_BYTES = Gauge("lookout_storage_bytes", "Annotated frames kept, every stream together, in bytes")
+STORAGE_BUDGET_BYTES = Gauge("lookout_storage_budget_bytes", "The store's byte budget (storage_budget_bytes)")
+STORAGE_STREAM_BYTES = Gauge(
+    "lookout_storage_stream_bytes", "A stream's annotated frames kept, in bytes", ["stream_id"]
+)
+STORAGE_DAYS_UNTIL_FULL = Gauge(
+    "lookout_storage_days_until_full",
+    "Days until the budget is reached at the recent rate (0: reached, the oldest go; -1: nothing stored lately)",
+)
+STORAGE_DELETED_FRAMES = Counter(
+    "lookout_storage_deleted_frames_total",
+    "Frames (row and object) deleted, by reason: age, stream_bytes, budget, stream_deleted",
+    ["reason"],
+)
+STORAGE_DELETED_BYTES = Counter(
+    "lookout_storage_deleted_bytes_total", "Bytes of frames deleted, by reason", ["reason"]
+)
+STORAGE_PENDING_DELETIONS = Gauge(
+    "lookout_storage_pending_deletions", "Objects whose rows are deleted, still to delete from S3 (janitor)"
+)
+JANITOR_PASS_SECONDS = Histogram(
+    "lookout_janitor_pass_seconds",
+    "Duration of one janitor pass",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)

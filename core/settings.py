@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.inference import Backend, Precision
+from core.retention import StorePolicy
 
 
 class Settings(BaseSettings):
@@ -107,7 +108,6 @@ class Settings(BaseSettings):
     ml_imgsz: int = 640
     ml_confidence: float = 0.25
     ml_queue_size: int = 4
-    ml_store_empty_frames: bool = False
     # Inference backend and precision (core/inference.py; README "Inference backends"). Exported
     # models are cached in ml_models_dir (empty: <data_dir>/models), keyed by weights hash, backend,
     # input size and precision; INT8 is kept only when its boxes agree with FP32's this much.
@@ -137,6 +137,21 @@ class Settings(BaseSettings):
     webhook_poll_s: float = Field(default=0.5, gt=0)
     webhook_concurrency: int = Field(default=16, ge=1)
 
+    # Storage (core/retention.py; per-stream options store, store_every_s, retention; lookout-janitor).
+    # The defaults keep a box within storage_budget_bytes of annotated frames whatever its streams do:
+    # the oldest frames (and their rows) go first, then by age per stream. Events outlive their
+    # frames (retention_events_days); a pinned event and its frame are never deleted.
+    store_policy: StorePolicy = StorePolicy.OBJECTS
+    store_every_s: float = Field(
+        default=60.0, gt=0
+    )  # `changes`: a frame at least this often while objects stay
+    retention_frames_days: float = Field(default=7.0, gt=0)
+    retention_events_days: float = Field(default=30.0, gt=0)
+    storage_budget_bytes: int = Field(default=20 * 1024**3, gt=0)  # every stream's frames together
+    storage_partition_hours: float = Field(default=24.0, gt=0)  # detections: one partition per this span
+    janitor_interval_s: float = Field(default=30.0, gt=0)  # between the janitor's passes
+    janitor_batch: int = Field(default=1000, ge=1)  # frames deleted per S3 request and transaction
+
     # Camera URLs are sealed with this key (Fernet: AES-128-CBC + HMAC-SHA256, urlsafe base64 of 32
     # bytes), or the one in secret_key_file (`stack up` writes .lookout/secret-key; compose: a
     # secret). After a rotation the older keys, comma-separated, still open what they sealed.
@@ -163,6 +178,9 @@ class Settings(BaseSettings):
     metrics_port_bridge: int = 9104
     metrics_port_worker: int = 9105
     metrics_port_webhooks: int = 9106
+    metrics_port_janitor: int = 9107
+    # a service asked to stop exits after this long whatever it still waits for (a broker gone too)
+    service_stop_deadline_s: float = Field(default=40.0, gt=0)
 
     # Embedded local stack
     data_dir: Path = Field(default=Path(".lookout"))

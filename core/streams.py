@@ -24,7 +24,9 @@ from core.settings import Settings
 from core.states import StreamState, may_advance
 
 # Every column but url_full (the camera URL, sealed) and url_digest, read only where they are needed.
-COLUMNS = "id, state, error_reason, url_redacted, options, version, created_at, updated_at"
+COLUMNS = (
+    "id, state, error_reason, url_redacted, options, version, created_at, updated_at, delete_requested_at"
+)
 CAPACITY_LOCK = 0x6C6F6F6C  # advisory lock key ("lool") serialising the active-stream count of /init
 
 
@@ -41,6 +43,7 @@ class StreamRow(BaseModel):
     version: int
     created_at: datetime
     updated_at: datetime
+    delete_requested_at: datetime | None = None  # DELETE /streams/{id}: the janitor deletes it
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> StreamRow:

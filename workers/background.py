@@ -19,7 +19,14 @@ class BackgroundTasks:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def finish(self) -> None:
-        """Wait for every task still running; their errors were theirs to log."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+    async def finish(self, timeout_s: float | None = None) -> int:
+        """Wait for every task still running (their errors were theirs to log); after ``timeout_s``
+        cancel those left (e.g. a publish to a broker that is gone). Returns how many were cancelled."""
+        if not self._tasks:
+            return 0
+        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        return len(pending)

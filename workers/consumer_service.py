@@ -43,6 +43,7 @@ from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssigno
 from aiokafka.errors import KafkaError
 
 from core.kafka import (
+    CLOSE_TIMEOUT_S,
     ConsumerLagReporter,
     close_client,
     consumer_group,
@@ -54,6 +55,7 @@ from core.messages import Service, StreamFigures
 from core.metrics import BAD_MESSAGES
 from core.retry import KAFKA_DOWN, Stopped, retrying
 from core.settings import Settings
+from core.timeouts import within
 from workers.background import BackgroundTasks
 from workers.dead_letters import dead_letter
 from workers.offsets import OffsetTracker
@@ -274,14 +276,29 @@ class ConsumerService:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.handler.close()
-        await self.background.finish()
+        # a broker that is gone must not hold the stop: publishes, the last commit and the clients'
+        # stops share one bound
+        deadline = time.monotonic() + CLOSE_TIMEOUT_S
+
+        def left() -> float:
+            return max(1.0, deadline - time.monotonic())
+
+        if abandoned := await self.background.finish(left()):
+            log.warning(
+                "background work abandoned at stop", extra={"service": self.handler.name, "tasks": abandoned}
+            )
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
-            await self._commit(consumer, force=True)
-            await close_client(consumer, f"{self.handler.name} consumer")
+            try:
+                await within(self._commit(consumer, force=True), left())
+            except TimeoutError:
+                log.warning(
+                    "last offset commit abandoned: no broker answered", extra={"service": self.handler.name}
+                )
+            await close_client(consumer, f"{self.handler.name} consumer", timeout_s=left())
         producer, self._producer = self._producer, None
         if producer is not None:
-            await close_client(producer, f"{self.handler.name} producer")
+            await close_client(producer, f"{self.handler.name} producer", timeout_s=left())
         log.info("stopped", extra={"service": self.handler.name})
 
     async def __aenter__(self) -> ConsumerService:

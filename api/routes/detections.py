@@ -9,6 +9,7 @@ from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import RedirectResponse
 from minio import Minio
 from pydantic import BaseModel, Field
 
@@ -118,3 +119,61 @@ async def detection_result(
         next_cursor=str(page[-1]["frame_seq"]) if more else None,
         links_expire_in_s=expiry,
     )
+
+
+FRAME_GONE = """
+SELECT st.deleted_through_seq, st.last_deletion_reason,
+       (SELECT max(e.frame_deleted_at) FROM events e WHERE e.stream_id = s.id AND e.frame_seq = $2) AS event_frame_deleted_at
+  FROM streams s LEFT JOIN stream_storage st ON st.stream_id = s.id
+ WHERE s.id = $1
+"""
+
+
+@router.get(
+    "/streams/{stream_id}/frames/{frame_seq}",
+    status_code=status.HTTP_307_TEMPORARY_REDIRECT,
+    responses={
+        307: {"description": "To a fresh presigned link of the annotated frame"},
+        404: {"description": "No such stream, or the frame was never stored"},
+        410: {
+            "description": "The frame was deleted by retention, the storage budget or its stream's deletion"
+        },
+    },
+)
+async def frame(
+    db: DbDep, settings: SettingsDep, s3: S3Dep, _key: ReadKey, stream_id: uuid.UUID, frame_seq: int
+) -> RedirectResponse:
+    """A stable link to one annotated frame: a redirect to a fresh presigned link while it is kept,
+    410 with the reason once retention deleted it (never a broken image)."""
+    if not 0 <= frame_seq <= MAX_CURSOR:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, detail=f"frame {frame_seq} of stream {stream_id} not found"
+        )
+    key = await db.fetchval(
+        "SELECT s3_key FROM detections WHERE stream_id = $1 AND frame_seq = $2", stream_id, frame_seq
+    )
+    if key is not None:
+        url = presigned_get(s3, settings.s3_bucket_frames, key, settings.s3_presign_expiry_s)
+        return RedirectResponse(url, status_code=status.HTTP_307_TEMPORARY_REDIRECT)
+    gone = await db.fetchrow(FRAME_GONE, stream_id, frame_seq)
+    if gone is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"stream {stream_id} not found")
+    through = gone["deleted_through_seq"]
+    if gone["event_frame_deleted_at"] is not None or (through is not None and frame_seq <= through):
+        reason = gone["last_deletion_reason"] or "age"
+        raise HTTPException(
+            status.HTTP_410_GONE,
+            detail=f"frame {frame_seq} of stream {stream_id} was deleted by retention ({RETENTION_REASONS.get(reason, reason)})",
+        )
+    raise HTTPException(
+        status.HTTP_404_NOT_FOUND,
+        detail=f"frame {frame_seq} of stream {stream_id} was never stored (its store policy, or not yet processed)",
+    )
+
+
+RETENTION_REASONS = {
+    "age": "older than the stream's frames_days",
+    "stream_bytes": "the stream's frames were over its max_bytes; the oldest went first",
+    "budget": "the store was over storage_budget_bytes; the oldest frames went first",
+    "stream_deleted": "the stream is being deleted",
+}

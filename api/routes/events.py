@@ -12,20 +12,24 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 import asyncpg
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, HTTPException, Query, Request, status
 from fastapi.responses import StreamingResponse
+from minio import Minio
 from pydantic import BaseModel, Field
 
-from api.auth import AUTH_RESPONSES, ReadKey
+from api.auth import AUTH_RESPONSES, AdminKey, ReadKey
 from api.deps import DbDep, SettingsDep
 from api.routes.detections import S3Dep, parse_cursor
 from core.analytics import AnalyticsKind, Direction, EventCause
+from core.settings import Settings
 from core.storage import presigned_get
 
 router = APIRouter(tags=["events"], responses=AUTH_RESPONSES)
+
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No event has this id"}}
 
 FEED_POLL_S = 0.5
 FEED_KEEPALIVE_S = 15.0
@@ -33,15 +37,16 @@ FEED_BATCH = 200
 
 SELECT = """
 SELECT id, event_id, stream_id, frame_seq, kind, zone, direction, track_id, class_name, confidence,
-       dwell_s, occurred_at, s3_key, cause
+       dwell_s, occurred_at, s3_key, cause, pinned_at, frame_deleted_at
   FROM events
  WHERE ($1::uuid IS NULL OR stream_id = $1)
    AND ($2::text IS NULL OR kind = $2)
    AND ($3::text IS NULL OR zone = $3)
    AND ($4::timestamptz IS NULL OR occurred_at >= $4)
+   AND ($5::bool IS NULL OR (pinned_at IS NOT NULL) = $5)
 """
-PAGE = SELECT + " AND ($5::bigint IS NULL OR id < $5) ORDER BY id DESC LIMIT $6"
-AFTER = SELECT + " AND id > $5 ORDER BY id LIMIT $6"
+PAGE = SELECT + " AND ($6::bigint IS NULL OR id < $6) ORDER BY id DESC LIMIT $7"
+AFTER = SELECT + " AND id > $6 ORDER BY id LIMIT $7"
 
 
 class EventView(BaseModel):
@@ -62,7 +67,15 @@ class EventView(BaseModel):
     )
     frame_seq: int
     occurred_at: datetime
-    image_url: str
+    pinned_at: datetime | None = Field(
+        default=None, description="Pinned (POST /events/{id}/pin): no retention deletes it or its frame"
+    )
+    frame_deleted_at: datetime | None = Field(
+        default=None, description="When retention deleted the frame that showed it (the event was kept)"
+    )
+    image_url: str | None = Field(
+        description="Presigned link to the annotated frame; null once the frame was deleted (frame_deleted_at)"
+    )
 
 
 class EventPage(BaseModel):
@@ -71,11 +84,14 @@ class EventPage(BaseModel):
     links_expire_in_s: int
 
 
-def _view(row: asyncpg.Record, image_url: str) -> EventView:
+def _view(row: asyncpg.Record, settings: Settings, s3: Minio) -> EventView:
+    image_url = None
+    if row["frame_deleted_at"] is None:
+        image_url = presigned_get(s3, settings.s3_bucket_frames, row["s3_key"], settings.s3_presign_expiry_s)
     return EventView(**{k: row[k] for k in EventView.model_fields if k != "image_url"}, image_url=image_url)
 
 
-Filters = tuple[uuid.UUID | None, str | None, str | None, datetime | None]
+Filters = tuple[uuid.UUID | None, str | None, str | None, datetime | None, bool | None]
 StreamFilter = Annotated[uuid.UUID | None, Query(alias="id", description="Only this stream's events")]
 ZoneFilter = Annotated[str | None, Query(max_length=64, description="Only this zone's or line's")]
 
@@ -90,20 +106,56 @@ async def events(
     kind: AnalyticsKind | None = None,
     zone: ZoneFilter = None,
     since: Annotated[datetime | None, Query(description="Only events at or after this time")] = None,
+    pinned: Annotated[bool | None, Query(description="Only pinned (true) or unpinned (false) events")] = None,
     cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> EventPage:
     """Events newest first, filtered by stream, kind, zone or line, and time."""
     before = parse_cursor(cursor)
-    filters: Filters = (stream_id, kind.value if kind else None, zone, since)
+    filters: Filters = (stream_id, kind.value if kind else None, zone, since, pinned)
     rows = await db.fetch(PAGE, *filters, before, limit + 1)
     page, more = rows[:limit], len(rows) > limit
-    expiry = settings.s3_presign_expiry_s
     return EventPage(
-        items=[_view(r, presigned_get(s3, settings.s3_bucket_frames, r["s3_key"], expiry)) for r in page],
+        items=[_view(r, settings, s3) for r in page],
         next_cursor=str(page[-1]["id"]) if more else None,
-        links_expire_in_s=expiry,
+        links_expire_in_s=settings.s3_presign_expiry_s,
     )
+
+
+@router.post("/events/{event_pk}/pin", responses=NOT_FOUND)
+async def pin_event(
+    db: DbDep, settings: SettingsDep, s3: S3Dep, _admin: AdminKey, event_pk: int
+) -> EventView:
+    """Pin an event: no retention deletes it or the frame that shows it (deleting its stream does)."""
+    return await _set_pin(db, settings, s3, event_pk, pinned=True)
+
+
+@router.delete("/events/{event_pk}/pin", responses=NOT_FOUND)
+async def unpin_event(
+    db: DbDep, settings: SettingsDep, s3: S3Dep, _admin: AdminKey, event_pk: int
+) -> EventView:
+    """Unpin an event: its retention applies again."""
+    return await _set_pin(db, settings, s3, event_pk, pinned=False)
+
+
+async def _set_pin(
+    db: asyncpg.Pool, settings: Settings, s3: Minio, event_pk: int, *, pinned: bool
+) -> EventView:
+    if not 0 < event_pk < 2**63:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"event {event_pk} not found")
+    row = await db.fetchrow(
+        "UPDATE events SET pinned_at = CASE WHEN $2 THEN coalesce(pinned_at, now()) END WHERE id = $1"
+        " RETURNING id, event_id, stream_id, frame_seq, kind, zone, direction, track_id, class_name, confidence,"
+        " dwell_s, occurred_at, s3_key, cause, pinned_at, frame_deleted_at",
+        event_pk,
+        pinned,
+    )
+    if row is None:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            detail=f"event {event_pk} not found (never stored, or deleted by retention)",
+        )
+    return _view(row, settings, s3)
 
 
 @router.get(
@@ -132,7 +184,7 @@ async def event_feed(
     resume = parse_cursor(last_event_id if last_event_id is not None else after, name="last-event-id")
     if resume is None:
         resume = await db.fetchval("SELECT coalesce(max(id), 0) FROM events")
-    filters: Filters = (stream_id, kind.value if kind else None, zone, None)
+    filters: Filters = (stream_id, kind.value if kind else None, zone, None, None)
 
     async def feed() -> AsyncIterator[str]:
         last, quiet_s = resume, 0.0
@@ -140,10 +192,7 @@ async def event_feed(
         while not await request.is_disconnected():
             rows = await db.fetch(AFTER, *filters, last, FEED_BATCH)
             for row in rows:
-                view = _view(
-                    row,
-                    presigned_get(s3, settings.s3_bucket_frames, row["s3_key"], settings.s3_presign_expiry_s),
-                )
+                view = _view(row, settings, s3)
                 yield f"id: {row['id']}\nevent: {row['kind']}\ndata: {view.model_dump_json()}\n\n"
                 last = row["id"]
             if rows:

@@ -34,9 +34,10 @@ from api.stream_store import (
 )
 from core import metrics
 from core.messages import StreamOptions
+from core.retention import StorageView, StreamStorage, storage_usage, streams_storage
 from core.settings import Settings
 from core.states import StreamState
-from core.streams import StreamRow, get_stream, list_streams, update_options
+from core.streams import COLUMNS, StreamRow, get_stream, list_streams, update_options
 from core.temporal import workflow_id
 from core.text import text_problem
 
@@ -53,6 +54,7 @@ def to_view(
     health: Health = (None, None),
     analytics: AnalyticsFigures | None = None,
     webhook_secret: str | None = None,
+    storage: StreamStorage | None = None,
 ) -> StreamView:
     wid = workflow_id(str(stream.id))
     return StreamView(
@@ -70,6 +72,8 @@ def to_view(
         health_unavailable=health[1],
         analytics=analytics,
         webhook_secret=webhook_secret,
+        storage=storage,
+        deleting=stream.delete_requested_at is not None,
     )
 
 
@@ -248,8 +252,12 @@ async def streams(
     found = await list_streams(db, limit=limit, state=state)
     healths = await streams_health(temporal, settings, found)
     figures = await analytics_figures(db, found)
+    storage = await streams_storage(db, [s.id for s in found])
     return StreamList(
-        streams=[to_view(s, settings, h, figures.get(s.id)) for s, h in zip(found, healths, strict=True)]
+        streams=[
+            to_view(s, settings, h, figures.get(s.id), storage=storage.get(s.id))
+            for s, h in zip(found, healths, strict=True)
+        ]
     )
 
 
@@ -260,4 +268,48 @@ async def _view_or_404(
     if stream is None:
         raise _not_found(stream_id)
     figures = await analytics_figures(db, [stream])
-    return to_view(stream, settings, await stream_health(temporal, settings, stream), figures.get(stream.id))
+    storage = await streams_storage(db, [stream.id])
+    return to_view(
+        stream,
+        settings,
+        await stream_health(temporal, settings, stream),
+        figures.get(stream.id),
+        storage=storage.get(stream.id),
+    )
+
+
+@router.delete(
+    "/streams/{stream_id}",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses={**NOT_FOUND, 409: {"description": "The stream is not inactive: shut it down first"}},
+)
+async def delete_stream(
+    db: DbDep, settings: SettingsDep, _admin: AdminKey, stream_id: uuid.UUID
+) -> StreamView:
+    """Delete an inactive stream with its frames (S3 objects and rows) and events; 202, and the
+    janitor deletes them (frames first, then the stream: ``GET /state`` answers 404 once it is
+    gone). Pinned events go too: deleting a stream is explicit."""
+    async with db.acquire() as conn, conn.transaction():
+        record = await conn.fetchrow(f"SELECT {COLUMNS} FROM streams WHERE id = $1 FOR UPDATE", stream_id)
+        if record is None:
+            raise _not_found(stream_id)
+        stream = StreamRow.from_record(record)
+        if not stream.state.is_terminal:
+            raise HTTPException(
+                status.HTTP_409_CONFLICT,
+                detail=f"stream {stream_id} is {stream.state.value}: shut it down (POST /shutdown) before deleting it",
+            )
+        record = await conn.fetchrow(
+            f"UPDATE streams SET delete_requested_at = coalesce(delete_requested_at, now()) WHERE id = $1"
+            f" RETURNING {COLUMNS}",
+            stream_id,
+        )
+    log.info("stream deletion requested", extra={"stream_id": str(stream_id)})
+    return to_view(StreamRow.from_record(record), settings)
+
+
+@router.get("/storage")
+async def storage(db: DbDep, settings: SettingsDep, _key: ReadKey) -> StorageView:
+    """The store: bytes and frames per stream and in total against the budget, pending deletions,
+    the recent rate and the days until the budget is reached."""
+    return await storage_usage(db, settings)

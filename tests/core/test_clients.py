@@ -33,7 +33,7 @@ async def test_migrated_schema_has_every_table_and_the_frame_uniqueness(db_pool:
     expected = {"streams", "outbox", "stream_events", "detections", "alembic_version", "api_keys"}
     assert expected | {"events", "stream_analytics", "webhook_deliveries"} <= tables
     head = ScriptDirectory.from_config(alembic_config("postgresql://unused/x")).get_current_head()
-    assert head == "0005"
+    assert head == "0006"
     assert await db_pool.fetchval("SELECT version_num FROM alembic_version") == head
 
     stream_id = uuid.uuid4()
@@ -43,7 +43,7 @@ async def test_migrated_schema_has_every_table_and_the_frame_uniqueness(db_pool:
     )
     insert = (
         "INSERT INTO detections (stream_id, frame_seq, capture_time, s3_key, width, height, objects)"
-        " VALUES ($1, 7, now(), 'k', 640, 480, $2)"
+        " VALUES ($1, 7, '2026-12-01T10:00:00Z', 'k', 640, 480, $2)"
     )
     await db_pool.execute(insert, stream_id, [{"class": "person"}])
     with pytest.raises(asyncpg.UniqueViolationError):

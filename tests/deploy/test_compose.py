@@ -34,6 +34,7 @@ SERVICE_SCRIPTS = {
     "lookout-runner",
     "lookout-ml",
     "lookout-webhooks",
+    "lookout-janitor",
 }
 # The ones that read or write Postgres (the state bridge only signals Temporal; the runner only reads
 # cameras and writes Kafka).
@@ -43,6 +44,7 @@ POSTGRES_CLIENTS = {
     "lookout-temporal-worker",
     "lookout-ml",
     "lookout-webhooks",
+    "lookout-janitor",
 }
 MIGRATE_COMMAND = ["lookout", "db", "migrate"]
 INFRASTRUCTURE = {"postgres", "kafka", "minio", "temporal", "temporal-ui"}

@@ -35,7 +35,7 @@ def stack_env(data_dir: Path, pg_admin_url: str, **settings: str) -> dict[str, s
         "LOOKOUT_DEMO_CAMERA_PORT": ports["CAM"],
         **{
             f"LOOKOUT_METRICS_PORT_{s}": str(servers.free_port())
-            for s in ("RUNNER", "ML", "RELAY", "BRIDGE", "WORKER", "WEBHOOKS")
+            for s in ("RUNNER", "ML", "RELAY", "BRIDGE", "WORKER", "WEBHOOKS", "JANITOR")
         },
         **{f"LOOKOUT_{name.upper()}": value for name, value in settings.items()},
     }

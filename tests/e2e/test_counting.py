@@ -45,7 +45,7 @@ async def test_a_line_and_a_zone_over_the_walkers_clip_count_its_true_events_exa
         (e.kind.value, e.shape, e.direction.value if e.direction else None) for e in scene.true_events()
     )
     # every processed frame is a row: the first row says when detection began
-    own = await pipeline_settings(settings, ml_store_empty_frames=True)
+    own = await pipeline_settings(settings, store_policy="all")
     options = {
         "fps": 5,
         "lines": [shape(door.name, [list(p) for p in door.points])],

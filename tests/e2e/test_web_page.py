@@ -196,7 +196,6 @@ async def test_stream_started_from_the_page_runs_shows_annotated_frames_and_stop
 ) -> None:
     web_settings = await pipeline_settings(
         settings,
-        ml_store_empty_frames=False,
         # generous: this test is about the page; test_pipeline.py holds the startup bound
         startup_deadline_s=90.0,
     )

@@ -94,6 +94,10 @@ class ZoneAnalytics:
             if any(z.name == zone for z in self.zones)
         ]
 
+    def zones_of(self) -> dict[int, frozenset[str]]:
+        """The zones each track stands in now."""
+        return {track_id: frozenset(track.inside) for track_id, track in self._tracks.items()}
+
     def occupancy(self) -> dict[str, int]:
         """Tracks standing in each zone now."""
         counts = {z.name: 0 for z in self.zones}

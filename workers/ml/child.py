@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from workers.ml.detector import Detector
     from workers.ml.motion import MotionGate
     from workers.ml.store import AnalyticsResume, DetectionStore, FrameAnalytics
+    from workers.ml.store_policy import StoreGate
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +212,12 @@ def _motion_gate(settings: Settings, options: StreamOptions) -> MotionGate | Non
     )
 
 
+def _store_gate(settings: Settings, options: StreamOptions) -> StoreGate:
+    from workers.ml.store_policy import StoreGate
+
+    return StoreGate(options.store or settings.store_policy, options.store_every_s or settings.store_every_s)
+
+
 class StreamAnalytics:
     """A stream's tracker and zone and line analytics, as its options ask (None where off).
 
@@ -242,6 +249,10 @@ class StreamAnalytics:
         ]
         self.written_occupancy: dict[str, int] | None = None  # a new process writes it on its first frame
         self.untracked = 0  # of the last frame: detections that joined no track (metrics)
+
+    def zones_of(self) -> dict[int, frozenset[str]]:
+        """The zones each tracked object stands in now (none without zones)."""
+        return self.zones.zones_of() if self.zones is not None else {}
 
     @staticmethod
     def key(options: StreamOptions) -> tuple[object, ...]:
@@ -319,6 +330,7 @@ def _detect_frames(
 
     current = detection_options(options)
     gate = _motion_gate(settings, options)
+    store_gate = _store_gate(settings, options)
     analytics = StreamAnalytics(settings, options, _analytics_resume(store, options, context))
     stream_id = str(context["stream_id"])
     processed = 0
@@ -347,6 +359,11 @@ def _detect_frames(
                     settings, message.options, _analytics_resume(store, message.options, context)
                 )
                 log.info("analytics changed with the options", extra=context)
+            if (message.options.store, message.options.store_every_s) != (
+                options.store,
+                options.store_every_s,
+            ):
+                store_gate = _store_gate(settings, message.options)
             options = message.options
             current = detection_options(options)
             continue
@@ -358,6 +375,7 @@ def _detect_frames(
         count = 0
         error = None
         skipped = False
+        not_stored = False
         events: tuple[tuple[str, str], ...] = ()
         analytics.untracked = 0
         try:
@@ -371,7 +389,16 @@ def _detect_frames(
                 count = len(objects)
                 size = (image.shape[1], image.shape[0])
                 objects, frame_analytics = analytics.frame(stream_id, headers, size, objects)
-                if objects or settings.ml_store_empty_frames or frame_analytics is not None:
+                carries_events = frame_analytics is not None and bool(frame_analytics.events)
+                wanted = store_gate.should_store(
+                    objects, analytics.zones_of(), carries_events, headers.capture_ts
+                )
+                not_stored = not wanted
+                if not wanted and frame_analytics is not None:
+                    # no event (a frame with one is always kept): only the zones' occupancy changed
+                    store.save_occupancy(frame_analytics)
+                    analytics.stored(frame_analytics, False)
+                if wanted:
                     drawn = annotate(image, objects, options.zones or (), options.lines or ())
                     stored = store.save(headers, encode_jpeg(drawn), objects, frame_analytics)
                     if stored:  # wall clocks of two processes, maybe two hosts: never below zero
@@ -398,6 +425,7 @@ def _detect_frames(
                 capture_to_row_s=capture_to_row_s,
                 error=error,
                 skipped=skipped,
+                not_stored=not_stored,
                 events=events,
                 untracked=analytics.untracked,
             )

@@ -66,6 +66,7 @@ class FrameDone:
     capture_to_row_s: float | None = None  # from the frame's capture time to its row; None: not stored
     error: str | None = None
     skipped: bool = False  # motion gating: nothing moved, the model did not run, no row
+    not_stored: bool = False  # detected, but the store policy keeps no frame of it (e.g. empty under objects)
     events: tuple[tuple[str, str], ...] = ()  # (zone or line, kind) of each event stored with it
     untracked: int = 0  # detections that joined no track and started none
 

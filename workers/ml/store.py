@@ -112,9 +112,18 @@ class FrameAnalytics:
 
 
 INSERT_DETECTION = """
-INSERT INTO detections (stream_id, frame_seq, capture_time, s3_key, width, height, objects)
-VALUES (%s, %s, %s, %s, %s, %s, %s)
-ON CONFLICT (stream_id, frame_seq) DO NOTHING
+INSERT INTO detections (stream_id, frame_seq, capture_time, s3_key, width, height, objects, bytes)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (stream_id, frame_seq, capture_time) DO NOTHING
+"""
+# the stream's storage counters (the janitor takes deleted frames off them)
+COUNT_STORED = """
+INSERT INTO stream_storage AS st (stream_id, bytes, frames, stored_bytes, stored_frames)
+VALUES (%s, %s, 1, %s, 1)
+ON CONFLICT (stream_id) DO UPDATE
+   SET bytes = st.bytes + EXCLUDED.bytes, frames = st.frames + 1,
+       stored_bytes = st.stored_bytes + EXCLUDED.bytes, stored_frames = st.stored_frames + 1,
+       updated_at = now()
 """
 
 
@@ -183,8 +192,31 @@ class DetectionStore:
             headers.width,
             headers.height,
             Jsonb([o.model_dump(mode="json", exclude_none=True) for o in objects]),
+            len(jpeg),
         )
         return self._retry("detection insert", lambda: self._insert(row, analytics), context)
+
+    def save_occupancy(self, analytics: FrameAnalytics) -> None:
+        """The zones' occupancy of a frame the store policy does not keep (it carries no event: the
+        figures are absolute, so writing them twice is harmless). Retries like ``save``."""
+        if analytics.events:
+            raise ValueError("a frame with events is stored with them (save)")
+
+        def write() -> None:
+            try:
+                conn = self._connection()
+                with conn.transaction():
+                    for name, (shape, occupancy, count_in, count_out) in analytics.figures().items():
+                        conn.execute(
+                            UPSERT_FIGURES, (analytics.stream_id, name, shape, occupancy, count_in, count_out)
+                        )
+            except psycopg.errors.ForeignKeyViolation as err:
+                raise PermanentStoreError(f"stream {analytics.stream_id} has no row in streams") from err
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                self._drop_connection()
+                raise
+
+        self._retry("occupancy update", write, {"stream_id": analytics.stream_id})
 
     def analytics_resume(self, stream_id: str) -> AnalyticsResume:
         """Where a new detection process of the stream takes its analytics up: the track ids used so
@@ -278,7 +310,10 @@ class DetectionStore:
             conn = self._connection()
             with conn.transaction():
                 cursor = conn.execute(INSERT_DETECTION, row)
-                if cursor.rowcount == 1 and analytics is not None:
+                inserted = cursor.rowcount == 1
+                if inserted:
+                    conn.execute(COUNT_STORED, (row[0], row[-1], row[-1]))
+                if inserted and analytics is not None:
                     self._insert_analytics(conn, analytics)
         except psycopg.errors.ForeignKeyViolation as err:
             raise PermanentStoreError(f"stream {row[0]} has no row in streams") from err
@@ -287,7 +322,7 @@ class DetectionStore:
         except (psycopg.OperationalError, psycopg.InterfaceError):
             self._drop_connection()
             raise
-        return cursor.rowcount == 1
+        return inserted
 
     def _insert_analytics(self, conn: psycopg.Connection, analytics: FrameAnalytics) -> None:
         """The frame's events, their outbox messages and deliveries, and the shapes' figures."""

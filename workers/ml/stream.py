@@ -21,6 +21,7 @@ from core.metrics import (
     CAPTURE_TO_ROW_SECONDS,
     DETECTIONS_STORED,
     FRAMES_DROPPED,
+    FRAMES_NOT_STORED,
     FRAMES_PROCESSED,
     FRAMES_SKIPPED,
     INFERENCE_SECONDS,
@@ -120,6 +121,7 @@ class StreamStats:
     inference_s: float = 0.0  # model time of the processed frames, summed
     inferred: int = 0  # frames that went through the model
     skipped: int = 0  # motion gating: nothing moved, the model did not run
+    not_stored: int = 0  # detected, but its store policy keeps no frame of it
     newest_capture_ts: float | None = None  # capture time of the newest frame finished
 
 
@@ -209,6 +211,7 @@ class StreamProcess:
             inference_ms=round(1000 * (stats.inference_s - inference_s) / count, 2) if count > 0 else None,
             newest_frame_age_s=round(max(0.0, time.time() - newest), 3) if newest is not None else None,
             frames_skipped=stats.skipped,
+            frames_not_stored=stats.not_stored,
             backend=self.backend,
             threads=self.running_threads,
         )
@@ -323,6 +326,9 @@ class StreamProcess:
         if done.skipped:
             self.stats.skipped += 1
             FRAMES_SKIPPED.labels(sid).inc()
+        if done.not_stored:
+            self.stats.not_stored += 1
+            FRAMES_NOT_STORED.labels(sid).inc()
         if done.inference_s is not None:
             self.stats.inference_s += done.inference_s
             self.stats.inferred += 1
@@ -367,6 +373,7 @@ class StreamProcess:
             "stored": s.stored,
             "dropped": s.dropped,
             "skipped": s.skipped,
+            "not_stored": s.not_stored,
             "discarded": s.discarded,
             "queue_high_water": s.queue_high_water,
             "busy_at_stop": s.busy_at_stop,

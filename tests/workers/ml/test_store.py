@@ -28,8 +28,12 @@ pytestmark = pytest.mark.integration
 PERSON = DetectedObject(class_name="person", class_id=0, confidence=0.9, box=Box(x1=1, y1=2, x2=30, y2=40))
 
 
+STARTED = time.time()
+
+
 def headers(stream_id: str, seq: int) -> FrameHeaders:
-    return FrameHeaders(stream_id=stream_id, frame_seq=seq, capture_ts=time.time(), width=64, height=48)
+    """A frame's headers: the same frame (a redelivery) has the same capture time."""
+    return FrameHeaders(stream_id=stream_id, frame_seq=seq, capture_ts=STARTED + seq / 5, width=64, height=48)
 
 
 class TcpProxy:
