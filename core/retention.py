@@ -15,12 +15,9 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-
-if TYPE_CHECKING:
-    from core.settings import Settings
 
 
 class StorePolicy(StrEnum):
@@ -120,10 +117,10 @@ async def streams_storage(conn: Any, stream_ids: list[uuid.UUID] | None) -> dict
 
 
 async def storage_usage(
-    conn: Any, settings: Settings, stream_ids: list[uuid.UUID] | None = None, *, publish_metrics: bool = False
+    conn: Any, budget: int, stream_ids: list[uuid.UUID] | None = None, *, publish_metrics: bool = False
 ) -> StorageView:
-    """The store's size, per stream and in total, with the forecast (``conn``: an asyncpg connection
-    or pool). ``stream_ids``: only these streams in ``streams`` (the totals are the whole store's)."""
+    """The store's size, per stream and in total, against ``budget`` bytes, with the forecast
+    (``conn``: an asyncpg connection or pool). ``stream_ids``: only these streams in ``streams`` (the totals are the whole store's)."""
     from core.metrics import (
         STORAGE_BUDGET_BYTES,
         STORAGE_DAYS_UNTIL_FULL,
@@ -139,7 +136,6 @@ async def storage_usage(
     per_day = None
     if rate_row is not None and rate_row["span_s"] and float(rate_row["span_s"]) >= 30:
         per_day = (rate_row["stored_now"] - rate_row["stored_then"]) / float(rate_row["span_s"]) * 86400
-    budget = settings.storage_budget_bytes
     if total["bytes"] >= budget:
         days: float | None = 0.0
     elif per_day:

@@ -486,7 +486,7 @@ class Janitor:
             " ON CONFLICT (at) DO NOTHING"
         )
         await conn.execute("DELETE FROM storage_samples WHERE at < now() - $1::interval", SAMPLES_KEPT)
-        await storage_usage(conn, self.settings, publish_metrics=True)
+        await storage_usage(conn, self.settings.storage_budget_bytes, publish_metrics=True)
 
 
 def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:

@@ -312,4 +312,4 @@ async def delete_stream(
 async def storage(db: DbDep, settings: SettingsDep, _key: ReadKey) -> StorageView:
     """The store: bytes and frames per stream and in total against the budget, pending deletions,
     the recent rate and the days until the budget is reached."""
-    return await storage_usage(db, settings)
+    return await storage_usage(db, settings.storage_budget_bytes)

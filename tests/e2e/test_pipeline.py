@@ -38,9 +38,7 @@ log = logging.getLogger(__name__)
 
 @pytest.fixture(scope="module")
 async def pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
-    e2e_settings = await pipeline_settings(
-        settings, startup_deadline_s=30.0, camera_retry_s=8.0
-    )
+    e2e_settings = await pipeline_settings(settings, startup_deadline_s=30.0, camera_retry_s=8.0)
     async with running_pipeline(e2e_settings) as running:
         yield running
 

@@ -256,7 +256,9 @@ async def test_a_past_partition_whose_frames_are_all_due_is_dropped_whole(store:
     names = {r["name"] for r in await store.pool.fetch("SELECT name FROM detection_partitions")}
     tables = {
         r["relname"]
-        for r in await store.pool.fetch("SELECT relname FROM pg_class WHERE relname LIKE 'detections_2%' AND relkind = 'r'")
+        for r in await store.pool.fetch(
+            "SELECT relname FROM pg_class WHERE relname LIKE 'detections_2%' AND relkind = 'r'"
+        )
     }
     assert names == tables, "the partition table and its record go together"
     await store.assert_consistent()
