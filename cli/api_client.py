@@ -63,6 +63,12 @@ class LookoutClient:
             params["cursor"] = cursor
         return self._call("GET", "/detection_result", params=params)
 
+    def storage(self) -> Any:
+        return self._call("GET", "/storage")
+
+    def delete_stream(self, stream_id: str) -> Any:
+        return self._call("DELETE", f"/streams/{stream_id}")
+
     def create_key(self, name: str, scope: str) -> Any:
         return self._call("POST", "/keys", json={"name": name, "scope": scope})
 

@@ -141,6 +141,65 @@ def results(
         say_json(client.results(stream_id, limit=limit, cursor=cursor))
 
 
+@streams_app.command()
+def storage(api: ApiOption = None) -> None:
+    """What the stored frames take, per stream and in total, against the budget, and when it fills."""
+    with api_client(api) as client:
+        view = client.storage()
+    rate = view["stored_bytes_per_day"]
+    say(
+        f"{human_bytes(view['bytes'])} of {human_bytes(view['budget_bytes'])} ({view['used_fraction']:.0%}),"
+        f" {view['frames']} frames, {view['pending_deletions']} deletions pending;"
+        f" storing {human_bytes(rate) + ' a day' if rate else 'nothing lately'}; {forecast(view['days_until_full'])}"
+    )
+    table = column_table("STREAM", "FRAMES", "BYTES", "OLDEST", "DELETED", "LAST REASON")
+    for s in view["streams"]:
+        age = s["oldest_frame_age_s"]
+        cells = (
+            s["stream_id"],
+            s["frames"],
+            human_bytes(s["bytes"]),
+            "-" if age is None else human_duration(age),
+            f"{s['deleted_frames']} frames, {s['deleted_events']} events",
+            s["last_deletion_reason"] or "",
+        )
+        table.add_row(*(Text(str(cell)) for cell in cells))
+    say(table)
+
+
+@streams_app.command("delete")
+def delete_stream(stream_id: StreamId, api: ApiOption = None) -> None:
+    """Delete an inactive stream with its frames and events (the janitor deletes them, then it)."""
+    with api_client(api) as client:
+        say_json(client.delete_stream(stream_id))
+
+
+def forecast(days: float | None) -> str:
+    if days is None:
+        return "the budget is not filling"
+    if days == 0:
+        return "budget reached: the oldest frames go as new ones come"
+    return f"the budget is reached in {days:.1f} days"
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
 keys_app = typer.Typer(help="API keys: create (the token is shown once), list, revoke.")
 
 

@@ -59,6 +59,29 @@ KEY_SEQ = re.compile(r"/frames/(\d+)\.jpg$")
 PINNED = """NOT EXISTS (SELECT 1 FROM events e
                   WHERE e.stream_id = d.stream_id AND e.frame_seq = d.frame_seq AND e.pinned_at IS NOT NULL)"""
 
+# what follows the frames in ``gone`` (rows just deleted): their objects journalled, their streams'
+# counters, their events marked; the frames and bytes
+ACCOUNT_GONE = """
+queued AS (
+    INSERT INTO frame_deletions (stream_id, frame_seq, s3_key, bytes, reason)
+    SELECT stream_id, frame_seq, s3_key, bytes, {reason} FROM gone
+), counted AS (
+    UPDATE stream_storage st
+       SET bytes = st.bytes - g.bytes, frames = st.frames - g.frames,
+           deleted_bytes = st.deleted_bytes + g.bytes, deleted_frames = st.deleted_frames + g.frames,
+           deleted_through_seq = greatest(st.deleted_through_seq, g.seq),
+           last_deletion_reason = {reason}, updated_at = now()
+      FROM (SELECT stream_id, sum(bytes) AS bytes, count(*) AS frames, max(frame_seq) AS seq
+              FROM gone GROUP BY stream_id) g
+     WHERE st.stream_id = g.stream_id
+), marked AS (
+    UPDATE events e SET frame_deleted_at = now()
+      FROM gone g
+     WHERE e.stream_id = g.stream_id AND e.frame_seq = g.frame_seq AND e.frame_deleted_at IS NULL
+)
+SELECT count(*) AS frames, coalesce(sum(bytes), 0)::bigint AS bytes FROM gone
+"""
+
 # $1 batch, $2 bytes to free (NULL: every due frame in the batch), $3 reason, then the WHERE's own
 DELETE_FRAMES = """
 WITH victims AS (
@@ -75,48 +98,13 @@ WITH victims AS (
     DELETE FROM detections d USING chosen c
      WHERE d.id = c.id AND d.capture_time = c.capture_time
     RETURNING d.stream_id, d.frame_seq, d.s3_key, d.bytes
-), queued AS (
-    INSERT INTO frame_deletions (stream_id, frame_seq, s3_key, bytes, reason)
-    SELECT stream_id, frame_seq, s3_key, bytes, $3 FROM gone
-), counted AS (
-    UPDATE stream_storage st
-       SET bytes = st.bytes - g.bytes, frames = st.frames - g.frames,
-           deleted_bytes = st.deleted_bytes + g.bytes, deleted_frames = st.deleted_frames + g.frames,
-           deleted_through_seq = greatest(st.deleted_through_seq, g.seq),
-           last_deletion_reason = $3, updated_at = now()
-      FROM (SELECT stream_id, sum(bytes) AS bytes, count(*) AS frames, max(frame_seq) AS seq
-              FROM gone GROUP BY stream_id) g
-     WHERE st.stream_id = g.stream_id
-), marked AS (
-    UPDATE events e SET frame_deleted_at = now()
-      FROM gone g
-     WHERE e.stream_id = g.stream_id AND e.frame_seq = g.frame_seq AND e.frame_deleted_at IS NULL
-)
-SELECT count(*) AS frames, coalesce(sum(bytes), 0)::bigint AS bytes FROM gone
-"""
+),""" + ACCOUNT_GONE.replace("{reason}", "$3")
 
-# the same for a whole partition, before it is dropped
-JOURNAL_PARTITION = """
-WITH gone AS (SELECT stream_id, frame_seq, s3_key, bytes FROM {part}),
-queued AS (
-    INSERT INTO frame_deletions (stream_id, frame_seq, s3_key, bytes, reason)
-    SELECT stream_id, frame_seq, s3_key, bytes, $1 FROM gone
-), counted AS (
-    UPDATE stream_storage st
-       SET bytes = st.bytes - g.bytes, frames = st.frames - g.frames,
-           deleted_bytes = st.deleted_bytes + g.bytes, deleted_frames = st.deleted_frames + g.frames,
-           deleted_through_seq = greatest(st.deleted_through_seq, g.seq),
-           last_deletion_reason = $1, updated_at = now()
-      FROM (SELECT stream_id, sum(bytes) AS bytes, count(*) AS frames, max(frame_seq) AS seq
-              FROM gone GROUP BY stream_id) g
-     WHERE st.stream_id = g.stream_id
-), marked AS (
-    UPDATE events e SET frame_deleted_at = now()
-      FROM gone g
-     WHERE e.stream_id = g.stream_id AND e.frame_seq = g.frame_seq AND e.frame_deleted_at IS NULL
+# the same for a whole partition, before it is dropped ($1 reason)
+JOURNAL_PARTITION = (
+    "WITH gone AS (SELECT stream_id, frame_seq, s3_key, bytes FROM {part}),"
+    + ACCOUNT_GONE.replace("{reason}", "$1")
 )
-SELECT count(*) AS frames, coalesce(sum(bytes), 0)::bigint AS bytes FROM gone
-"""
 
 # streams holding frames, with their retention (NULL: the settings' default)
 RETAINED = """

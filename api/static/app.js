@@ -4,6 +4,7 @@
 
 const STREAMS_EVERY_MS = 1500;
 const FRAMES_EVERY_MS = 2000;
+const STORAGE_EVERY_MS = 10000;
 const FRAMES_SHOWN = 12;
 
 const ACTIVE_STATES = new Set(["init_startup", "in_startup_processing", "runner_started", "ml_started"]);
@@ -200,6 +201,7 @@ function createRow(stream) {
     url: el("div", { class: "stream-url" }),
     state: el("span", { class: "state" }),
     reason: el("p", { class: "reason", hidden: "" }),
+    storage: el("p", { class: "storage muted", hidden: "" }),
     health: el("td", { class: "health-cell" }),
     options: el("td", { class: "options-cell" }),
     updated: el("td", { class: "updated" }),
@@ -215,7 +217,7 @@ function createRow(stream) {
   row.stop.addEventListener("click", () => stopStream(stream.id, row.stop));
   row.tr.append(
     el("td", {}, row.id, row.url),
-    el("td", {}, row.state, row.reason),
+    el("td", {}, row.state, row.reason, row.storage),
     row.health,
     row.options,
     row.updated,
@@ -236,6 +238,15 @@ function updateRow(row, stream) {
   }
   row.reason.hidden = !stream.error_reason;
   setText(row.reason, stream.error_reason || "");
+  const kept = stream.storage;
+  row.storage.hidden = !kept;
+  if (kept) {
+    const oldest = kept.oldest_frame_age_s === null ? "" : ` · oldest ${duration(kept.oldest_frame_age_s)}`;
+    setText(row.storage, `${kept.frames} frames · ${bytes(kept.bytes)}${oldest}`);
+    row.storage.title = kept.deleted_frames
+      ? `${kept.deleted_frames} frames deleted (last: ${kept.last_deletion_reason})`
+      : "nothing deleted yet";
+  }
   renderHealth(row.health, stream);
   setText(row.options, describeOptions(stream.options || {}));
   setText(row.updated, clockTime(stream.updated_at));
@@ -263,6 +274,7 @@ function renderHealth(cell, stream) {
       parts.push(`newest frame ${figures.newest_frame_age_s} s old`);
     if (figures.frames_dropped) parts.push(`${figures.frames_dropped} dropped`);
     if (figures.frames_skipped) parts.push(`${figures.frames_skipped} skipped (no motion)`);
+    if (figures.frames_not_stored) parts.push(`${figures.frames_not_stored} not stored (store policy)`);
     if (figures.backend) parts.push(figures.threads ? `${figures.backend}, ${figures.threads} threads` : figures.backend);
     if (service.restarts) parts.push(`${service.restarts} restarts, last: ${service.last_restart_reason}`);
     cell.append(
@@ -272,6 +284,36 @@ function renderHealth(cell, stream) {
         text: `${name} ${service.status.replace("_", " ")}`,
       }),
     );
+  }
+}
+
+function bytes(n) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let unit = 0;
+  while (n >= 1024 && unit < units.length - 1) {
+    n /= 1024;
+    unit += 1;
+  }
+  return unit === 0 ? `${n} B` : `${n.toFixed(1)} ${units[unit]}`;
+}
+
+function duration(seconds) {
+  if (seconds < 120) return `${Math.round(seconds)} s`;
+  if (seconds < 7200) return `${Math.round(seconds / 60)} min`;
+  if (seconds < 172800) return `${(seconds / 3600).toFixed(1)} h`;
+  return `${(seconds / 86400).toFixed(1)} days`;
+}
+
+async function refreshStorage() {
+  try {
+    const view = await api("GET", "/storage");
+    const used = `${bytes(view.bytes)} of ${bytes(view.budget_bytes)} (${Math.round(view.used_fraction * 100)} %)`;
+    let forecast = "not filling";
+    if (view.days_until_full === 0) forecast = "budget reached: the oldest frames go first";
+    else if (view.days_until_full !== null) forecast = `full in ${view.days_until_full.toFixed(1)} days`;
+    setText($("storage-status"), `Storage: ${used} · ${view.frames} frames · ${forecast}`);
+  } catch (error) {
+    setText($("storage-status"), `Storage: ${error.message}`);
   }
 }
 
@@ -699,3 +741,4 @@ window.addEventListener("resize", drawShapes);
 if (!sessionStorage.getItem(KEY_STORAGE)) askForKey(NEEDS_KEY);
 every(STREAMS_EVERY_MS, refreshStreams);
 every(FRAMES_EVERY_MS, refreshFrames);
+every(STORAGE_EVERY_MS, refreshStorage);

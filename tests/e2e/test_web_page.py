@@ -251,6 +251,11 @@ async def test_stream_started_from_the_page_runs_shows_annotated_frames_and_stop
         assert all(i["src"].startswith(s3_origin) for i in images), images
         first_caption = page.locator("#gallery figcaption").first
         await expect(first_caption.get_by_role("list", name="Detected objects")).to_contain_text("person")
+        # what its frames take, and the store against its budget
+        await expect(row.locator(".storage")).to_contain_text(re.compile(r"\d+ frames · [\d.]+ (KiB|MiB)"))
+        await expect(page.locator("#storage-status")).to_contain_text(
+            re.compile(r"Storage: [\d.]+ (B|KiB|MiB) of 20\.0 GiB"), timeout=15_000
+        )
         await page.screenshot(path=tmp_path / "web-page-running.png", full_page=True)
 
         # draw a line down the middle of the newest frame: it reaches the stream, its counts and

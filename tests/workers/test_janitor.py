@@ -26,7 +26,8 @@ from minio import Minio
 
 from core.settings import Settings
 from core.storage import create_s3_client, ensure_bucket
-from tests.running_services import running_api
+from tests.e2e.pipeline import served_api
+from tests.running_services import new_api_key, running_api
 from workers.janitor import Janitor, Partition, partition_bounds, partition_name
 from workers.ml.store import frame_key
 
@@ -368,3 +369,27 @@ async def test_a_janitor_killed_mid_pass_leaves_no_orphan_and_no_row_without_its
 
     await store.assert_consistent()
     assert len(await store.rows()) == 100
+
+
+async def test_lookout_storage_shows_each_streams_frames_and_the_budget(store: Store) -> None:
+    stream_id = await store.stream(frames_days=1)
+    await store.fill(stream_id, spread(ago(days=2), ago(minutes=5), 20))
+    await Janitor(store.settings, store.pool, store.s3).pass_once()
+    token = await new_api_key(store.settings)
+    async with served_api(store.settings) as api:
+        proc = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "lookout"),
+            "storage",
+            "--api",
+            api,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "LOOKOUT_API_KEY": token, "COLUMNS": "200"},
+        )
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    text = out.decode()
+    kept = len(await store.rows(stream_id))
+    assert f"{kept} frames" in text and "of 20.0 GiB" in text, text
+    line = next(row for row in text.splitlines() if row.startswith(str(stream_id)))
+    assert f"{20 - kept} frames" in line and "age" in line, line
