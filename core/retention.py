@@ -90,7 +90,7 @@ SELECT st.stream_id, st.bytes, st.frames, st.deleted_frames, st.deleted_bytes, s
 """
 # the stored total now and about an hour ago: the rate
 RATE = """
-SELECT (SELECT coalesce(sum(stored_bytes), 0) FROM stream_storage) AS stored_now,
+SELECT (SELECT coalesce(sum(stored_bytes), 0)::bigint FROM stream_storage) AS stored_now,
        s.stored_bytes AS stored_then, extract(epoch FROM now() - s.at) AS span_s
   FROM (SELECT at, stored_bytes FROM storage_samples WHERE at >= now() - interval '1 hour'
          ORDER BY at LIMIT 1) s

@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import asyncpg
 import httpx
 import pytest
 from minio import Minio
+from prometheus_client import REGISTRY
 
 from core.settings import Settings
 from core.storage import create_s3_client, ensure_bucket
@@ -229,6 +231,9 @@ async def test_the_oldest_frames_of_all_streams_go_first_when_the_store_is_over_
     assert max(filled[k] for k in by_budget) <= min(filled[k] for k in kept), "the oldest of all went first"
     await store.assert_consistent()
     assert await store.pool.fetchval("SELECT sum(deleted_frames) FROM stream_storage") == report.frames
+    assert REGISTRY.get_sample_value("lookout_storage_bytes") == len(kept) * JPEG
+    assert REGISTRY.get_sample_value("lookout_storage_budget_bytes") == budget
+    assert REGISTRY.get_sample_value("lookout_storage_days_until_full") == 0, "at the budget: full"
 
 
 async def test_a_past_partition_whose_frames_are_all_due_is_dropped_whole(store: Store) -> None:
@@ -375,6 +380,13 @@ async def test_lookout_storage_shows_each_streams_frames_and_the_budget(store: S
     stream_id = await store.stream(frames_days=1)
     await store.fill(stream_id, spread(ago(days=2), ago(minutes=5), 20))
     await Janitor(store.settings, store.pool, store.s3).pass_once()
+    # half an hour ago 40 kB less had been stored: 1.92 MB a day fills the budget's rest in that many days
+    stored = await store.pool.fetchval("SELECT sum(stored_bytes) FROM stream_storage")
+    await store.pool.execute("DELETE FROM storage_samples")
+    await store.pool.execute(
+        "INSERT INTO storage_samples (at, bytes, stored_bytes) VALUES (now() - interval '30 minutes', 0, $1)",
+        stored - 40_000,
+    )
     token = await new_api_key(store.settings)
     async with served_api(store.settings) as api:
         proc = await asyncio.create_subprocess_exec(
@@ -393,3 +405,7 @@ async def test_lookout_storage_shows_each_streams_frames_and_the_budget(store: S
     assert f"{kept} frames" in text and "of 20.0 GiB" in text, text
     line = next(row for row in text.splitlines() if row.startswith(str(stream_id)))
     assert f"{20 - kept} frames" in line and "age" in line, line
+    left_bytes = store.settings.storage_budget_bytes - kept * JPEG
+    days = left_bytes / (40_000 / 1800 * 86400)
+    shown = re.search(r"the budget is reached in ([\d.]+) days", text)
+    assert shown is not None and abs(float(shown.group(1)) / days - 1) < 0.01, (days, text)
