@@ -19,6 +19,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# pg advisory lock: the janitor holds it (exclusively) in every transaction that deletes frames, a pin
+# shares it, so a pin waits for the batch in flight and every later batch sees it
+PINS_LOCK = 0x6C6F6F70
+
 
 class StorePolicy(StrEnum):
     """Which processed frames are stored."""
@@ -135,7 +139,10 @@ async def storage_usage(
     rate_row = await conn.fetchrow(RATE)
     per_day = None
     if rate_row is not None and rate_row["span_s"] and float(rate_row["span_s"]) >= 30:
-        per_day = (rate_row["stored_now"] - rate_row["stored_then"]) / float(rate_row["span_s"]) * 86400
+        # a deleted stream takes its counters along: a fall is no negative rate
+        per_day = max(
+            0.0, (rate_row["stored_now"] - rate_row["stored_then"]) / float(rate_row["span_s"]) * 86400
+        )
     if total["bytes"] >= budget:
         days: float | None = 0.0
     elif per_day:

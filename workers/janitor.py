@@ -23,9 +23,11 @@ event and its frame are never deleted by retention (only with their stream).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -41,8 +43,9 @@ from core.metrics import (
     STORAGE_DELETED_BYTES,
     STORAGE_DELETED_FRAMES,
     STORAGE_PENDING_DELETIONS,
+    STORAGE_STREAM_BYTES,
 )
-from core.retention import storage_usage
+from core.retention import PINS_LOCK, storage_usage
 from core.retry import wait_any
 from core.settings import Settings
 from core.storage import create_s3_client, ensure_bucket
@@ -51,6 +54,9 @@ from workers.entrypoint import run_service
 log = logging.getLogger(__name__)
 
 PASS_LOCK = 0x6C6F6F6B  # pg advisory lock: one janitor pass at a time ("look")
+# pg advisory lock held (exclusively) by each deleting transaction, and shared by a pin: a pin waits
+# for the batch in flight, and the next batch sees it
+PIN_LOCK = PINS_LOCK
 SWEEP_EVERY_S = 3600.0  # objects that no row names are looked for this often
 SWEEP_MIN_AGE_S = 600.0  # an object this young may still be waiting for its row
 SAMPLES_KEPT = timedelta(days=2)
@@ -251,7 +257,13 @@ class Janitor:
             lower, upper = partition_bounds(now + step * span, span)
             if any(p.lower < upper and lower < p.upper for p in existing):
                 continue  # this span is covered (perhaps by partitions of another length)
-            await self._create_partition(conn, Partition(partition_name(lower), lower, upper))
+            try:
+                await self._create_partition(conn, Partition(partition_name(lower), lower, upper))
+            except asyncpg.PostgresError as err:  # the rest of the pass goes on; rows wait in the default
+                log.error(
+                    "partition not created", extra={"partition": partition_name(lower), "error": str(err)}
+                )
+                continue
             report.partitions_created += 1
         await self._drop_partitions(conn, report, now)
 
@@ -259,6 +271,9 @@ class Janitor:
         """A range partition; rows the default partition holds in its range move into it."""
         bounds = f"FROM ('{part.lower.isoformat()}') TO ('{part.upper.isoformat()}')"
         async with conn.transaction():
+            # what attaching takes anyway, from the start: no insert lands in the default partition's
+            # range between the move and the attach
+            await conn.execute("LOCK TABLE detections IN ACCESS EXCLUSIVE MODE")
             stray = await conn.fetchval(
                 "SELECT count(*) FROM detections_default WHERE capture_time >= $1 AND capture_time < $2",
                 part.lower,
@@ -295,8 +310,9 @@ class Janitor:
         for part in await self.partitions(conn):
             if part.upper > now - partition_span(self.settings):
                 break  # the current and coming ones stay
-            empty = not await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {part.name})")
-            if empty or (part.upper <= due_before and not await self._holds_pinned(conn, part)):
+            if part.upper <= due_before or not await conn.fetchval(
+                f"SELECT EXISTS (SELECT 1 FROM {part.name})"
+            ):
                 await self._drop_partition(conn, part, "age", report)
 
     async def _holds_pinned(self, conn: asyncpg.Connection, part: Partition) -> bool:
@@ -309,8 +325,14 @@ class Janitor:
 
     async def _drop_partition(
         self, conn: asyncpg.Connection, part: Partition, reason: str, report: PassReport
-    ) -> None:
+    ) -> bool:
+        """Journal a partition's frames and drop it, unless it holds a pinned frame (False then). The
+        table is locked first: no late frame lands in it unjournalled, no pin slips in between."""
         async with conn.transaction():
+            await conn.execute("LOCK TABLE detections IN ACCESS EXCLUSIVE MODE")
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", PIN_LOCK)
+            if await self._holds_pinned(conn, part):
+                return False
             row = await conn.fetchrow(JOURNAL_PARTITION.format(part=part.name), reason)
             await conn.execute(f"DROP TABLE {part.name}")
             await conn.execute("DELETE FROM detection_partitions WHERE name = $1", part.name)
@@ -319,6 +341,7 @@ class Janitor:
         log.info(
             "partition dropped", extra={"partition": part.name, "reason": reason, "frames": row["frames"]}
         )
+        return True
 
     # --- 3. deleted streams --------------------------------------------------------------------------
 
@@ -329,13 +352,26 @@ class Janitor:
             await self._delete_frames(
                 conn, report, "stream_deleted", "d.stream_id = $4", stream_id, pinned=False
             )
-            await self._finish_deletions(conn, report)
-            report.orphans += await self._sweep_stream(conn, stream_id, min_age_s=0.0)
             async with conn.transaction():
+                # the row locked: no frame can be inserted for the stream now (its foreign key
+                # waits), and what came since the batches above is journalled with the rest
+                await conn.execute("SELECT 1 FROM streams WHERE id = $1 FOR UPDATE", stream_id)
+                last = await conn.fetchrow(
+                    DELETE_FRAMES.format(where="d.stream_id = $4", pinned=""),
+                    None,
+                    None,
+                    "stream_deleted",
+                    stream_id,
+                )
+                report.add("stream_deleted", last["frames"], last["bytes"])
                 gone = await conn.execute("DELETE FROM events WHERE stream_id = $1", stream_id)
                 await conn.execute("DELETE FROM streams WHERE id = $1", stream_id)
+            await self._finish_deletions(conn, report)
+            report.orphans += await self._sweep_stream(conn, stream_id, min_age_s=0.0)
             report.events += int(gone.split()[-1])
             report.streams_deleted += 1
+            with contextlib.suppress(KeyError):
+                STORAGE_STREAM_BYTES.remove(str(stream_id))
             log.info("stream deleted with its frames and events", extra={"stream_id": str(stream_id)})
 
     # --- 4, 5. retention -----------------------------------------------------------------------------
@@ -386,14 +422,15 @@ class Janitor:
             if part.upper > now - partition_span(self.settings):
                 break
             size = await conn.fetchval(f"SELECT coalesce(sum(bytes), 0)::bigint FROM {part.name}")
-            if size > excess or await self._holds_pinned(conn, part):
+            if size > excess:
                 break
             # every frame older than this partition's is gone already (oldest first)
             if await conn.fetchval(
                 "SELECT EXISTS (SELECT 1 FROM detections WHERE capture_time < $1)", part.lower
             ):
                 break
-            await self._drop_partition(conn, part, "budget", report)
+            if not await self._drop_partition(conn, part, "budget", report):
+                break
             excess -= size
         if excess > 0:
             await self._delete_frames(conn, report, "budget", "TRUE", excess=excess)
@@ -413,6 +450,7 @@ class Janitor:
         sql = DELETE_FRAMES.format(where=where, pinned=f"AND {PINNED}" if pinned else "")
         while True:
             async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", PIN_LOCK)
                 row = await conn.fetchrow(sql, self.settings.janitor_batch, excess, reason, *args)
             report.add(reason, row["frames"], row["bytes"])
             STORAGE_PENDING_DELETIONS.inc(row["frames"])
@@ -426,8 +464,21 @@ class Janitor:
     # --- 6. sweeping and sampling --------------------------------------------------------------------
 
     async def _sweep_orphans(self, conn: asyncpg.Connection, report: PassReport) -> None:
-        for row in await conn.fetch("SELECT id FROM streams"):
-            report.orphans += await self._sweep_stream(conn, row["id"], min_age_s=SWEEP_MIN_AGE_S)
+        """Every stream's prefix in the bucket, those of streams no longer in Postgres included."""
+        for prefix in await asyncio.to_thread(self._stream_prefixes):
+            try:
+                stream_id = uuid.UUID(prefix)
+            except ValueError:
+                continue  # not Lookout's
+            report.orphans += await self._sweep_stream(conn, stream_id, min_age_s=SWEEP_MIN_AGE_S)
+
+    def _stream_prefixes(self) -> list[str]:
+        ensure_bucket(self.s3, self.bucket)
+        return [
+            (o.object_name or "").removeprefix("streams/").rstrip("/")
+            for o in self.s3.list_objects(self.bucket, prefix="streams/", recursive=False)
+            if o.is_dir
+        ]
 
     async def _sweep_stream(self, conn: asyncpg.Connection, stream_id: Any, *, min_age_s: float) -> int:
         """Delete the stream's objects that no row and no journal entry names (older than
@@ -435,6 +486,7 @@ class Janitor:
         objects = await asyncio.to_thread(self._list_frames, str(stream_id))
         cutoff = datetime.now(UTC) - timedelta(seconds=min_age_s)
         deleted = 0
+        # a stream gone from Postgres names nothing: all of its objects old enough are orphans
         for batch in _chunks(objects, self.settings.janitor_batch):
             seqs = {seq: key for key, seq, modified in batch if modified is None or modified <= cutoff}
             if not seqs:

@@ -24,6 +24,7 @@ from api.auth import AUTH_RESPONSES, AdminKey, ReadKey
 from api.deps import DbDep, SettingsDep
 from api.routes.detections import S3Dep, parse_cursor
 from core.analytics import AnalyticsKind, Direction, EventCause
+from core.retention import PINS_LOCK
 from core.settings import Settings
 from core.storage import presigned_get
 
@@ -143,13 +144,16 @@ async def _set_pin(
 ) -> EventView:
     if not 0 < event_pk < 2**63:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"event {event_pk} not found")
-    row = await db.fetchrow(
-        "UPDATE events SET pinned_at = CASE WHEN $2 THEN coalesce(pinned_at, now()) END WHERE id = $1"
-        " RETURNING id, event_id, stream_id, frame_seq, kind, zone, direction, track_id, class_name, confidence,"
-        " dwell_s, occurred_at, s3_key, cause, pinned_at, frame_deleted_at",
-        event_pk,
-        pinned,
-    )
+    async with db.acquire() as conn, conn.transaction():
+        # shared with the janitor's deleting transactions: the batch in flight ends first
+        await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", PINS_LOCK)
+        row = await conn.fetchrow(
+            "UPDATE events SET pinned_at = CASE WHEN $2 THEN coalesce(pinned_at, now()) END WHERE id = $1"
+            " RETURNING id, event_id, stream_id, frame_seq, kind, zone, direction, track_id, class_name,"
+            " confidence, dwell_s, occurred_at, s3_key, cause, pinned_at, frame_deleted_at",
+            event_pk,
+            pinned,
+        )
     if row is None:
         raise HTTPException(
             status.HTTP_404_NOT_FOUND,

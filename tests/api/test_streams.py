@@ -59,8 +59,12 @@ async def test_init_stores_stream_audit_and_both_outbox_messages(
         "zones": None,
         "lines": None,
         "track": None,
+        "store": None,
+        "store_every_s": None,
+        "retention": None,
         "webhook_url": None,
     }
+    assert body["storage"] is None and body["deleting"] is False
     assert body["workflow_id"] == f"stream-{stream_id}"
     assert SECRET not in response.text
 

@@ -111,9 +111,13 @@ class FrameAnalytics:
         return figures
 
 
+# One row per frame of a stream: a redelivered frame, the same frame from a second runner during a
+# handover, or a frame whose object retention is deleting (journalled) is not inserted again.
 INSERT_DETECTION = """
 INSERT INTO detections (stream_id, frame_seq, capture_time, s3_key, width, height, objects, bytes)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+SELECT %(stream_id)s, %(frame_seq)s, %(capture_time)s, %(s3_key)s, %(width)s, %(height)s, %(objects)s, %(bytes)s
+ WHERE NOT EXISTS (SELECT 1 FROM detections WHERE stream_id = %(stream_id)s AND frame_seq = %(frame_seq)s)
+   AND NOT EXISTS (SELECT 1 FROM frame_deletions WHERE stream_id = %(stream_id)s AND frame_seq = %(frame_seq)s)
 ON CONFLICT (stream_id, frame_seq, capture_time) DO NOTHING
 """
 # the stream's storage counters (the janitor takes deleted frames off them)
@@ -184,16 +188,16 @@ class DetectionStore:
         key = frame_key(headers.stream_id, headers.frame_seq)
         context = {"stream_id": headers.stream_id, "frame_seq": headers.frame_seq}
         self._retry("s3 upload", lambda: self._put(key, jpeg), context)
-        row = (
-            headers.stream_id,
-            headers.frame_seq,
-            datetime.fromtimestamp(headers.capture_ts, UTC),
-            key,
-            headers.width,
-            headers.height,
-            Jsonb([o.model_dump(mode="json", exclude_none=True) for o in objects]),
-            len(jpeg),
-        )
+        row = {
+            "stream_id": headers.stream_id,
+            "frame_seq": headers.frame_seq,
+            "capture_time": datetime.fromtimestamp(headers.capture_ts, UTC),
+            "s3_key": key,
+            "width": headers.width,
+            "height": headers.height,
+            "objects": Jsonb([o.model_dump(mode="json", exclude_none=True) for o in objects]),
+            "bytes": len(jpeg),
+        }
         return self._retry("detection insert", lambda: self._insert(row, analytics), context)
 
     def save_occupancy(self, analytics: FrameAnalytics) -> None:
@@ -305,18 +309,18 @@ class DetectionStore:
             self._bucket_ready = False  # a recreated S3 store may have lost the bucket
             raise
 
-    def _insert(self, row: tuple[object, ...], analytics: FrameAnalytics | None) -> bool:
+    def _insert(self, row: dict[str, object], analytics: FrameAnalytics | None) -> bool:
         try:
             conn = self._connection()
             with conn.transaction():
                 cursor = conn.execute(INSERT_DETECTION, row)
                 inserted = cursor.rowcount == 1
                 if inserted:
-                    conn.execute(COUNT_STORED, (row[0], row[-1], row[-1]))
+                    conn.execute(COUNT_STORED, (row["stream_id"], row["bytes"], row["bytes"]))
                 if inserted and analytics is not None:
                     self._insert_analytics(conn, analytics)
         except psycopg.errors.ForeignKeyViolation as err:
-            raise PermanentStoreError(f"stream {row[0]} has no row in streams") from err
+            raise PermanentStoreError(f"stream {row['stream_id']} has no row in streams") from err
         except (psycopg.DataError, psycopg.ProgrammingError, psycopg.IntegrityError) as err:
             raise PermanentStoreError(str(err)) from err
         except (psycopg.OperationalError, psycopg.InterfaceError):
