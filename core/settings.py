@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     s3_secure: bool = False
     s3_region: str = "us-east-1"
     s3_bucket_frames: str = "lookout-frames"
+    # SeaweedFS only (the embedded stack sets it): the master's vacuum URL the storage janitor calls
+    # after deleting frames, so their disk comes back (MinIO frees it on delete; empty: no call)
+    s3_compact_url: str = ""
     s3_presign_expiry_s: int = 300  # links to annotated frames expire this soon (they are made per read)
     # host:port that users' browsers reach S3 at, for presigned links (empty: s3_endpoint). In
     # compose the services reach `minio:9000`, which a browser on the host cannot resolve.

@@ -250,6 +250,7 @@ class LocalStack:
                 "s3_endpoint": f"127.0.0.1:{s.stack_s3_port}",
                 "temporal_address": f"127.0.0.1:{s.stack_temporal_port}",
                 "temporal_ui_url": f"http://127.0.0.1:{s.stack_temporal_ui_port}",
+                "s3_compact_url": servers.seaweed_compact_url(s.stack_s3_port),
                 **self._secret_key_setting(),
             }
         )
@@ -268,6 +269,7 @@ class LocalStack:
             f"LOOKOUT_S3_ENDPOINT={runtime.s3_endpoint}",
             f"LOOKOUT_TEMPORAL_ADDRESS={runtime.temporal_address}",
             f"LOOKOUT_TEMPORAL_UI_URL={runtime.temporal_ui_url}",
+            f"LOOKOUT_S3_COMPACT_URL={runtime.s3_compact_url}",
         ]
         if runtime.secret_key_file is not None:
             lines.append(f"LOOKOUT_SECRET_KEY_FILE={runtime.secret_key_file}")

@@ -242,6 +242,15 @@ def seaweed_ports(s3_port: int) -> dict[str, int]:
     return {name: s3_port + i for i, name in enumerate(SEAWEED_PORTS)}
 
 
+def seaweed_compact_url(s3_port: int, garbage_threshold: float = 0.2) -> str:
+    """The master's vacuum call: it compacts every volume more than ``garbage_threshold`` deleted.
+    ``weed mini`` runs no vacuum of its own (its master's ``-master.vacuumIntervalSeconds`` does
+    nothing there), so the storage janitor calls this after deleting frames."""
+    return (
+        f"http://127.0.0.1:{seaweed_ports(s3_port)['master']}/vol/vacuum?garbageThreshold={garbage_threshold}"
+    )
+
+
 def s3_server(data_dir: Path, port: int, access_key: str, secret_key: str) -> ServerSpec:
     """SeaweedFS (``weed mini``: master, volume, filer and S3 in one process) on 127.0.0.1 only.
 
@@ -289,10 +298,6 @@ def s3_server(data_dir: Path, port: int, access_key: str, secret_key: str) -> Se
             f"-filer.port={ports['filer']}",
             f"-admin.port={ports['admin']}",
             f"-s3.config={identities}",
-            # deleted frames free their disk soon: a volume with 20 % garbage is compacted, looked
-            # for every 2 minutes (SeaweedFS's defaults: 30 %, every 14 minutes)
-            "-master.garbageThreshold=0.2",
-            "-master.vacuumIntervalSeconds=120",
         ],
         address=f"http://127.0.0.1:{port}",
         ready=lambda: s3_ok(f"127.0.0.1:{port}", access_key, secret_key),

@@ -34,6 +34,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import httpx
 from minio import Minio
 from minio.deleteobjects import DeleteObject
 
@@ -134,6 +135,7 @@ class PassReport:
     partitions_created: int = 0
     streams_deleted: int = 0
     orphans: int = 0  # objects no row named, deleted by a sweep
+    compacted: bool = False  # the S3 server was asked to give deleted objects' disk back
     by_reason: dict[str, int] = field(default_factory=dict)
 
     def add(self, reason: str, frames: int, nbytes: int) -> None:
@@ -206,6 +208,8 @@ class Janitor:
                 await self._delete_streams(conn, report)
                 await self._apply_retention(conn, report)
                 await self._finish_deletions(conn, report)
+                if report.objects and self.settings.s3_compact_url:
+                    report.compacted = await asyncio.to_thread(self._compact)
                 due = time.monotonic() - self._swept_at >= SWEEP_EVERY_S
                 if sweep if sweep is not None else due:
                     self._swept_at = time.monotonic()
@@ -242,6 +246,16 @@ class Janitor:
         ]
         if errors:
             raise RuntimeError(f"S3 refused {len(errors)} deletes, e.g. {errors[0].name}: {errors[0].code}")
+
+    def _compact(self) -> bool:
+        """Ask the S3 server to compact what deletions left (``s3_compact_url``); never raises."""
+        try:
+            response = httpx.get(self.settings.s3_compact_url, timeout=300)
+            response.raise_for_status()
+        except httpx.HTTPError as err:
+            log.warning("S3 compaction call failed", extra={"error": str(err)})
+            return False
+        return True
 
     # --- 2. partitions -------------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from prometheus_client import REGISTRY
 
 from core.settings import Settings
 from core.storage import create_s3_client, ensure_bucket
+from deploy.servers import seaweed_compact_url
 from tests.e2e.pipeline import served_api
 from tests.running_services import new_api_key, running_api
 from workers.janitor import Janitor, Partition, partition_bounds, partition_name
@@ -369,11 +370,15 @@ async def test_a_janitor_killed_mid_pass_leaves_no_orphan_and_no_row_without_its
     assert 0 < deleted < 700, f"killed mid-pass: {deleted} of 700 deleted"
     await store.assert_consistent(journal_empty=False)  # even now: no orphan, no row without its object
 
-    settings = store.settings.model_copy(update={"storage_budget_bytes": budget})
-    await Janitor(settings, store.pool, store.s3).pass_once()
+    port = int(store.settings.s3_endpoint.rsplit(":", 1)[1])
+    settings = store.settings.model_copy(
+        update={"storage_budget_bytes": budget, "s3_compact_url": seaweed_compact_url(port)}
+    )
+    report = await Janitor(settings, store.pool, store.s3).pass_once()
 
     await store.assert_consistent()
     assert len(await store.rows()) == 100
+    assert report is not None and report.compacted, "SeaweedFS was asked to give the disk back"
 
 
 async def test_lookout_storage_shows_each_streams_frames_and_the_budget(store: Store) -> None:
