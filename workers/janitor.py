@@ -61,6 +61,7 @@ PIN_LOCK = PINS_LOCK
 SWEEP_EVERY_S = 3600.0  # objects that no row names are looked for this often
 SWEEP_MIN_AGE_S = 600.0  # an object this young may still be waiting for its row
 SAMPLES_KEPT = timedelta(days=2)
+AT_CAP_INTERVAL_S = 5.0  # between passes while a byte cap deletes frames
 KEY_SEQ = re.compile(r"/frames/(\d+)\.jpg$")
 
 PINNED = """NOT EXISTS (SELECT 1 FROM events e
@@ -183,17 +184,22 @@ class Janitor:
     async def run(self, stop: asyncio.Event) -> None:
         log.info("janitor started", extra={"budget_bytes": self.settings.storage_budget_bytes})
         while not stop.is_set():
+            pause = self.settings.janitor_interval_s
             try:
                 report = await self.pass_once()
                 if report is not None and (
                     report.frames or report.objects or report.events or report.orphans
                 ):
                     log.info("janitor pass", extra=report.__dict__)
+                if report is not None and {"budget", "stream_bytes"} & set(report.by_reason):
+                    # at a byte cap, frames come as fast as they are deleted: look again soon, so
+                    # the store overshoots by a few seconds of frames, not a whole interval
+                    pause = min(pause, AT_CAP_INTERVAL_S)
             except POSTGRES_DOWN as err:
                 log.warning("postgres unavailable, the janitor waits", extra={"error": str(err)})
             except Exception:  # S3 down, a statement refused: the next pass tries again
                 log.exception("janitor pass failed")
-            await wait_any(stop, None, self.settings.janitor_interval_s)
+            await wait_any(stop, None, pause)
 
     async def pass_once(self, *, sweep: bool | None = None) -> PassReport | None:
         """One pass; None when another janitor holds the pass lock."""
