@@ -19,6 +19,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.metrics import (
+    STORAGE_BUDGET_BYTES,
+    STORAGE_DAYS_UNTIL_FULL,
+    STORAGE_STREAM_BYTES,
+    STORAGE_TOTAL_BYTES,
+)
+
 # pg advisory lock: the janitor holds it (exclusively) in every transaction that deletes frames, a pin
 # shares it, so a pin waits for the batch in flight and every later batch sees it
 PINS_LOCK = 0x6C6F6F70
@@ -125,12 +132,6 @@ async def storage_usage(
 ) -> StorageView:
     """The store's size, per stream and in total, against ``budget`` bytes, with the forecast
     (``conn``: an asyncpg connection or pool). ``stream_ids``: only these streams in ``streams`` (the totals are the whole store's)."""
-    from core.metrics import (
-        STORAGE_BUDGET_BYTES,
-        STORAGE_DAYS_UNTIL_FULL,
-        STORAGE_STREAM_BYTES,
-        STORAGE_TOTAL_BYTES,
-    )
 
     total = await conn.fetchrow(
         "SELECT coalesce(sum(bytes), 0)::bigint AS bytes, coalesce(sum(frames), 0)::bigint AS frames,"

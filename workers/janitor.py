@@ -55,9 +55,6 @@ from workers.entrypoint import run_service
 log = logging.getLogger(__name__)
 
 PASS_LOCK = 0x6C6F6F6B  # pg advisory lock: one janitor pass at a time ("look")
-# pg advisory lock held (exclusively) by each deleting transaction, and shared by a pin: a pin waits
-# for the batch in flight, and the next batch sees it
-PIN_LOCK = PINS_LOCK
 SWEEP_EVERY_S = 3600.0  # objects that no row names are looked for this often
 SWEEP_MIN_AGE_S = 600.0  # an object this young may still be waiting for its row
 SAMPLES_KEPT = timedelta(days=2)
@@ -350,7 +347,7 @@ class Janitor:
         table is locked first: no late frame lands in it unjournalled, no pin slips in between."""
         async with conn.transaction():
             await conn.execute("LOCK TABLE detections IN ACCESS EXCLUSIVE MODE")
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", PIN_LOCK)
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", PINS_LOCK)
             if await self._holds_pinned(conn, part):
                 return False
             row = await conn.fetchrow(JOURNAL_PARTITION.format(part=part.name), reason)
@@ -470,7 +467,7 @@ class Janitor:
         sql = DELETE_FRAMES.format(where=where, pinned=f"AND {PINNED}" if pinned else "")
         while True:
             async with conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", PIN_LOCK)
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", PINS_LOCK)
                 row = await conn.fetchrow(sql, self.settings.janitor_batch, excess, reason, *args)
             report.add(reason, row["frames"], row["bytes"])
             STORAGE_PENDING_DELETIONS.inc(row["frames"])

@@ -36,9 +36,9 @@ FEED_POLL_S = 0.5
 FEED_KEEPALIVE_S = 15.0
 FEED_BATCH = 200
 
-SELECT = """
-SELECT id, event_id, stream_id, frame_seq, kind, zone, direction, track_id, class_name, confidence,
-       dwell_s, occurred_at, s3_key, cause, pinned_at, frame_deleted_at
+COLUMNS = """id, event_id, stream_id, frame_seq, kind, zone, direction, track_id, class_name, confidence, dwell_s, occurred_at, s3_key, cause, pinned_at, frame_deleted_at"""
+SELECT = f"""
+SELECT {COLUMNS}
   FROM events
  WHERE ($1::uuid IS NULL OR stream_id = $1)
    AND ($2::text IS NULL OR kind = $2)
@@ -149,8 +149,7 @@ async def _set_pin(
         await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", PINS_LOCK)
         row = await conn.fetchrow(
             "UPDATE events SET pinned_at = CASE WHEN $2 THEN coalesce(pinned_at, now()) END WHERE id = $1"
-            " RETURNING id, event_id, stream_id, frame_seq, kind, zone, direction, track_id, class_name,"
-            " confidence, dwell_s, occurred_at, s3_key, cause, pinned_at, frame_deleted_at",
+            f" RETURNING {COLUMNS}",
             event_pk,
             pinned,
         )

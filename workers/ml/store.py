@@ -131,6 +131,12 @@ ON CONFLICT (stream_id) DO UPDATE
 """
 
 
+def _write_figures(conn: psycopg.Connection, analytics: FrameAnalytics) -> None:
+    """The zones' occupancy and the shapes' count increments of a frame (in the caller's transaction)."""
+    for name, (shape, occupancy, count_in, count_out) in analytics.figures().items():
+        conn.execute(UPSERT_FIGURES, (analytics.stream_id, name, shape, occupancy, count_in, count_out))
+
+
 def frame_key(stream_id: str, frame_seq: int) -> str:
     """The S3 key of a stream's annotated frame; the same frame always lands on the same key."""
     return f"streams/{stream_id}/frames/{frame_seq:012d}.jpg"
@@ -210,10 +216,7 @@ class DetectionStore:
             try:
                 conn = self._connection()
                 with conn.transaction():
-                    for name, (shape, occupancy, count_in, count_out) in analytics.figures().items():
-                        conn.execute(
-                            UPSERT_FIGURES, (analytics.stream_id, name, shape, occupancy, count_in, count_out)
-                        )
+                    _write_figures(conn, analytics)
             except psycopg.errors.ForeignKeyViolation as err:
                 raise PermanentStoreError(f"stream {analytics.stream_id} has no row in streams") from err
             except (psycopg.OperationalError, psycopg.InterfaceError):
@@ -345,8 +348,7 @@ class DetectionStore:
             message = analytics_message(self._settings, event)
             conn.execute(INSERT_ONE, (message.topic, message.key, message.payload, message.dedupe_key))
             conn.execute(INSERT_DELIVERY, (inserted[0], event.stream_id))
-        for name, (shape, occupancy, count_in, count_out) in analytics.figures().items():
-            conn.execute(UPSERT_FIGURES, (analytics.stream_id, name, shape, occupancy, count_in, count_out))
+        _write_figures(conn, analytics)
 
     def _connection(self) -> psycopg.Connection:
         if self._db is None or self._db.closed:
