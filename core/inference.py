@@ -19,8 +19,10 @@ class Backend(StrEnum):
 
 class Precision(StrEnum):
     """The model's arithmetic. INT8 is calibrated with NNCF (OpenVINO) or TensorRT on frames that ship
-    with the project, and kept only when it agrees with FP32 (workers/ml/models.py)."""
+    with the project, and kept only when it agrees with FP32 (workers/ml/models.py). ``auto``: INT8
+    where the CPU multiplies 8-bit integers natively (VNNI or AMX), else FP32."""
 
+    AUTO = "auto"
     FP32 = "fp32"
     INT8 = "int8"
 
@@ -37,9 +39,49 @@ def resolve_backend(chosen: Backend, *, cuda_available: bool) -> Backend:
     return Backend.TORCH if cuda_available else Backend.OPENVINO
 
 
-def resolve_precision(backend: Backend, chosen: Precision) -> Precision:
-    """INT8 where the backend has a calibrated INT8 export, else FP32."""
-    return chosen if backend in INT8_BACKENDS else Precision.FP32
+# CPU flags (as /proc/cpuinfo names them) of native 8-bit integer dot products: where INT8 pays
+INT8_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_int8_flags(cpuinfo: str | None = None) -> list[str]:
+    """The INT8_CPU_FLAGS this CPU has (Linux; elsewhere none)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as file:
+                cpuinfo = file.read()
+        except OSError:
+            return []
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return [flag for flag in INT8_CPU_FLAGS if flag in flags]
+
+
+def resolve_precision(backend: Backend, chosen: Precision, int8_flags: list[str] | None = None) -> Precision:
+    """INT8 where the backend has a calibrated INT8 export, else FP32; ``auto`` is INT8 on a CPU
+    backend when the CPU has ``int8_flags`` (VNNI or AMX; None: this CPU's), else FP32."""
+    if backend not in INT8_BACKENDS:
+        return Precision.FP32
+    if chosen is not Precision.AUTO:
+        return chosen
+    flags = cpu_int8_flags() if int8_flags is None else int8_flags
+    return Precision.INT8 if backend is Backend.OPENVINO and flags else Precision.FP32
+
+
+def precision_reason(backend: Backend, chosen: Precision, int8_flags: list[str] | None = None) -> str:
+    """Why ``resolve_precision`` picks what it picks, for logs and health."""
+    resolved = resolve_precision(backend, chosen, int8_flags)
+    if backend not in INT8_BACKENDS:
+        return f"fp32: {backend.value} has no calibrated int8"
+    if chosen is not Precision.AUTO:
+        return f"{resolved.value}: asked for"
+    flags = cpu_int8_flags() if int8_flags is None else int8_flags
+    if resolved is Precision.INT8:
+        return f"int8 (auto): the CPU has {', '.join(flags)}"
+    if backend is not Backend.OPENVINO:
+        return "fp32 (auto): int8 is picked automatically only on the CPU"
+    return "fp32 (auto): the CPU has no VNNI or AMX, where int8 would not pay"
 
 
 def detection_threads(cores: int, processes: int, fixed: int = 0) -> int:

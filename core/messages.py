@@ -78,6 +78,9 @@ class StreamFigures(BaseModel):
     frames_skipped: int | None = None  # ml: skipped by motion gating (nothing moved), no row stored
     frames_not_stored: int | None = None  # ml: detected, but not stored under the stream's store policy
     backend: str | None = None  # ml: what the detection process runs, e.g. "openvino fp32"
+    model_note: str | None = None  # ml: why that precision (e.g. "fp32 (auto): the CPU has no VNNI or AMX")
+    engine: str | None = None  # ml: "shared" (the ML instance's engine) or "per-stream"
+    engine_lost: int | None = None  # ml: inferences lost in flight when the shared engine died (retried)
     threads: int | None = None  # ml: the detection process's inference threads
 
 
@@ -113,7 +116,15 @@ class StreamOptions(BaseModel):
     )
     precision: Precision | None = Field(
         default=None,
-        description="fp32 or int8 (INT8 on openvino and tensorrt, kept only when it agrees with FP32)",
+        description="auto, fp32 or int8 (INT8 on openvino and tensorrt, kept only when it agrees with "
+        "FP32; auto: INT8 where the CPU has VNNI or AMX)",
+    )
+    model: str | None = Field(
+        default=None,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="A model registered with the ML service (ml_weights), e.g. your own trained YOLO; "
+        "default: the service's ml_model. Streams on the same model share its engine",
     )
     motion_gating: bool = Field(
         default=False, description="Skip inference on frames where nothing moves (no row is stored for them)"

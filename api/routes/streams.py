@@ -114,6 +114,13 @@ async def init_stream(
         raise RequestValidationError(
             [{"type": "value_error", "loc": ("header", "idempotency-key"), "msg": key_problem}]
         )
+    model = body.options.model
+    if model not in (None, "default") and model not in settings.ml_weights:
+        known = ", ".join(sorted(["default", *settings.ml_weights]))
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": ("body", "options", "model"),
+              "msg": f"model {model!r} is not registered (LOOKOUT_ML_WEIGHTS); registered: {known}"}]
+        )  # fmt: skip
     wait_s = limiter.take(key.id)
     if wait_s is not None:
         raise HTTPException(
