@@ -88,6 +88,28 @@ CAMERA_RECONNECTS = Counter(
     "lookout_camera_reconnects_total", "Camera connections after the first (runner)", ["stream_id"]
 )
 ML_QUEUE_DEPTH = Gauge("lookout_ml_queue_depth", "Frames waiting for the model (ml)", ["stream_id"])
+ENGINE_LOST = Counter(
+    "lookout_engine_lost_inferences_total",
+    "Inferences in flight when the shared engine died (each retried on the restarted engine) (ml)",
+    ["stream_id"],
+)
+
+# --- ml: the shared inference engines (one per model in use) ------------------------------------------
+
+ENGINE_RESTARTS = Counter(
+    "lookout_engine_restarts_total", "Shared inference engines restarted after they died (ml)", ["engine"]
+)
+ENGINE_STREAMS = Gauge(
+    "lookout_engine_streams", "Streams' processes connected to the engine (ml)", ["engine"]
+)
+ENGINE_INFERENCES = Counter(
+    "lookout_engine_inferences_total", "Frames the engine ran through the model (ml)", ["engine"]
+)
+ENGINE_BATCHES = Counter(
+    "lookout_engine_batches_total",
+    "Model runs of the engine: batches (PyTorch, ONNX Runtime) or async requests (OpenVINO) (ml)",
+    ["engine"],
+)
 
 PER_STREAM = (
     FRAMES_READ,
@@ -105,6 +127,7 @@ PER_STREAM = (
     NEWEST_FRAME_AGE_SECONDS,
     CAMERA_RECONNECTS,
     ML_QUEUE_DEPTH,
+    ENGINE_LOST,
 )
 
 # --- Kafka consumers ---------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext, SpawnContext
 from typing import Generic, NoReturn, TypeVar
 
-from core.lifetime import die_with_parent
+from core.lifetime import die_with_parent, tune_malloc_for_frames
 from core.logs import configure_logging
 from core.timeouts import within
 
@@ -208,7 +208,7 @@ class ChildProcess(Generic[Received]):
 
 def run_child(
     service: str,
-    stream_id: str,
+    stream_id: str | None,
     conn: Connection,
     body: Callable[[], int],
     *,
@@ -217,11 +217,12 @@ def run_child(
 ) -> NoReturn:
     """Inside the child: run ``body`` and exit with the code it returns (``EXIT_CRASHED`` if it raises).
 
-    Every log line of the process carries ``stream_id``. A crash is logged as ``crash_event`` and
+    Every log line of the process carries ``stream_id`` (None: the process serves several streams). A crash is logged as ``crash_event`` and
     handed to ``on_crash`` (to tell the service why) before the process exits.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the service decides
     die_with_parent()  # a service killed with SIGKILL leaves no stream process behind
+    tune_malloc_for_frames()
     configure_logging(service, stream_id=stream_id)
     code = EXIT_CRASHED
     try:

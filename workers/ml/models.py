@@ -2,7 +2,7 @@
 
 An entry of the cache is one export of one weights file::
 
-    <models_dir>/<weights sha256, 16 hex>/<backend>-<imgsz>-<precision>/
+    <models_dir>/<weights sha256, 16 hex>/<backend>-<imgsz>-<precision>[-dynamic]/
         lookout.json        what it is: weights, backend, size, precision, versions, export time,
                             and for INT8 its agreement with FP32
         model_openvino_model/ | model.onnx | model.engine     what ultralytics exported
@@ -75,7 +75,7 @@ class ModelSpec:
 
     @property
     def entry_name(self) -> str:
-        return f"{self.backend.value}-{self.imgsz}-{self.precision.value}"
+        return entry_name(self.backend, self.imgsz, self.precision)
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,18 @@ def prepare_model(
         return _prepare_int8(spec, cache_dir, min_agreement, calibration_video)
     path, made = _cached_export(spec, cache_dir)
     return PreparedModel(path, spec.backend, spec.precision, exported_now=made)
+
+
+def entry_name(backend: Backend, imgsz: int, precision: Precision) -> str:
+    """The cache entry of an export. ONNX is exported with a dynamic batch (the shared engine runs
+    batches of streams' frames: workers/ml/engine_process.py), so its entries say so."""
+    suffix = "-dynamic" if backend is Backend.ONNX else ""
+    return f"{backend.value}-{imgsz}-{precision.value}{suffix}"
+
+
+def is_cached(weights: Path, backend: Backend, imgsz: int, precision: Precision, cache_dir: Path) -> bool:
+    """Whether the cache already holds this export (a complete entry: made or refused, see above)."""
+    return (cache_dir / weights_digest(weights) / entry_name(backend, imgsz, precision) / MANIFEST).is_file()
 
 
 def _prepare_int8(
@@ -267,7 +279,7 @@ def _export_quietly(spec: ModelSpec, workdir: Path, calibration_video: Path | No
     yolo.model.names = dict(spec.names)  # type: ignore[union-attr]  # the export's metadata carries them
     kwargs: dict[str, Any] = {"format": _FORMATS[spec.backend], "imgsz": spec.imgsz, "verbose": False}
     if spec.backend is Backend.ONNX:
-        kwargs["simplify"] = True
+        kwargs.update(simplify=True, dynamic=True)
     if spec.backend is Backend.TENSORRT:
         kwargs["device"] = 0
     if spec.precision is Precision.INT8:

@@ -21,17 +21,25 @@ from workers.ml.child import run_model_preparation
 
 # What a detection process imports before its first frame; ultralytics imports torchvision (and
 # with it torch._dynamo, seconds of imports) lazily on the model's first predict.
-PRELOADED_MODULES = ["workers.ml.child", "workers.ml.store", "workers.ml.detector", "torchvision"]
+PRELOADED_MODULES = [
+    "workers.ml.child",
+    "workers.ml.store",
+    "workers.ml.detector",
+    "workers.ml.engine_process",
+    "ultralytics.utils.nms",
+    "torchvision",
+]
 # The runtimes of the exported backends: imported once in the server too, so that their libraries'
 # pages are shared by every detection process (no thread pool is made by importing them).
 RUNTIME_MODULES = {Backend.OPENVINO: ["openvino"], Backend.ONNX: ["onnxruntime"]}
 
 
 def preloaded_modules(settings: Settings | None = None) -> list[str]:
-    """The fork server's imports: the detection process, and the runtime the settings pick."""
+    """The fork server's imports: the detection process, and the runtime the settings pick; last,
+    the heap they made is frozen (workers/frozen_heap.py)."""
     backend = Backend.AUTO if settings is None else settings.ml_backend
     runtimes = RUNTIME_MODULES.get(Backend.OPENVINO if backend is Backend.AUTO else backend, [])
-    return PRELOADED_MODULES + runtimes
+    return [*PRELOADED_MODULES, *runtimes, "workers.frozen_heap"]
 
 
 def detection_context(settings: Settings | None = None) -> ForkServerContext:

@@ -37,6 +37,8 @@ from core.settings import Settings
 from core.states import StreamState
 from workers.consumer_service import ConsumerService, RecordHandler
 from workers.entrypoint import run_service
+from workers.ml.engine import EngineKey
+from workers.ml.engines import Engines
 from workers.ml.preload import prepare_default_model, start_preloading
 from workers.ml.stream import QueuedFrame, StreamProcess, StreamStats
 
@@ -67,6 +69,8 @@ class MLHandler(RecordHandler):
         self._partition_of: dict[str, int] = {}
         self._cores = settings.ml_cores or len(os.sched_getaffinity(0))
         self._preparing: BaseProcess | None = None
+        # one engine per model in use, shared by the streams' processes (None: a model in each)
+        self.engines: Engines | None = None
 
     def topics(self, settings: Settings) -> list[str]:
         return [settings.topic_commands, settings.topic_frames]
@@ -79,12 +83,16 @@ class MLHandler(RecordHandler):
         await super().open(shell)
         start_preloading(self.settings)
         self._preparing = prepare_default_model(self.settings)
+        if self.settings.ml_engine == "shared":
+            self.engines = Engines(self.settings, self._engine_failed)
 
     async def close(self) -> None:
         """Let every process finish its frame in hand. Streams are not acknowledged: the service
         stopping is not a stream stopping, and frames not yet processed stay uncommitted so the next
         instance detects them."""
         await self._hand_over(list(self.streams))
+        if self.engines is not None:
+            await self.engines.close()
         if self._preparing is not None and self._preparing.is_alive():
             self._preparing.terminate()  # an export cut short leaves nothing: the next start makes it
             await asyncio.to_thread(self._preparing.join, 5.0)
@@ -168,8 +176,11 @@ class MLHandler(RecordHandler):
     def _start_stream(
         self, stream_id: str, options: StreamOptions | None, partition: int
     ) -> StreamProcess | None:
-        threads = detection_threads(self._cores, len(self.streams) + 1, self.settings.ml_threads)
-        stream = StreamProcess(self.settings, stream_id, options, self, threads=threads)
+        link = None if self.engines is None else self.engines.link
+        threads = (
+            1 if link else detection_threads(self._cores, len(self.streams) + 1, self.settings.ml_threads)
+        )
+        stream = StreamProcess(self.settings, stream_id, options, self, threads=threads, link=link)
         try:
             stream.start()
         except Exception as err:  # e.g. out of memory or processes: report it, keep serving others
@@ -186,7 +197,10 @@ class MLHandler(RecordHandler):
         return stream
 
     def _share_cores(self) -> None:
-        """Give every running detection process its share of the cores (core/inference.py)."""
+        """Give every running detection process its share of the cores (core/inference.py); with a
+        shared engine, the engine has them all and each stream's process one thread."""
+        if self.engines is not None:
+            return
         threads = detection_threads(self._cores, len(self.streams), self.settings.ml_threads)
         for stream in self.streams.values():
             stream.set_threads(threads)
@@ -216,6 +230,8 @@ class MLHandler(RecordHandler):
                 if not (handing_over or restarting):
                     self._remember_finished(stream_id, stream.stats)
                 self._ending.pop(stream_id, None)
+                if self.engines is not None:
+                    self.engines.release(stream_id)
                 self._share_cores()
 
         task = asyncio.create_task(end(), name=f"ml-stop-{stream_id}")
@@ -269,6 +285,15 @@ class MLHandler(RecordHandler):
 
     def stream_closed(self, stream_id: str) -> None:
         self._end_stream(stream_id)
+
+    def engine_wanted(self, stream_id: str, key: EngineKey) -> None:
+        if self.engines is not None and stream_id in self.streams:
+            self.engines.use(stream_id, key)
+
+    def _engine_failed(self, stream_ids: list[str], reason: str) -> None:
+        """The model of an engine does not load: its streams fail (no restart can help them)."""
+        for stream_id in stream_ids:
+            self.stream_failed(stream_id, reason, fatal=True)
 
     # --- publishing ---------------------------------------------------------------------------------
 

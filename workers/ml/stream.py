@@ -20,6 +20,7 @@ from core.metrics import (
     ANALYTICS_EVENTS,
     CAPTURE_TO_ROW_SECONDS,
     DETECTIONS_STORED,
+    ENGINE_LOST,
     FRAMES_DROPPED,
     FRAMES_NOT_STORED,
     FRAMES_PROCESSED,
@@ -31,7 +32,9 @@ from core.metrics import (
 from core.settings import Settings
 from workers.child_process import ChildProcess, StopEnding
 from workers.ml.child import run_detection_process
+from workers.ml.engine import EngineKey, EngineLink
 from workers.ml.messages import (
+    EngineWanted,
     FrameDone,
     FrameToDetect,
     ProcessFailed,
@@ -105,6 +108,8 @@ class StreamListener(Protocol):
 
     def stream_closed(self, stream_id: str) -> None: ...
 
+    def engine_wanted(self, stream_id: str, key: EngineKey) -> None: ...
+
 
 @dataclass
 class StreamStats:
@@ -122,6 +127,7 @@ class StreamStats:
     inferred: int = 0  # frames that went through the model
     skipped: int = 0  # motion gating: nothing moved, the model did not run
     not_stored: int = 0  # detected, but its store policy keeps no frame of it
+    engine_lost: int = 0  # inferences lost in flight when the shared engine died (retried)
     newest_capture_ts: float | None = None  # capture time of the newest frame finished
 
 
@@ -137,19 +143,22 @@ class StreamProcess:
         *,
         threads: int = 1,
         context: ForkServerContext | None = None,
+        link: EngineLink | None = None,
     ) -> None:
         self.stream_id = stream_id
         self.threads = threads  # asked of the process; what it runs on is in self.running_threads
         self.running_threads: int | None = None
         self.ready = False  # the process has loaded its model and asked for its first frame
         self.backend: str | None = None  # what the process runs, once it is ready
+        self.model_note: str | None = None  # why that precision
+        self.engine: str | None = None  # "shared" or "per-stream", once it is ready
         self.queue: FrameQueue[QueuedFrame] = FrameQueue(settings.ml_queue_size)
         self.stats = StreamStats()
         self._listener = listener
         self._child: ChildProcess[ProcessMessage] = ChildProcess(
             context or detection_context(),
             target=run_detection_process,
-            args=(settings, stream_id, options, threads),
+            args=(settings, stream_id, options, threads, link),
             name=f"lookout-ml-{stream_id}",
             duplex=True,
             on_message=self._on_message,
@@ -214,6 +223,9 @@ class StreamProcess:
             frames_not_stored=stats.not_stored,
             backend=self.backend,
             threads=self.running_threads,
+            model_note=self.model_note,
+            engine=self.engine,
+            engine_lost=stats.engine_lost if self.engine == "shared" else None,
         )
 
     def set_threads(self, threads: int) -> None:
@@ -287,10 +299,20 @@ class StreamProcess:
         if isinstance(message, ReadyForFrames):
             self.ready = True
             self.backend, self.running_threads = message.backend or None, message.threads
-            if message.note:
-                log.warning("model note", extra={"stream_id": self.stream_id, "note": message.note})
+            self.model_note, self.engine = message.note, message.engine
+            log.info(
+                "detection process ready",
+                extra={
+                    "stream_id": self.stream_id,
+                    "backend": self.backend,
+                    "engine": self.engine,
+                    "note": message.note,
+                },
+            )
             self._wants_frame = True
             self._hand_over()
+        elif isinstance(message, EngineWanted):
+            self._listener.engine_wanted(self.stream_id, message.key)
         elif isinstance(message, ThreadsSet):
             self.running_threads = message.threads
         elif isinstance(message, FrameDone):
@@ -340,6 +362,9 @@ class StreamProcess:
             ANALYTICS_EVENTS.labels(sid, zone, kind).inc()
         if done.untracked:
             UNTRACKED_DETECTIONS.labels(sid).inc(done.untracked)
+        if done.engine_lost:
+            self.stats.engine_lost += done.engine_lost
+            ENGINE_LOST.labels(sid).inc(done.engine_lost)
         if done.capture_to_row_s is not None:
             CAPTURE_TO_ROW_SECONDS.labels(sid).observe(done.capture_to_row_s)
 
