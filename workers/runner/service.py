@@ -41,7 +41,7 @@ from core.states import StreamState
 from workers.consumer_service import ConsumerService, RecordHandler
 from workers.entrypoint import run_service
 from workers.runner.messages import CaptureSpec
-from workers.runner.stream import CaptureProcess, StopOutcome
+from workers.runner.stream import CaptureProcess, StopOutcome, start_capture_server
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,11 @@ class RunnerHandler(RecordHandler):
         self._seen_starts: LRUCache[str, None] = LRUCache(SEEN_COMMANDS)
         self._partition_of: dict[str, int] = {}  # commands partition of each running stream
         self._sealer = UrlSealer(settings)  # only the runner opens the camera URLs
+
+    async def open(self, shell: ConsumerService) -> None:
+        """Start the capture processes' preloading fork server (workers/runner/stream.py)."""
+        await super().open(shell)
+        start_capture_server()
 
     def topics(self, settings: Settings) -> list[str]:
         return [settings.topic_commands]

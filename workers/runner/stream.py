@@ -1,4 +1,8 @@
-"""The runner's handle on one stream's capture process: spawn it, hear from it, notice its death, stop it.
+"""The runner's handle on one stream's capture process: start it, hear from it, notice its death, stop it.
+
+A capture process is a fork of a server that has already imported OpenCV, NumPy and the Kafka
+client and frozen their heap (``capture_context``; as workers/ml/preload.py does for detection):
+a spawned interpreter would hold its own copy of all of that, about 60 MB of PSS per stream.
 
 Nothing here blocks the event loop (workers/child_process.py): the process is started on a worker
 thread, its reports and its exit are watched with ``add_reader`` on the report pipe and the process
@@ -13,6 +17,8 @@ import logging
 import multiprocessing
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing import forkserver
+from multiprocessing.context import ForkServerContext
 
 from core.metrics import CAMERA_RECONNECTS, FRAMES_DROPPED, FRAMES_PUBLISHED, FRAMES_READ
 from core.redact import redact_url
@@ -40,6 +46,23 @@ class StopOutcome:
     error: str | None = None
 
 
+# What a capture process imports before its first frame; the heap is frozen last (see the module text)
+CAPTURE_MODULES = ["workers.runner.child", "workers.runner.capture", "cv2", "numpy", "workers.frozen_heap"]
+
+
+def capture_context() -> ForkServerContext:
+    """The multiprocessing context of capture processes: forks of the preloading server."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(CAPTURE_MODULES)  # only the call before the server starts counts
+    return context
+
+
+def start_capture_server() -> None:
+    """Start the fork server now (it imports in the background), not with the first stream."""
+    capture_context()
+    forkserver.ensure_running()
+
+
 class CaptureProcess:
     """One stream's capture process, seen from the runner's event loop."""
 
@@ -53,7 +76,7 @@ class CaptureProcess:
         self.spec = spec
         self._on_started = on_started
         self._on_failed = on_failed
-        context = multiprocessing.get_context("spawn")
+        context = capture_context()
         self._stop = context.Event()
         self._child: ChildProcess[object] = ChildProcess(
             context,
