@@ -132,6 +132,8 @@ def make_settings(**overrides: object) -> Settings:
         # the suite's many streams share a database and a few keys: the limits have tests of their own
         "max_active_streams": 100_000,
         "init_rate_per_minute": 100_000,
+        # the same model on every CPU: `auto` would pick INT8 on one with VNNI (tests of their own)
+        "ml_precision": "fp32",
     }
     return Settings(_env_file=None, **(base | overrides))  # type: ignore[call-arg, arg-type]
 

@@ -7,6 +7,7 @@ import json
 import socket
 import time
 import uuid
+from pathlib import Path
 
 import asyncpg
 import httpx
@@ -151,6 +152,26 @@ async def test_init_refuses_a_url_that_is_not_rtsp_with_a_host(
     assert error["loc"] == ["body", "url"]
     assert reason in error["msg"]
     assert SECRET not in response.text and "input" not in error
+
+
+async def test_init_takes_a_registered_model_and_refuses_one_that_is_not_with_the_names_it_knows(
+    settings: Settings, tmp_path: Path
+) -> None:
+    own = settings.model_copy(update={"ml_weights": {"forklifts": tmp_path / "forklifts.pt"}})
+    async with running_api(own) as api:
+        refused = await api.post("/init", json={"url": "rtsp://camera.test/a", "options": {"model": "cats"}})
+        assert refused.status_code == 422
+        (error,) = refused.json()["detail"]
+        assert error["loc"] == ["body", "options", "model"]
+        assert "'cats' is not registered" in error["msg"] and "default, forklifts" in error["msg"]
+        odd = await api.post("/init", json={"url": "rtsp://camera.test/a", "options": {"model": "../x.pt"}})
+        assert odd.status_code == 422
+        for model in ("forklifts", "default"):
+            accepted = await api.post(
+                "/init", json={"url": "rtsp://camera.test/a", "options": {"model": model}}
+            )
+            assert accepted.status_code == 202, accepted.text
+            assert accepted.json()["options"]["model"] == model
 
 
 async def test_init_refuses_a_url_over_the_length_limit(api: httpx.AsyncClient, settings: Settings) -> None:

@@ -82,6 +82,8 @@ async def test_cli_reports_api_errors_with_their_reason_and_a_failing_exit_code(
     async with served_with_a_key(settings) as api:
         code, _, err = await lookout(api, "init", "http://not-a-camera/x")
         assert code == 2 and "422" in err and "rtsp" in err
+        code, _, err = await lookout(api, "init", "rtsp://camera.test/x", "--model", "cats")
+        assert code == 2 and "422" in err and "'cats' is not registered" in err
         code, _, err = await lookout(api, "state", "00000000-0000-4000-8000-000000000000")
         assert code == 2 and "404" in err
 

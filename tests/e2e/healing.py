@@ -73,8 +73,9 @@ class HealingPipeline:
         assert proc is not None
         return proc.pid
 
-    def logged_pid(self, service_name: str, event: str, stream_id: str) -> int:
-        """The pid the newest ``event`` line of ``service_name``'s log gives for ``stream_id``."""
+    def logged_pid(self, service_name: str, event: str, stream_id: str | None) -> int:
+        """The pid the newest ``event`` line of ``service_name``'s log gives for ``stream_id`` (None:
+        a line about no stream, e.g. the ML service's inference engine)."""
         found = None
         for line in self.service(service_name).log_path.read_text().splitlines():
             with contextlib.suppress(ValueError):

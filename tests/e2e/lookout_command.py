@@ -24,6 +24,7 @@ def stack_env(data_dir: Path, pg_admin_url: str, **settings: str) -> dict[str, s
     return {
         **os.environ,
         "LOOKOUT_DATA_DIR": str(data_dir),
+        "LOOKOUT_ML_PRECISION": "fp32",  # the same model on every CPU (auto: INT8 where VNNI)
         "LOOKOUT_DATABASE_URL": pg_admin_url.rsplit("/", 1)[0] + "/" + database,
         "LOOKOUT_STACK_PG_PORT": str(servers.free_port()),
         "LOOKOUT_STACK_S3_PORT": str(free_s3_port()),

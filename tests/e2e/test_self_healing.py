@@ -110,6 +110,28 @@ async def test_kill_9_of_one_stream_process_restarts_it(
     await finish(healing, stream_id)
 
 
+async def test_kill_9_of_the_inference_engine_two_streams_go_on_in_the_same_processes(
+    healing: HealingPipeline, camera: TestCamera
+) -> None:
+    streams = [await healing.start_stream(camera.url(mount)) for mount in ("cam4", "cam1")]
+    engine = healing.logged_pid("lookout-ml", "inference engine started", None)
+    processes = [healing.logged_pid("lookout-ml", "detection process started", s) for s in streams]
+    before = [(await healing.newest_frame(s))["frame_seq"] for s in streams]
+    broken_at = datetime.now(UTC)
+    os.kill(engine, signal.SIGKILL)
+
+    for stream_id, seq in zip(streams, before, strict=True):
+        took = await healing.wait_for_rows(stream_id, after=broken_at, timeout_s=RECOVERY_S, watch_state=True)
+        log.info("kill -9 of the inference engine: a row of a frame captured after it %.1f s later", took)
+        assert (await healing.newest_frame(stream_id))["frame_seq"] > seq
+    assert healing.logged_pid("lookout-ml", "inference engine started", None) != engine
+    assert [healing.logged_pid("lookout-ml", "detection process started", s) for s in streams] == processes
+    for stream_id in streams:
+        health = (await healing.view(stream_id))["health"]
+        assert health["services"]["ml"]["restarts"] == 0, "the streams' processes waited for the engine"
+        await finish(healing, stream_id)
+
+
 async def test_a_camera_back_within_the_retry_window_is_detected_again_without_the_user(
     healing: HealingPipeline, own_camera: TestCamera
 ) -> None:

@@ -13,13 +13,29 @@ import pytest
 import torch
 
 from core.detections import Box
-from core.inference import Backend, Precision, detection_threads, resolve_backend, resolve_precision
+from core.inference import (
+    Backend,
+    Precision,
+    cpu_int8_flags,
+    detection_threads,
+    precision_reason,
+    resolve_backend,
+    resolve_precision,
+)
 from core.messages import StreamOptions
 from deploy.camera.clip import ensure_clip
 from tests.conftest import make_settings
 from workers.ml.child import load_stream_detector
 from workers.ml.detector import DetectionOptions, Detector, coco_names, default_weights, load_detector
-from workers.ml.models import ModelSpec, ModelUnavailable, prepare_model, read_manifest, shipped_images
+from workers.ml.engine import chosen_model, engine_key
+from workers.ml.models import (
+    ModelSpec,
+    ModelUnavailable,
+    prepare_model,
+    read_manifest,
+    shipped_images,
+    weights_digest,
+)
 
 CPU_BACKENDS = [Backend.TORCH, Backend.OPENVINO, Backend.ONNX]
 FULL = DetectionOptions(imgsz=640, confidence=0.25)
@@ -93,7 +109,7 @@ def test_two_processes_needing_the_same_export_make_it_once(tmp_path: Path) -> N
         process.join(30)
     assert made == [False, True]  # one exported, the other waited on the lock and took it
     entries = [p for p in next(tmp_path.iterdir()).iterdir() if not p.name.startswith(".")]
-    assert [p.name for p in entries] == ["onnx-320-fp32"]
+    assert [p.name for p in entries] == ["onnx-320-fp32-dynamic"]  # a dynamic batch: the engine batches
     assert not [p for p in next(tmp_path.iterdir()).iterdir() if p.is_dir() and p.name.startswith(".")]
 
 
@@ -145,6 +161,42 @@ def test_auto_is_cuda_pytorch_on_a_gpu_else_openvino() -> None:
     assert resolve_backend(Backend.ONNX, cuda_available=True) is Backend.ONNX
     assert resolve_precision(Backend.OPENVINO, Precision.INT8) is Precision.INT8
     assert resolve_precision(Backend.TORCH, Precision.INT8) is Precision.FP32  # no calibrated INT8 there
+
+
+CPUINFO = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni amx_tile\nprocessor\t: 1\n"
+
+
+def test_auto_precision_is_int8_only_on_a_cpu_with_vnni_or_amx_and_says_why() -> None:
+    assert cpu_int8_flags(CPUINFO) == ["avx512_vnni"]
+    assert cpu_int8_flags("flags\t: fpu sse avx2 fma") == []
+    assert resolve_precision(Backend.OPENVINO, Precision.AUTO, ["avx512_vnni"]) is Precision.INT8
+    assert resolve_precision(Backend.OPENVINO, Precision.AUTO, []) is Precision.FP32
+    assert resolve_precision(Backend.TORCH, Precision.AUTO, ["amx_int8"]) is Precision.FP32
+    assert resolve_precision(Backend.OPENVINO, Precision.FP32, ["avx512_vnni"]) is Precision.FP32
+    assert "the CPU has avx512_vnni" in precision_reason(Backend.OPENVINO, Precision.AUTO, ["avx512_vnni"])
+    assert "no VNNI or AMX" in precision_reason(Backend.OPENVINO, Precision.AUTO, [])
+    assert precision_reason(Backend.OPENVINO, Precision.INT8, []) == "int8: asked for"
+
+
+def test_auto_runs_fp32_until_the_int8_export_is_in_the_cache_and_the_preparation_makes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings(data_dir=tmp_path, ml_precision="auto", ml_backend="openvino")
+    key = engine_key(settings, StreamOptions())
+    monkeypatch.setattr("core.inference.cpu_int8_flags", lambda cpuinfo=None: ["avx512_vnni"])
+    backend, precision, why = chosen_model(settings, key)
+    assert (backend, precision) == (Backend.OPENVINO, Precision.FP32)
+    assert "int8 (auto): the CPU has avx512_vnni" in why and "until its int8 export is ready" in why
+    assert chosen_model(settings, key, preparing=True)[1] is Precision.INT8  # the preparation makes it
+    entry = settings.models_dir / weights_digest(default_weights()) / "openvino-640-int8"
+    entry.mkdir(parents=True)
+    (entry / "lookout.json").write_text("{}")  # as a finished export leaves it
+    assert chosen_model(settings, key)[1] is Precision.INT8
+    monkeypatch.setattr("core.inference.cpu_int8_flags", lambda cpuinfo=None: [])
+    assert chosen_model(settings, key)[1:] == (
+        Precision.FP32,
+        "fp32 (auto): the CPU has no VNNI or AMX, where int8 would not pay",
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: auto picks PyTorch on CUDA")

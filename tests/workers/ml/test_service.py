@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import uuid
 from collections.abc import AsyncIterator
@@ -34,6 +35,7 @@ from tests.workers.ml.conftest import (
     state_events,
     topics_of_their_own,
 )
+from workers.ml.detector import default_weights
 from workers.ml.service import MLHandler
 
 pytestmark = pytest.mark.integration
@@ -269,6 +271,29 @@ async def test_model_that_fails_to_load_reports_an_error_event_with_the_reason(
     assert await rows_of(db_pool, stream_id) == []
 
 
+async def test_streams_on_one_model_share_its_engine_and_a_stream_may_name_another_model(
+    settings: Settings, db_pool: asyncpg.Pool, tmp_path: Path, bus_jpeg: bytes
+) -> None:
+    mine = tmp_path / "mine.pt"  # a user's own weights (here a copy of the shipped ones)
+    shutil.copyfile(default_weights(), mine)
+    own = topics_of_their_own(settings).model_copy(update={"ml_weights": {"mine": mine}})
+    await create_topics(own)
+    options = [FAST, FAST, FAST.model_copy(update={"model": "mine"})]
+    streams = [await insert_stream(db_pool, o) for o in options]
+    async with state_events(own) as collected, frame_sender(own) as send, running_ml(own) as service:
+        for stream_id, option in zip(streams, options, strict=True):
+            await start(send, stream_id, option)
+            await send.frame(stream_id, 1, bus_jpeg)
+        for stream_id in streams:
+            await eventually(lambda sid=stream_id: rows_count_is(db_pool, sid, 1), 90)  # type: ignore[misc]
+        assert service.engines is not None
+        assert sorted(key.weights for key in service.engines.running()) == ["", str(mine)]
+        for stream_id in streams:
+            (row,) = await rows_of(db_pool, stream_id)
+            assert best_confidence(row["objects"], "bus") > 0.5
+            await stop_and_wait_for_ack(send, collected, stream_id)
+
+
 async def test_s3_stopped_for_a_few_seconds_mid_stream_loses_no_frame_in_hand(
     settings: Settings, db_pool: asyncpg.Pool, tmp_path: Path, bus_jpeg: bytes, zidane_jpeg: bytes
 ) -> None:
@@ -374,21 +399,64 @@ async def test_a_stream_has_heartbeats_with_its_live_figures_and_a_restart_repla
     await stop_and_wait_for_ack(sender, events, stream_id)
 
 
-async def test_a_killed_detection_process_is_reported_as_a_process_error(
+async def test_a_killed_detection_process_is_reported_and_the_engine_and_the_other_stream_go_on(
     ml_service: MLHandler,
     sender: FrameSender,
     events: StateEvents,
     db_pool: asyncpg.Pool,
     bus_jpeg: bytes,
 ) -> None:
-    stream_id = await insert_stream(db_pool, FAST)
-    await start(sender, stream_id)
-    await sender.frame(stream_id, 1, bus_jpeg)
-    await eventually(lambda: rows_count_is(db_pool, stream_id, 1), 60)
+    shm_before = set(os.listdir("/dev/shm"))
+    stream_id, other = await insert_stream(db_pool, FAST), await insert_stream(db_pool, FAST)
+    for sid in (stream_id, other):
+        await start(sender, sid)
+        await sender.frame(sid, 1, bus_jpeg)
+        await eventually(lambda sid=sid: rows_count_is(db_pool, sid, 1), 60)  # type: ignore[misc]
+    assert ml_service.engines is not None
+    (engine,) = ml_service.engines.running().values()  # one model: one engine for both
     pid = ml_service.streams[stream_id].pid
     assert pid is not None
 
     os.kill(pid, signal.SIGKILL)
     error = await events.wait_for(lambda e: e.stream_id == stream_id and e.kind is EventKind.ERROR, 10)
     assert error.error_kind is ErrorKind.PROCESS and "exit code -9" in (error.error or "")
+    await sender.frame(other, 2, bus_jpeg)
+    await eventually(lambda: rows_count_is(db_pool, other, 2), 30)
+    assert list(ml_service.engines.running().values()) == [engine], "the engine was not disturbed"
+    assert ml_service.engines.restarts == 0
+    assert not [e for e in events.of(other) if e.kind is EventKind.ERROR]
     await stop_and_wait_for_ack(sender, events, stream_id)
+    await stop_and_wait_for_ack(sender, events, other)
+    assert set(os.listdir("/dev/shm")) <= shm_before, "no shared memory left behind"
+
+
+async def test_a_killed_engine_is_restarted_and_its_streams_go_on_in_the_same_processes(
+    ml_service: MLHandler,
+    sender: FrameSender,
+    events: StateEvents,
+    db_pool: asyncpg.Pool,
+    bus_jpeg: bytes,
+) -> None:
+    streams = [await insert_stream(db_pool, FAST) for _ in range(2)]
+    for sid in streams:
+        await start(sender, sid)
+        await sender.frame(sid, 1, bus_jpeg)
+        await eventually(lambda sid=sid: rows_count_is(db_pool, sid, 1), 60)  # type: ignore[misc]
+    assert ml_service.engines is not None
+    (engine,) = ml_service.engines.running().values()
+    assert engine is not None
+    processes = [ml_service.streams[sid].pid for sid in streams]
+    restarts = ml_service.engines.restarts
+
+    os.kill(engine, signal.SIGKILL)
+    for seq in (2, 3):
+        for sid in streams:
+            await sender.frame(sid, seq, bus_jpeg)
+    for sid in streams:
+        await eventually(lambda sid=sid: rows_count_is(db_pool, sid, 3), 60)  # type: ignore[misc]
+    assert ml_service.engines.restarts == restarts + 1
+    assert list(ml_service.engines.running().values()) != [engine]
+    assert [ml_service.streams[sid].pid for sid in streams] == processes, "the streams waited for it"
+    for sid in streams:
+        assert not [e for e in events.of(sid) if e.kind is EventKind.ERROR]
+        await stop_and_wait_for_ack(sender, events, sid)
