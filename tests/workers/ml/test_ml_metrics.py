@@ -54,14 +54,24 @@ async def test_ml_metrics_count_processed_dropped_and_stored_frames_with_their_t
             "lookout_consumer_lag", group=consumer_group(ml_settings, "ml"), topic=ml_settings.topic_frames
         )
         assert lag == 0  # ML hands every fetched frame to its queue at once
+        engine = "yolov10n.pt auto fp32 320"  # the shared engine of the stream's model (key.name)
+        scraped = await wait_for_metrics(
+            port,
+            lambda m: (m.value("lookout_engine_inferences_total", engine=engine) or 0) >= processed,
+            service=ml,
+        )
+        assert scraped.value("lookout_engine_streams", engine=engine) == 1
+        assert (scraped.value("lookout_engine_batches_total", engine=engine) or 0) >= 1
+        assert (scraped.value("lookout_engine_restarts_total", engine=engine) or 0) == 0
 
         await sender.command(stream_id, StopCommand(stream_id=stream_id).model_dump_json())
         await wait_for_metrics(port, lambda m: not m.has_label("stream_id", stream_id), service=ml)
 
         assert await ml.terminate() == 0
-    # the detection process serves one stream: each of its lines names it, the model's included
-    # (the service's model preparation at start loads it too, for no stream)
-    model_loaded = [
-        r for r in ml.records() if r["event"] == "model loaded" and r["service"] != "ml-model-preparation"
-    ]
-    assert model_loaded and all(r["stream_id"] == stream_id for r in model_loaded)
+    # the detection process serves one stream: each of its lines names it; the engine serves every
+    # stream of its model, and names the stream only where one connects
+    ready = [r for r in ml.records() if r["event"] == "detection process ready" and r["service"] == "ml"]
+    assert ready and all(r["stream_id"] == stream_id for r in ready)
+    connected = [r for r in ml.records() if r["service"] == "ml-engine" and r["event"] == "stream connected"]
+    assert [r["stream_id"] for r in connected] == [stream_id]
+    assert any(r["event"] == "inference engine ready" and r.get("stream_id") is None for r in ml.records())
