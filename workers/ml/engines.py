@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import time
 from collections.abc import Callable
 from multiprocessing.context import ForkServerContext
@@ -35,6 +37,8 @@ log = logging.getLogger(__name__)
 STOP_GRACE_S = 5.0
 RESTART_DELAY_S = (0.2, 10.0)  # first restart at once (almost), then doubling while it keeps dying
 STABLE_AFTER_S = 30.0  # an engine that ran this long starts its restarts' delay over
+HUNG_AFTER_S = 30.0  # an engine's loop silent this long (it reports every 2 s) is killed and restarted
+UNREADY_DEATHS = 3  # deaths in a row before its model was ready: no restart can help
 
 EngineMessage = EngineReady | EngineFailed | EngineFigures
 
@@ -52,10 +56,13 @@ class _Engine:
         self.delay_s = RESTART_DELAY_S[0]
         self.figures = EngineFigures(0, 0, 0, 0)
         self.child: ChildProcess[EngineMessage] | None = None
+        self.unready_deaths = 0  # deaths in a row before the model was ready
+        self.heard_at = 0.0  # the engine's loop reports every FIGURES_INTERVAL_S
+        self._watch: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         self.ready, self.figures = None, EngineFigures(0, 0, 0, 0)
-        self.started_at = time.monotonic()
+        self.started_at = self.heard_at = time.monotonic()
         self.child = ChildProcess(
             self.owner.context,
             target=run_engine,
@@ -65,8 +72,31 @@ class _Engine:
             on_message=self._on_message,
             on_exit=self._on_exit,
         )
-        self.child.start()
+        try:
+            self.child.start()
+        except Exception as err:  # e.g. out of processes or memory: like a death, tried again later
+            log.exception("inference engine did not start", extra={"engine": self.key.name})
+            self.child = None
+            self._died(f"did not start: {type(err).__name__}: {err}")
+            return
         log.info("inference engine started", extra={"engine": self.key.name, "pid": self.child.pid})
+        self._watch = asyncio.get_running_loop().call_later(HUNG_AFTER_S, self._check_alive)
+
+    def _check_alive(self) -> None:
+        """An engine whose loop has not reported for HUNG_AFTER_S is stuck: kill it (it is restarted)."""
+        child = self.child
+        if self.stopping or child is None or child.exited:
+            return
+        silent_s = time.monotonic() - self.heard_at
+        if self.ready is not None and silent_s > HUNG_AFTER_S and child.pid is not None:
+            log.error(
+                "inference engine hung: killing it",
+                extra={"engine": self.key.name, "silent_s": round(silent_s)},
+            )
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGKILL)
+            return
+        self._watch = asyncio.get_running_loop().call_later(HUNG_AFTER_S / 3, self._check_alive)
 
     @property
     def pid(self) -> int | None:
@@ -74,6 +104,8 @@ class _Engine:
 
     async def stop(self) -> None:
         self.stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
         if self.child is not None:
             child = self.child
             await child.stop(
@@ -86,8 +118,10 @@ class _Engine:
             ENGINE_STREAMS.remove(self.key.name)
 
     def _on_message(self, message: EngineMessage) -> None:
+        self.heard_at = time.monotonic()
         if isinstance(message, EngineReady):
             self.ready = message
+            self.unready_deaths = 0
             log.info(
                 "inference engine ready",
                 extra={
@@ -110,16 +144,29 @@ class _Engine:
 
     def _on_exit(self) -> None:
         exitcode = None if self.child is None else self.child.exitcode
+        if self._watch is not None:
+            self._watch.cancel()
         if self.stopping:
             return
         if self.fatal is not None or exitcode == EXIT_FATAL:
             self.owner.engine_failed(self, self.fatal or f"inference engine exited (code {exitcode})")
             return
+        self._died(f"exit code {exitcode}")
+
+    def _died(self, how: str) -> None:
+        """Restart after a delay that grows while it keeps dying; a model that never became ready
+        UNREADY_DEATHS times in a row (killed while loading: out of memory, a native crash) is fatal."""
+        if self.ready is None:
+            self.unready_deaths += 1
+            if self.unready_deaths >= UNREADY_DEATHS:
+                reason = f"inference engine for {self.key.name} died {self.unready_deaths} times loading the model ({how})"
+                self.owner.engine_failed(self, reason)
+                return
         if time.monotonic() - self.started_at > STABLE_AFTER_S:
             self.delay_s = RESTART_DELAY_S[0]
         log.warning(
             "inference engine died: restarting it",
-            extra={"engine": self.key.name, "exitcode": exitcode, "delay_s": self.delay_s},
+            extra={"engine": self.key.name, "how": how, "delay_s": self.delay_s},
         )
         ENGINE_RESTARTS.labels(self.key.name).inc()
         self.owner.restarts += 1
