@@ -55,6 +55,7 @@ async def test_init_stores_stream_audit_and_both_outbox_messages(
         "imgsz": None,
         "backend": None,
         "precision": None,
+        "model": None,
         "motion_gating": False,
         "motion_max_skip_s": None,
         "zones": None,

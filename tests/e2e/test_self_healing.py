@@ -28,6 +28,7 @@ pytestmark = pytest.mark.e2e
 log = logging.getLogger(__name__)
 RECOVERY_S = 60.0  # from the break to the first new row, at most (liveness 4 s + restarts)
 STARTED = {"lookout-runner": "capture process started", "lookout-ml": "detection process started"}
+ENDED = {"lookout-runner": "capture process exited", "lookout-ml": "detection process stopped"}
 
 
 @pytest.fixture(scope="module")
@@ -224,13 +225,23 @@ async def test_two_runners_and_two_ml_instances_one_of_each_killed_the_survivors
 
 
 def _instance_running(pipeline: HealingPipeline, service: str, event: str, stream_id: str) -> str:
-    """Which instance (``-0`` or ``-1``) logged ``event`` for the stream last."""
+    """Which instance (``-0`` or ``-1``) runs the stream: the newest ``event`` (a start) that its
+    process's end (ENDED) has not followed. A start can finish on an instance that is already
+    handing the stream over (a rebalance while it started): that process ends a moment later."""
     newest: tuple[str, str] = ("", "")
+    running: tuple[str, str] = ("", "")
     for instance in ("-0", "-1"):
         path = pipeline.service(f"{service}{instance}").log_path
+        started = ended = ""
         for line in path.read_text().splitlines():
-            if f'"event": "{event}"' in line and stream_id in line:
+            if stream_id in line and '"time": "' in line:
                 stamp = line.split('"time": "', 1)[1][:29]
-                newest = max(newest, (stamp, instance))
-    assert newest[1], f"no {service} instance logged {event!r} for {stream_id}"
-    return newest[1]
+                if f'"event": "{event}"' in line:
+                    started = max(started, stamp)
+                elif f'"event": "{ENDED[service]}"' in line:
+                    ended = max(ended, stamp)
+        newest = max(newest, (started, instance))
+        if started > ended:
+            running = max(running, (started, instance))
+    assert newest[0], f"no {service} instance logged {event!r} for {stream_id}"
+    return running[1] or newest[1]

@@ -12,6 +12,7 @@ import mmap
 import os
 import pickle
 import socket
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -338,6 +339,11 @@ class InferenceEngine:
 
     def _accept(self) -> None:
         sock, _ = self.sock.accept()
+        _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        if uid != os.getuid():  # an abstract socket is open to every local user: only our own
+            log.warning("connection of another user refused", extra={"uid": uid})
+            sock.close()
+            return
         conn = Connection(sock.detach())
         try:
             bound_io(conn, HANDSHAKE_TIMEOUT_S)  # a silent or half-written peer cannot stall the engine

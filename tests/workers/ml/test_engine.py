@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import time
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client
@@ -176,6 +177,15 @@ async def test_a_stream_may_have_one_request_in_the_engine_at_a_time(engine_sett
                 return True  # dropped
 
         assert await within(asyncio.to_thread(two_at_once), 30)
+        silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # connects, then says nothing
+        silent.connect(engines.link.address(key))
+        try:
+            client = await asyncio.to_thread(connect, engine_settings, engines.link, key, "b")
+            found = await asyncio.to_thread(client.detect, cv2.imread(str(shipped_images()[0])), OPTIONS)
+            assert any(o.class_name == "bus" for o in found), "a silent peer does not stall the engine"
+            client.close()
+        finally:
+            silent.close()
         with pytest.raises(AuthenticationError):
             wrong = Client(engines.link.address(key), family="AF_UNIX", authkey=b"not the key")
             wrong.recv()
