@@ -861,7 +861,9 @@ async def run_engines(
     best = {imgsz: max(measured.values()) for imgsz, measured in shapes.items()}
     runs = []
     for engine in args.engine:
-        own = settings.model_copy(update={"ml_engine": engine})
+        # an engine of another size (the warm-up's, a capacity trial's) goes at once, not after 30 s,
+        # so that the PSS figures hold only the engine the streams use
+        own = settings.model_copy(update={"ml_engine": engine, "ml_engine_idle_s": 2.0})
         supervisor, workers = start_services(own, root, log_dir / engine)
         try:
             async with bench_session(own, cameras, workers, log_dir / engine / "lookout-ml.log") as bench:

@@ -23,7 +23,14 @@ from core.logs import configure_logging
 from core.messages import FrameHeaders, StreamOptions
 from core.settings import Settings
 from workers.child_process import EXIT_STOPPED, run_child
-from workers.ml.engine import EngineClient, EngineLink, EngineUnavailable, chosen_model, engine_key
+from workers.ml.engine import (
+    EngineClient,
+    EngineLink,
+    EngineUnavailable,
+    chosen_model,
+    engine_key,
+    export_options,
+)
 from workers.ml.messages import (
     EngineWanted,
     FrameDone,
@@ -245,9 +252,7 @@ def load_stream_detector(
         backend=backend,
         precision=precision,
         imgsz=key.imgsz,
-        cache_dir=settings.models_dir,
-        min_agreement=settings.ml_int8_min_agreement,
-        calibration_video=settings.calibration_video,
+        **export_options(settings),
     )
     detector.note = reason if detector.note is None else f"{reason}; {detector.note}"
     return detector

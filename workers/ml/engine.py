@@ -187,6 +187,15 @@ def segment_sizes(imgsz: int, output_shape: tuple[int, ...]) -> tuple[int, int]:
     return imgsz * imgsz * 3, output
 
 
+def export_options(settings: Settings) -> dict[str, Any]:
+    """Where a model's exports are cached and how INT8 is checked (workers/ml/models.py)."""
+    return {
+        "cache_dir": settings.models_dir,
+        "min_agreement": settings.ml_int8_min_agreement,
+        "calibration_video": settings.calibration_video,
+    }
+
+
 def chosen_model(
     settings: Settings, key: EngineKey, *, preparing: bool = False
 ) -> tuple[Backend, Precision, str]:

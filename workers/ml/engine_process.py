@@ -39,6 +39,7 @@ from workers.ml.engine import (
     Welcome,
     bound_io,
     chosen_model,
+    export_options,
     segment_sizes,
 )
 
@@ -229,13 +230,7 @@ def load_engine_model(settings: Settings, key: EngineKey) -> _Model:
 
     backend, precision, reason = chosen_model(settings, key)
     yolo, names, prepared = resolve_model(
-        key.weights,
-        backend=backend,
-        precision=precision,
-        imgsz=key.imgsz,
-        cache_dir=settings.models_dir,
-        min_agreement=settings.ml_int8_min_agreement,
-        calibration_video=settings.calibration_video,
+        key.weights, backend=backend, precision=precision, imgsz=key.imgsz, **export_options(settings)
     )
     note = reason if prepared.note is None else f"{reason}; {prepared.note}"
     threads = settings.ml_cores
