@@ -228,6 +228,11 @@ class Engines:
         engine = self._engines.get(key)
         return None if engine is None else engine.ready
 
+    def figures(self, key: EngineKey) -> EngineFigures | None:
+        """The engine's latest counts (it reports every 2 s)."""
+        engine = self._engines.get(key)
+        return None if engine is None else engine.figures
+
     def running(self) -> dict[EngineKey, int | None]:
         return {key: engine.pid for key, engine in self._engines.items()}
 

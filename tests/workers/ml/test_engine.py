@@ -27,7 +27,16 @@ from deploy.camera.clip import ensure_clip
 from tests.observing import eventually
 from workers.ml.child import load_stream_detector
 from workers.ml.detector import DetectionOptions
-from workers.ml.engine import EngineClient, EngineKey, EngineLink, Hello, Infer, Welcome, engine_key
+from workers.ml.engine import (
+    EngineClient,
+    EngineFigures,
+    EngineKey,
+    EngineLink,
+    Hello,
+    Infer,
+    Welcome,
+    engine_key,
+)
 from workers.ml.engines import Engines
 from workers.ml.models import clip_frames, shipped_images
 from workers.ml.preload import detection_context
@@ -128,6 +137,32 @@ async def test_one_engine_serves_three_streams_with_the_boxes_each_would_find_wi
             client.close()
         await eventually(lambda: segments_mapped(pid) == 0, 10)
         assert not fatal.calls
+    finally:
+        await engines.close()
+
+
+@pytest.mark.parametrize("backend", [Backend.TORCH, Backend.ONNX], ids=str)
+async def test_pytorch_and_onnx_runtime_engines_run_the_streams_frames_in_batches(
+    engine_settings: Settings, backend: Backend
+) -> None:
+    own = engine_settings.model_copy(update={"ml_backend": backend, "ml_engine_batch_wait_ms": 50.0})
+    engines = Engines(own, FatalReports())
+    key = engine_key(own, StreamOptions())
+    image = cv2.imread(str(shipped_images()[0]))
+    try:
+        await running_engine(engines, key, *"abcd")
+        clients = [await asyncio.to_thread(connect, own, engines.link, key, s) for s in "abcd"]
+
+        def detect_some(client: EngineClient) -> bool:
+            return all(any(o.class_name == "bus" for o in client.detect(image, OPTIONS)) for _ in range(3))
+
+        assert all(await asyncio.gather(*(asyncio.to_thread(detect_some, c) for c in clients)))
+        await eventually(lambda: (engines.figures(key) or EngineFigures(0, 0, 0, 0)).requests == 12, 10)
+        figures = engines.figures(key)
+        assert figures is not None and figures.batches < figures.requests, "frames of streams ran together"
+        assert clients[0].label == f"{backend.value} fp32"
+        for client in clients:
+            client.close()
     finally:
         await engines.close()
 
