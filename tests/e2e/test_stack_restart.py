@@ -121,7 +121,9 @@ def test_lookout_up_stopped_and_started_again_resumes_the_running_stream(
     assert view["state"] == "ml_started", view
     assert view["error_reason"] is None
     restarts = {name: s["restarts"] for name, s in view["health"]["services"].items()}
-    assert restarts["runner"] >= 1 and restarts["ml"] >= 1, restarts
+    # the runner comes back only when the lifecycle restarts it; ML may be restarted too, or start the
+    # stream's process from its first frames (options from the stream's row) before its deadline
+    assert restarts["runner"] >= 1, restarts
     log.info("stack restart: first row of a frame captured after it %.1f s after `lookout up` was back", took)
     assert api.post("/shutdown", json={"id": stream_id}).status_code == 202
     wait_for(lambda: api.get(f"/state/{stream_id}").json()["state"] == "inactive", 30, "not inactive")
