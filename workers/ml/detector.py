@@ -146,21 +146,28 @@ class Detector:
         boxes: Any = cast(list[Results], results)[0].boxes
         if boxes is None:
             return []
-        objects = []
-        for xyxy, conf, cls in zip(
-            boxes.xyxy.cpu().tolist(), boxes.conf.cpu().tolist(), boxes.cls.cpu().tolist(), strict=True
-        ):
-            class_id = int(cls)
-            x1, y1, x2, y2 = (round(v, 1) for v in xyxy)
-            objects.append(
-                DetectedObject(
-                    class_name=self.names[class_id],
-                    class_id=class_id,
-                    confidence=round(float(conf), 4),
-                    box=Box(x1=x1, y1=y1, x2=x2, y2=y2),
-                )
+        return _objects(
+            boxes.xyxy.cpu().tolist(), boxes.conf.cpu().tolist(), boxes.cls.cpu().tolist(), self.names
+        )
+
+
+def _objects(
+    xyxy: list[Any], confidences: list[Any], classes: list[Any], names: list[str]
+) -> list[DetectedObject]:
+    """Detected objects from parallel lists of boxes (pixels), confidences and class ids."""
+    objects = []
+    for box, conf, cls in zip(xyxy, confidences, classes, strict=True):
+        class_id = int(cls)
+        x1, y1, x2, y2 = (round(v, 1) for v in box)
+        objects.append(
+            DetectedObject(
+                class_name=names[class_id],
+                class_id=class_id,
+                confidence=round(float(conf), 4),
+                box=Box(x1=x1, y1=y1, x2=x2, y2=y2),
             )
-        return objects
+        )
+    return objects
 
 
 def resolve_model(
@@ -288,19 +295,7 @@ def objects_from_predictions(
     if len(kept) == 0:
         return []
     boxes = ops.scale_boxes((imgsz, imgsz), kept[:, :4].clone(), shape)
-    objects = []
-    for xyxy, conf, cls in zip(boxes.tolist(), kept[:, 4].tolist(), kept[:, 5].tolist(), strict=True):
-        class_id = int(cls)
-        x1, y1, x2, y2 = (round(v, 1) for v in xyxy)
-        objects.append(
-            DetectedObject(
-                class_name=names[class_id],
-                class_id=class_id,
-                confidence=round(float(conf), 4),
-                box=Box(x1=x1, y1=y1, x2=x2, y2=y2),
-            )
-        )
-    return objects
+    return _objects(boxes.tolist(), kept[:, 4].tolist(), kept[:, 5].tolist(), names)
 
 
 def _recompile_openvino(runtime: Any, path: Path, threads: int) -> None:
