@@ -41,6 +41,7 @@ class ScriptedParticipant:
     service: Service
     start_delay_s: float = 0.0  # ML reports after the runner, as it waits for a first frame
     handled: list[StartCommand | StopCommand] = field(default_factory=list)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)  # started, with its partitions assigned
     _urls: dict[str, str] = field(default_factory=dict)
     _seen: set[str] = field(default_factory=set)
 
@@ -54,6 +55,8 @@ class ScriptedParticipant:
             while not stop.is_set():
                 try:
                     batch = await consumer.getmany(timeout_ms=200)
+                    if consumer.assignment():
+                        self.ready.set()
                     for records in batch.values():
                         for record in records:
                             await self._answer(producer, record.value)
@@ -120,6 +123,15 @@ async def running_participants(settings: Settings) -> AsyncIterator[Participants
         asyncio.create_task(participants.ml.run(stop), name="scripted-ml"),
     ]
     try:
+        # a test that stops the broker at once must not catch a participant still joining its group
+        ready = asyncio.gather(participants.runner.ready.wait(), participants.ml.ready.wait())
+        try:
+            await within(asyncio.wait({ready, *tasks}, return_when=asyncio.FIRST_COMPLETED), 60)
+        finally:
+            ready.cancel()
+        for task in tasks:
+            if task.done():
+                task.result()  # a participant that failed to start fails the test here
         yield participants
     finally:
         stop.set()
