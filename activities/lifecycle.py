@@ -14,8 +14,9 @@ from temporalio import activity
 
 from activities.models import RecordedState, RestartRequest, StateChange, StreamRecord
 from core import streams
+from core.health_events import HealthEvent, store_health_event
 from core.messages import StopCommand
-from core.metrics import STATES_RECORDED
+from core.metrics import HEALTH_EVENTS, STATES_RECORDED
 from core.outbox import command_message, enqueue
 from core.settings import Settings
 from core.streams import as_stream_id, get_stream
@@ -93,6 +94,18 @@ class LifecycleActivities:
             },
         )
         return queued
+
+    @activity.defn(name="record_health_event")
+    async def record_health_event(self, event: HealthEvent) -> bool:
+        """Store a health event with its outbox message and deliveries; False when stored already."""
+        new = await store_health_event(self._pool, self._settings, event)
+        if new:
+            HEALTH_EVENTS.labels(event.kind.value).inc()
+            log.info(
+                "health event stored",
+                extra={"stream_id": event.stream_id, "kind": event.kind.value, "event_id": event.event_id},
+            )
+        return new
 
     @activity.defn(name="send_command")
     async def send_command(self, command: StopCommand) -> bool:

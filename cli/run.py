@@ -23,7 +23,7 @@ from cli.output import say
 from cli.progress import StreamProgress
 from cli.stack import parts_table
 from cli.streams import configured_api_key
-from cli.supervisor import ServiceSupervisor, Supervised, SupervisedServer
+from cli.supervisor import ServiceSupervisor, Supervised, SupervisedServer, services_for
 from core.settings import Settings, settings_env
 from core.states import StreamState
 from deploy.camera.control import TestCamera
@@ -92,6 +92,7 @@ class LookoutRun:
         self.supervisor = ServiceSupervisor.for_lookout(
             self.stack.data_dir / "logs",
             env=settings_env(self.runtime),
+            names=services_for(self.runtime),
             settings=self.runtime,
             servers=watched,
             on_restart=self._restarted,

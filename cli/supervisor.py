@@ -47,6 +47,11 @@ SERVICES = (
 )
 
 
+def services_for(settings: Settings) -> tuple[str, ...]:
+    """The services ``lookout up`` runs with ``settings``: ``lookout-mqtt`` too when MQTT is on."""
+    return (*SERVICES, "lookout-mqtt") if settings.mqtt_enabled else SERVICES
+
+
 class Supervised(Protocol):
     """Something the supervisor keeps running."""
 

@@ -39,6 +39,7 @@ class ServiceHealth(BaseModel):
     last_restart_reason: str | None = None
     restart_times: list[datetime] = Field(default_factory=list)  # within the budget's window
     restarts_unanswered: int = 0  # restarts since its last heartbeat: the backoff grows with them
+    counts_reset_expected: bool = False  # a restart was sent: its next heartbeat's counts begin again
 
 
 class StreamHealth(BaseModel):
@@ -52,3 +53,9 @@ class StreamHealth(BaseModel):
     camera_error: str | None = None  # the runner's last word on the camera during an outage
     camera_retries: int = 0
     next_camera_retry_at: datetime | None = None
+    # health events (core/health_events.py): the open episodes and whether they were announced
+    camera_down_since: datetime | None = None  # the first sign: a heartbeat reconnecting, a camera error
+    camera_offline_announced: bool = False
+    failing_since: datetime | None = None  # a service lost the stream and is being restarted
+    failing_reason: str | None = None
+    failure_announced: bool = False

@@ -153,6 +153,16 @@ WEBHOOK_ATTEMPTS = Counter(
 )
 WEBHOOK_PENDING = Gauge("lookout_webhook_pending", "Webhook deliveries not yet delivered nor dead")
 
+# --- MQTT sink ---------------------------------------------------------------------------------------
+
+MQTT_CONNECTED = Gauge("lookout_mqtt_connected", "1 while lookout-mqtt is connected to its broker")
+MQTT_PUBLISHED = Counter(
+    "lookout_mqtt_published_total",
+    "Messages published: event, state (retained topics and discovery)",
+    ["what"],
+)
+MQTT_PENDING = Gauge("lookout_mqtt_pending", "Events queued for MQTT, not yet published")
+
 # --- outbox relay ------------------------------------------------------------------------------------
 
 OUTBOX_BACKLOG = Gauge("lookout_outbox_backlog", "Outbox rows not yet published (all relays)")
@@ -175,6 +185,13 @@ BRIDGE_SIGNAL_RETRIES = Counter(
 
 STATES_RECORDED = Counter(
     "lookout_states_recorded", "Lifecycle states written to Postgres by the workflow's activity", ["state"]
+)
+
+HEALTH_EVENTS = Counter(
+    "lookout_health_events_total",
+    "Health events stored (camera_offline, camera_online, service_restarted, stream_failed,"
+    " stream_recovered) (temporal worker)",
+    ["kind"],
 )
 
 # --- API ---------------------------------------------------------------------------------------------

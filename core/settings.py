@@ -153,6 +153,30 @@ class Settings(BaseSettings):
     webhook_poll_s: float = Field(default=0.5, gt=0)
     webhook_concurrency: int = Field(default=16, ge=1)
 
+    # Health events (core/health_events.py): a camera outage or a failing stream is announced once it
+    # has lasted health_debounce_s (a blip shorter than that announces nothing)
+    health_debounce_s: float = Field(default=10.0, ge=0)
+
+    # MQTT (lookout-mqtt, workers/mqtt.py): every event at least once, retained occupancy, line counts
+    # and availability, Home Assistant discovery. `stack up` starts Mosquitto when mqtt_enabled.
+    mqtt_enabled: bool = False
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    mqtt_username: str = "lookout"
+    mqtt_password: SecretStr = SecretStr("")  # or the one in mqtt_password_file (`stack up` makes it)
+    mqtt_password_file: Path | None = None
+    mqtt_tls: bool = False
+    mqtt_ca_file: Path | None = None  # TLS: the CA that signed the broker's certificate (else the system's)
+    mqtt_client_id: str = "lookout-mqtt"
+    mqtt_topic_prefix: str = "lookout"
+    mqtt_layout: Literal["lookout", "frigate"] = "lookout"  # frigate: Frigate's topics, for its automations
+    mqtt_discovery: bool = True  # Home Assistant MQTT discovery
+    mqtt_discovery_prefix: str = "homeassistant"
+    mqtt_qos: int = Field(default=1, ge=0, le=2)
+    mqtt_poll_s: float = Field(default=0.5, gt=0)
+    mqtt_replay_s: float = Field(default=10.0, ge=0)  # re-sent after a reconnect: what a dying broker lost
+    mqtt_batch: int = Field(default=100, ge=1)
+
     # Storage (core/retention.py; per-stream options store, store_every_s, retention; lookout-janitor).
     # The defaults keep a box within storage_budget_bytes of annotated frames whatever its streams do:
     # the oldest frames (and their rows) go first, then by age per stream. Events outlive their
@@ -195,6 +219,7 @@ class Settings(BaseSettings):
     metrics_port_worker: int = 9105
     metrics_port_webhooks: int = 9106
     metrics_port_janitor: int = 9107
+    metrics_port_mqtt: int = 9108
     # a service asked to stop exits after this long whatever it still waits for (a broker gone too)
     service_stop_deadline_s: float = Field(default=40.0, gt=0)
 
@@ -207,6 +232,7 @@ class Settings(BaseSettings):
     stack_kafka_heap_mb: int = Field(default=512, ge=128)  # the broker's JVM heap
     stack_temporal_port: int = 7233
     stack_temporal_ui_port: int = 8233
+    stack_mqtt_port: int = 11883
     demo_camera_port: int = 8554
 
     @property
@@ -220,6 +246,12 @@ class Settings(BaseSettings):
         if model is None or model == "default":
             return self.ml_model
         return str(self.ml_weights[model])
+
+    def mqtt_secret(self) -> str:
+        """The MQTT password: ``mqtt_password``, else the first line of ``mqtt_password_file``."""
+        if self.mqtt_password.get_secret_value() or self.mqtt_password_file is None:
+            return self.mqtt_password.get_secret_value()
+        return self.mqtt_password_file.read_text().strip()
 
     @property
     def calibration_video(self) -> Path:

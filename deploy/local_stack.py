@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,8 +57,13 @@ class LocalStack:
         return servers.postgres_cluster(self.data_dir / "postgres", self.settings.stack_pg_port)
 
     def server_specs(self) -> list[servers.ServerSpec]:
-        """The stack's own servers in start order: S3, the Kafka broker, Temporal."""
+        """The stack's own servers in start order: S3, the Kafka broker, Temporal, and Mosquitto when
+        MQTT is enabled."""
         s = self.settings
+        mqtt = []
+        if s.mqtt_enabled:
+            mqtt = [servers.mosquitto_server(self.data_dir / "mqtt", s.stack_mqtt_port, s.mqtt_username,
+                                             self.mqtt_password())]  # fmt: skip
         return [
             servers.s3_server(
                 self.data_dir / "s3", s.stack_s3_port, s.s3_access_key, s.s3_secret_key.get_secret_value()
@@ -72,7 +78,21 @@ class LocalStack:
             servers.temporal_dev_server(
                 self.data_dir / "temporal", s.stack_temporal_port, s.stack_temporal_ui_port, SEARCH_ATTRIBUTES
             ),
+            *mqtt,
         ]
+
+    @property
+    def mqtt_password_path(self) -> Path:
+        """The MQTT password the stack's Mosquitto and ``lookout-mqtt`` share, made on first use."""
+        return self.data_dir / "mqtt-password"
+
+    def mqtt_password(self) -> str:
+        configured = self.settings.mqtt_secret()
+        if configured:
+            return configured
+        if not self.mqtt_password_path.exists():
+            _write_private(self.mqtt_password_path, secrets.token_urlsafe(24))
+        return self.mqtt_password_path.read_text().strip()
 
     def _pid_file(self, name: str) -> Path:
         return self.run_dir / f"{name}.pid"
@@ -211,7 +231,7 @@ class LocalStack:
         """Stop the parts this stack started (those with a pid file), or ``only`` those: the servers
         together, then a private Postgres cluster (the others may still write to it as they stop)."""
         report: list[PartStatus] = []
-        for stage in (("temporal", "kafka", "s3"), ("postgres",)):
+        for stage in (("mqtt", "temporal", "kafka", "s3"), ("postgres",)):
             parts = [
                 (name, self._recorded_pid(name))
                 for name in stage
@@ -252,8 +272,18 @@ class LocalStack:
                 "temporal_ui_url": f"http://127.0.0.1:{s.stack_temporal_ui_port}",
                 "s3_compact_url": servers.seaweed_compact_url(s.stack_s3_port),
                 **self._secret_key_setting(),
+                **self._mqtt_settings(),
             }
         )
+
+    def _mqtt_settings(self) -> dict[str, object]:
+        s = self.settings
+        if not s.mqtt_enabled:
+            return {}
+        found: dict[str, object] = {"mqtt_host": "127.0.0.1", "mqtt_port": s.stack_mqtt_port}
+        if not s.mqtt_secret():
+            found["mqtt_password_file"] = self.mqtt_password_path
+        return found
 
     def _secret_key_setting(self) -> dict[str, Path]:
         s = self.settings
@@ -273,6 +303,10 @@ class LocalStack:
         ]
         if runtime.secret_key_file is not None:
             lines.append(f"LOOKOUT_SECRET_KEY_FILE={runtime.secret_key_file}")
+        if runtime.mqtt_enabled:
+            lines += [f"LOOKOUT_MQTT_HOST={runtime.mqtt_host}", f"LOOKOUT_MQTT_PORT={runtime.mqtt_port}"]
+            if runtime.mqtt_password_file is not None:
+                lines.append(f"LOOKOUT_MQTT_PASSWORD_FILE={runtime.mqtt_password_file}")
         (self.data_dir / "stack.env").write_text("\n".join(lines) + "\n")
 
 

@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -27,11 +28,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import psycopg
 import urllib3
 from aiokafka import AIOKafkaClient
 from minio import Minio
 from minio.error import MinioException, S3Error
+from paho.mqtt.enums import CallbackAPIVersion
 
 from core.lifetime import terminate_with_parent
 from core.timeouts import within
@@ -507,6 +510,71 @@ def temporal_dev_server(
         address=address,
         ready=lambda: temporal_ok(address),
         log_path=data_dir.parent / "logs" / "temporal.log",
+    )
+
+
+def mqtt_ok(port: int, username: str, password: str, host: str = "127.0.0.1", timeout: float = 2.0) -> bool:
+    """Whether an MQTT client can connect with these credentials (CONNACK accepted)."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"lookout-ready-{os.getpid()}")
+    client.username_pw_set(username, password)
+    try:
+        client.connect(host, port, keepalive=5)
+        deadline = time.monotonic() + timeout
+        while not client.is_connected() and time.monotonic() < deadline:
+            client.loop(timeout=0.1)
+        return client.is_connected()
+    except OSError:
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            client.disconnect()
+
+
+def mosquitto_server(data_dir: Path, port: int, username: str, password: str) -> ServerSpec:
+    """Debian's Mosquitto on 127.0.0.1 with one user (a password file), persistence saved on every
+    change (a broker killed -9 keeps its sessions and retained messages)."""
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    conf = data_dir / "mosquitto.conf"
+    password_file = data_dir / "passwords"
+
+    def prepare() -> None:
+        if not Path(binary).exists():
+            raise ServerError("no Mosquitto: apt-get install mosquitto")
+        (data_dir / "data").mkdir(parents=True, exist_ok=True)
+        password_file.unlink(missing_ok=True)
+        subprocess.run(
+            [passwd, "-c", "-b", str(password_file), username, password], check=True, capture_output=True
+        )
+        password_file.chmod(0o600)
+        conf.write_text(
+            "\n".join(
+                [
+                    "per_listener_settings false",
+                    f"listener {port} 127.0.0.1",
+                    "allow_anonymous false",
+                    f"password_file {password_file}",
+                    "persistence true",
+                    f"persistence_location {data_dir / 'data'}/",
+                    "autosave_on_changes true",
+                    "autosave_interval 1",
+                    f"user {pwd.getpwuid(os.geteuid()).pw_name}",
+                    "log_dest stdout",
+                    "log_type error",
+                    "log_type warning",
+                    "log_type notice",
+                    "",
+                ]
+            )
+        )
+
+    return ServerSpec(
+        name="mqtt",
+        argv=[binary, "-c", str(conf)],
+        address=f"mqtt://127.0.0.1:{port}",
+        ready=lambda: mqtt_ok(port, username, password),
+        log_path=data_dir.parent / "logs" / "mosquitto.log",
+        prepare=prepare,
     )
 
 

@@ -32,6 +32,7 @@ def build_worker(client: Client, settings: Settings, pool: asyncpg.Pool) -> Work
             activities.record_state,
             activities.send_command,
             activities.restart_service,
+            activities.record_health_event,
         ],
         # on shutdown, let an in-flight activity finish its short transaction instead of abandoning it
         graceful_shutdown_timeout=timedelta(seconds=10),

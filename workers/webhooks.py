@@ -1,7 +1,8 @@
 """``lookout-webhooks``: delivers every event of a stream with a ``webhook_url``, at least once.
 
-The detection process queues a row in ``webhook_deliveries`` with each event, in the event's own
-transaction, so a delivery is as durable as the event. This worker claims due rows (``FOR UPDATE
+The detection process queues a row in ``webhook_deliveries`` with each zone or line event, and the
+lifecycle's activity with each health event, in the event's own transaction, so a delivery is as
+durable as the event. This worker claims due rows (``FOR UPDATE
 SKIP LOCKED``: several instances share the work), POSTs each event as JSON, signed, and marks it
 ``delivered`` on a 2xx answer. Anything else is tried again after a growing delay
 (``webhook_retry_first_s`` doubling up to ``webhook_retry_max_s``); after ``webhook_max_attempts``
@@ -25,8 +26,8 @@ from typing import Any
 import asyncpg
 import httpx
 
-from core.analytics import AnalyticsEvent
 from core.db import POSTGRES_DOWN, connect_pool
+from core.health_events import EVENT_COLUMNS, stored_event
 from core.metrics import WEBHOOK_ATTEMPTS, WEBHOOK_PENDING
 from core.retry import wait_any
 from core.sealing import UrlSealer
@@ -49,10 +50,8 @@ UPDATE webhook_deliveries d
            FOR UPDATE SKIP LOCKED) due,
        events e, streams s
  WHERE d.id = due.id AND e.id = d.event_pk AND s.id = d.stream_id
-RETURNING d.id, d.attempts, s.options->>'webhook_url' AS url, s.webhook_secret,
-          e.event_id, e.stream_id, e.kind, e.zone, e.direction, e.track_id, e.class_name, e.confidence,
-          e.frame_seq, e.occurred_at, e.s3_key, e.dwell_s, e.cause
-"""
+RETURNING d.id, d.attempts, s.options->>'webhook_url' AS url, s.webhook_secret, {event_columns}
+""".format(event_columns=", ".join(f"e.{name.strip()}" for name in EVENT_COLUMNS.split(",")))
 
 
 def sign(secret: str, body: bytes, timestamp: int) -> str:
@@ -127,7 +126,7 @@ class WebhookDeliverer:
         if row["url"] is None or row["webhook_secret"] is None:
             error = "the stream has no webhook_url any more"
         else:
-            event = AnalyticsEvent.model_validate({**dict(row), "stream_id": str(row["stream_id"])})
+            event = stored_event(row)
             body = event.model_dump_json().encode()
             headers = {
                 "Content-Type": "application/json",

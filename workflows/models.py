@@ -39,6 +39,7 @@ class LifecycleParams(BaseModel):
     restart_window_s: float = Field(default=3600.0, gt=0)
     restart_backoff_max_s: float = Field(default=300.0, gt=0)
     camera_retry_s: float = Field(default=600.0, ge=0)  # 0: for ever
+    health_debounce_s: float = Field(default=10.0, ge=0)  # health events: an episode this long is told
     carry: LifecycleCarry | None = None
 
 

@@ -24,6 +24,7 @@ def lifecycle_params(settings: Settings, stream_id: str) -> LifecycleParams:
         restart_window_s=settings.restart_window_s,
         restart_backoff_max_s=settings.restart_backoff_max_s,
         camera_retry_s=settings.camera_retry_s,
+        health_debounce_s=settings.health_debounce_s,
     )
 
 

@@ -30,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.lifecycle import LifecycleActivities
     from activities.models import RestartRequest, StateChange
     from core.health import HEALTH_QUERY, StreamHealth
+    from core.health_events import HealthEvent
     from core.messages import EventKind, Service, StateEvent, StopCommand
     from core.states import StreamState, may_advance
     from core.temporal import STREAM_ID, STREAM_STATE
@@ -44,6 +45,7 @@ MAX_SEEN_EVENT_IDS = 1000
 # Marks the runs that supervise their stream; runs recorded before it replay without (see run()).
 SELF_HEALING_PATCH = "self-healing"
 RUNNER_WATCHED_AT_START_PATCH = "runner-watched-at-start"
+HEALTH_EVENTS_PATCH = "health-events"
 ACTIVITY_TIMEOUT = timedelta(seconds=30)
 # No maximum attempts: while Postgres is down the lifecycle waits, durably, rather than give up.
 ACTIVITY_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
@@ -76,12 +78,14 @@ class StreamLifecycle:
         health = carry.health if carry and carry.health else StreamHealth()
         self._supervisor: StreamSupervisor = StreamSupervisor(params, health)
         self._self_healing = False
+        self._health_events = False
 
     @workflow.run
     async def run(self, params: LifecycleParams) -> LifecycleStatus:
         # Runs started by this code supervise their stream; a history recorded before supervision
         # existed has no marker and replays as it ran (no heartbeats, an error ends the stream).
         self._self_healing = workflow.patched(SELF_HEALING_PATCH)
+        self._health_events = self._self_healing and workflow.patched(HEALTH_EVENTS_PATCH)
         cancelled: asyncio.CancelledError | None = None
         try:
             if params.carry is None and not await self._begin():
@@ -172,9 +176,11 @@ class StreamLifecycle:
         while True:
             while self._inbox:
                 request = await self._apply_while_running(self._inbox.popleft())
+                await self._tell_health()
                 if request is not None:
                     return request
             request = await self._supervise()
+            await self._tell_health()
             if request is not None:
                 return request
             if self._history_is_long():
@@ -219,7 +225,7 @@ class StreamLifecycle:
             return _ShutdownRequest(reason=reason, event_id=event.event_id)
         if event.state in (StreamState.RUNNER_STARTED, StreamState.ML_STARTED):
             if self._self_healing and self._supervisor.supervising:
-                self._supervisor.progress(event)
+                self._supervisor.progress(event, workflow.now())
             await self._advance(event.state, event_id=event.event_id, source=event.service.value)
             if self._state is not None and self._state.rank >= StreamState.ML_STARTED.rank:
                 self._startup_deadline_at = None
@@ -238,6 +244,25 @@ class StreamLifecycle:
             if request is not None:
                 return request
         return None
+
+    async def _tell_health(self) -> None:
+        """Store the health events the watchdog decided (events, outbox, webhooks, MQTT)."""
+        for event in self._supervisor.take_announcements():
+            if not self._health_events:
+                continue
+            workflow.logger.info(
+                "health event",
+                extra={"stream_id": self._params.stream_id, "kind": event.kind.value, "reason": event.reason},
+            )
+            await self._record_health_event(event)
+
+    async def _record_health_event(self, event: HealthEvent) -> None:
+        await workflow.execute_activity_method(
+            LifecycleActivities.record_health_event,
+            event,
+            start_to_close_timeout=ACTIVITY_TIMEOUT,
+            retry_policy=ACTIVITY_RETRY,
+        )
 
     async def _carry_out(
         self, decision: Restart | GiveUp | None, event_id: str | None = None
@@ -290,6 +315,9 @@ class StreamLifecycle:
             problems.append(f"no stop acknowledgement from {names} within {deadline} of a re-sent stop")
         if problems:
             await self._advance(StreamState.INACTIVE_ERROR, reason="; ".join(problems))
+            if self._health_events:
+                self._supervisor.failed_for_good("; ".join(problems), workflow.now())
+                await self._tell_health()
         else:
             await self._advance(StreamState.INACTIVE, reason=request.reason)
 

@@ -13,6 +13,10 @@ so the rules are deterministic under replay and testable on their own.
 - The camera unreachable (the runner spent its reconnect budget) is retried with backoff for up to
   ``camera_retry_s`` (0: for ever), without counting against the services' budget; the runner's
   ``runner_started`` of a new capture, or a heartbeat that shows the camera streaming, ends the outage.
+- Health events (``core/health_events.py``) are what it has to tell: a camera outage or a failing
+  stream once it has lasted ``health_debounce_s`` (and its end, only when its start was told), each
+  restart it sends, a service's process that started over by itself. ``take_announcements`` hands
+  them to the lifecycle, which stores them.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from core.health import HealthStatus, ServiceHealth, StreamHealth
+from core.health_events import HealthEvent, HealthKind, health_event_id
 from core.messages import CameraState, ErrorKind, Service, StateEvent, StreamFigures
 from core.states import StreamState
 from workflows.models import LifecycleParams
@@ -46,6 +51,8 @@ class GiveUp:
 
 
 Decision = Restart | GiveUp
+# the counts a service's heartbeat carries since its process for the stream started
+STARTED_OVER_COUNTS = {Service.RUNNER: "frames_read", Service.ML: "frames_received"}
 
 
 def _span(seconds: float) -> str:
@@ -58,8 +65,47 @@ class StreamSupervisor:
     def __init__(self, params: LifecycleParams, health: StreamHealth) -> None:
         self._params = params
         self.health = health
+        self._announcements: list[HealthEvent] = []
         for service in SUPERVISED:
             health.services.setdefault(service, ServiceHealth())
+
+    @property
+    def stream_id(self) -> str:
+        return self._params.stream_id
+
+    def take_announcements(self) -> list[HealthEvent]:
+        """The health events decided since the last call, oldest first."""
+        taken, self._announcements = self._announcements, []
+        return taken
+
+    def _announce(
+        self,
+        kind: HealthKind,
+        now: datetime,
+        *,
+        since: datetime | None = None,
+        detail: str = "",
+        **fields: object,
+    ) -> None:
+        downtime = (now - since).total_seconds() if since is not None and kind in _ENDS else None
+        self._announcements.append(
+            HealthEvent.model_validate(
+                {
+                    "event_id": health_event_id(self.stream_id, kind, since or now, detail),
+                    "stream_id": self.stream_id,
+                    "kind": kind,
+                    "occurred_at": now,
+                    "since": since,
+                    "downtime_s": downtime,
+                    **fields,
+                }
+            )
+        )
+
+    def failed_for_good(self, reason: str, now: datetime) -> None:
+        """The stream ended in ``inactive_error``: told at once, whatever the debounce."""
+        self._announce(HealthKind.STREAM_FAILED, now, since=self.health.failing_since, detail="final",
+                       reason=reason, final=True)  # fmt: skip
 
     def supervise_from(self, now: datetime) -> None:
         """The stream runs (``ml_started``): liveness counts from now."""
@@ -86,14 +132,17 @@ class StreamSupervisor:
             return
         figures = event.figures or StreamFigures()
         dropped = health.figures is not None and figures.frames_dropped > health.figures.frames_dropped
+        self._note_started_over(event.service, health, figures, now)
         health.figures = figures
         health.last_heartbeat_at = now
         health.restarts_unanswered = 0
+        health.counts_reset_expected = False
         if event.service is Service.RUNNER and figures.camera is CameraState.RECONNECTING:
             health.status = HealthStatus.CAMERA_UNREACHABLE
+            self._camera_down(now)
             return
         if event.service is Service.RUNNER and figures.camera is CameraState.STREAMING:
-            self._camera_back()
+            self._camera_back(now)
         if figures.camera is CameraState.CONNECTING:
             # still opening the camera: a fresh stream is starting, a restarted one recovering
             health.status = HealthStatus.STARTING if health.restarts == 0 else HealthStatus.RECOVERING
@@ -101,23 +150,67 @@ class StreamSupervisor:
             health.status = HealthStatus.CAMERA_UNREACHABLE
         else:
             health.status = HealthStatus.DEGRADED if dropped else HealthStatus.OK
+        self._maybe_recovered(now)
 
-    def progress(self, event: StateEvent) -> None:
+    def _note_started_over(
+        self, service: Service, health: ServiceHealth, figures: StreamFigures, now: datetime
+    ) -> None:
+        """A heartbeat whose counts began again, with no restart sent: the service's process for the
+        stream started over by itself (the service restarted and resumed it)."""
+        name = STARTED_OVER_COUNTS[service]
+        before = getattr(health.figures, name, None) if health.figures is not None else None
+        after = getattr(figures, name, None)
+        if before is None or after is None or after >= before or health.counts_reset_expected:
+            return
+        reason = f"its process for the stream started over ({name} {before} -> {after})"
+        self._announce(HealthKind.SERVICE_RESTARTED, now, detail=f"{service.value}:self",
+                       service=service, reason=reason)  # fmt: skip
+
+    def _maybe_recovered(self, now: datetime) -> None:
+        """Every service runs the stream again (a heartbeat since its last restart): the failing
+        episode is over, told when its start was."""
+        since = self.health.failing_since
+        if since is None:
+            return
+        services = [self.health.services[s] for s in SUPERVISED]
+        if any(
+            h.restarts_unanswered or h.status in (HealthStatus.LOST, HealthStatus.RECOVERING)
+            for h in services
+        ):
+            return
+        if self.health.failure_announced:
+            self._announce(HealthKind.STREAM_RECOVERED, now, since=since, reason=self.health.failing_reason)
+        self.health.failing_since = None
+        self.health.failing_reason = None
+        self.health.failure_announced = False
+
+    def _camera_down(self, now: datetime) -> None:
+        if self.health.camera_down_since is None:
+            self.health.camera_down_since = now
+
+    def progress(self, event: StateEvent, now: datetime) -> None:
         """A service's progress event while the stream runs: a runner that has published a frame
         again (``runner_started`` of its new capture) has its camera back, before its next heartbeat."""
         if (
             event.service is Service.RUNNER
             and event.state is StreamState.RUNNER_STARTED
-            and self.health.camera_unreachable_since is not None
+            and (
+                self.health.camera_unreachable_since is not None or self.health.camera_down_since is not None
+            )
         ):
-            self._camera_back()
+            self._camera_back(now)
             self.health.services[Service.RUNNER].status = HealthStatus.OK
 
-    def _camera_back(self) -> None:
+    def _camera_back(self, now: datetime) -> None:
         self.health.camera_unreachable_since = None
         self.health.camera_retries = 0
         self.health.next_camera_retry_at = None
         self.health.camera_error = None
+        since = self.health.camera_down_since
+        if since is not None and self.health.camera_offline_announced:
+            self._announce(HealthKind.CAMERA_ONLINE, now, since=since)
+        self.health.camera_down_since = None
+        self.health.camera_offline_announced = False
 
     def error(self, event: StateEvent, now: datetime) -> Decision | None:
         """A service's error while the stream runs: restart it, retry the camera, or give up."""
@@ -135,6 +228,7 @@ class StreamSupervisor:
     def due(self, now: datetime) -> list[Decision]:
         """What the watchdog must do now: restarts of silent services, a camera retry, or giving up."""
         decisions: list[Decision] = []
+        self._announce_due(now)
         give_up_at = self._camera_window_ends_at()
         if give_up_at is not None and now >= give_up_at:
             return [self._camera_given_up(now)]
@@ -160,18 +254,39 @@ class StreamSupervisor:
                 return [decision]
         return decisions
 
+    def _announce_due(self, now: datetime) -> None:
+        """A camera outage or a failing stream that has lasted the debounce is told, once."""
+        down = self.health.camera_down_since
+        if down is not None and not self.health.camera_offline_announced and now >= self._told_at(down):
+            self.health.camera_offline_announced = True
+            self._announce(HealthKind.CAMERA_OFFLINE, now, since=down, reason=self.health.camera_error)
+        failing = self.health.failing_since
+        if failing is not None and not self.health.failure_announced and now >= self._told_at(failing):
+            self.health.failure_announced = True
+            self._announce(HealthKind.STREAM_FAILED, now, since=failing, reason=self.health.failing_reason,
+                           final=False)  # fmt: skip
+
+    def _told_at(self, since: datetime) -> datetime:
+        return since + timedelta(seconds=self._params.health_debounce_s)
+
     def restarted(self, restart: Restart, now: datetime) -> None:
         """Record that ``restart`` was sent."""
         health = self.health.services[restart.service]
         health.restarts += 1
         health.last_restart_at = now
         health.last_restart_reason = restart.reason
+        health.counts_reset_expected = True
         if restart.camera:
             health.status = HealthStatus.CAMERA_UNREACHABLE
             return
         health.restart_times.append(now)
         health.restarts_unanswered += 1
         health.status = HealthStatus.RECOVERING
+        self._announce(HealthKind.SERVICE_RESTARTED, now, detail=restart.service.value,
+                       service=restart.service, reason=restart.reason)  # fmt: skip
+        if self.health.failing_since is None:
+            self.health.failing_since = now
+            self.health.failing_reason = f"{restart.service.value}: {restart.reason}"
 
     def next_check_at(self) -> datetime | None:
         """When ``due`` may next have something to do (None: nothing is pending)."""
@@ -181,6 +296,10 @@ class StreamSupervisor:
         for camera_time in (self.health.next_camera_retry_at, self._camera_window_ends_at()):
             if camera_time is not None:
                 times.append(camera_time)
+        if self.health.camera_down_since is not None and not self.health.camera_offline_announced:
+            times.append(self._told_at(self.health.camera_down_since))
+        if self.health.failing_since is not None and not self.health.failure_announced:
+            times.append(self._told_at(self.health.failing_since))
         return min(times) if times else None
 
     # --- rules ---------------------------------------------------------------------------------------
@@ -188,6 +307,7 @@ class StreamSupervisor:
     def _camera_lost(self, health: ServiceHealth, detail: str, now: datetime) -> Decision | None:
         health.status = HealthStatus.CAMERA_UNREACHABLE
         self.health.camera_error = detail
+        self._camera_down(now)
         if self.health.camera_unreachable_since is None:
             self.health.camera_unreachable_since = now
         give_up_at = self._camera_window_ends_at()
@@ -253,3 +373,6 @@ class StreamSupervisor:
             max(self._params.liveness_timeout_s, self._params.restart_backoff_max_s),
         )
         return self._last_sign_of_life(service) + timedelta(seconds=wait_s)
+
+
+_ENDS = (HealthKind.CAMERA_ONLINE, HealthKind.STREAM_RECOVERED)

@@ -1,7 +1,8 @@
-"""Zone and line events: GET /events (filtered pages) and GET /events/stream (a live SSE feed).
+"""Zone, line and health events: GET /events (filtered pages) and GET /events/stream (a live SSE feed).
 
-Both read the ``events`` table, where each stream's detection process writes an event in the same
-transaction as the frame that shows it. An event's ``id`` orders all events; the feed sends it as
+Both read the ``events`` table, where each stream's detection process writes a zone or line event in
+the same transaction as the frame that shows it, and the stream's lifecycle its health events
+(``core/health_events.py``). An event's ``id`` orders all events; the feed sends it as
 the SSE ``id``, so a client that reconnects with ``Last-Event-ID`` misses nothing and sees nothing
 twice.
 """
@@ -12,6 +13,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
+from enum import StrEnum
 from typing import Annotated, Any
 
 import asyncpg
@@ -24,6 +26,8 @@ from api.auth import AUTH_RESPONSES, AdminKey, ReadKey
 from api.deps import DbDep, SettingsDep
 from api.routes.detections import S3Dep, parse_cursor
 from core.analytics import AnalyticsKind, Direction, EventCause
+from core.health_events import HealthKind
+from core.messages import Service
 from core.retention import PINS_LOCK
 from core.settings import Settings
 from core.storage import presigned_get
@@ -36,7 +40,7 @@ FEED_POLL_S = 0.5
 FEED_KEEPALIVE_S = 15.0
 FEED_BATCH = 200
 
-COLUMNS = """id, event_id, stream_id, frame_seq, kind, zone, direction, track_id, class_name, confidence, dwell_s, occurred_at, s3_key, cause, pinned_at, frame_deleted_at"""
+COLUMNS = """id, event_id, stream_id, frame_seq, kind, zone, direction, track_id, class_name, confidence, dwell_s, occurred_at, s3_key, cause, pinned_at, frame_deleted_at, since, service, reason, final"""
 SELECT = f"""
 SELECT {COLUMNS}
   FROM events
@@ -50,24 +54,47 @@ PAGE = SELECT + " AND ($6::bigint IS NULL OR id < $6) ORDER BY id DESC LIMIT $7"
 AFTER = SELECT + " AND id > $6 ORDER BY id LIMIT $7"
 
 
+class EventKindName(StrEnum):
+    """Every kind of event: a zone's or line's (AnalyticsKind), or a stream's health (HealthKind)."""
+
+    ENTERED = "entered"
+    LEFT = "left"
+    DWELL = "dwell"
+    CROSSED = "crossed"
+    CAMERA_OFFLINE = "camera_offline"
+    CAMERA_ONLINE = "camera_online"
+    SERVICE_RESTARTED = "service_restarted"
+    STREAM_FAILED = "stream_failed"
+    STREAM_RECOVERED = "stream_recovered"
+
+
+HEALTH_ENDS = (HealthKind.CAMERA_ONLINE, HealthKind.STREAM_RECOVERED)
+
+
 class EventView(BaseModel):
-    """One event, with a fresh link to the annotated frame that shows it."""
+    """One event: a zone or line event, with a fresh link to the annotated frame that shows it, or a
+    health event of the stream (no frame, no object: ``service``, ``reason``, ``since``, ``final``)."""
 
     id: int = Field(description="Orders all events; the SSE id and the cursor")
     event_id: str
     stream_id: uuid.UUID
-    kind: AnalyticsKind
-    zone: str = Field(description="The zone's or line's name")
+    kind: AnalyticsKind | HealthKind
+    zone: str | None = Field(description="The zone's or line's name (zone and line events)")
     direction: Direction | None
-    track_id: int
-    class_name: str
-    confidence: float
+    track_id: int | None
+    class_name: str | None
+    confidence: float | None
     dwell_s: float | None
     cause: EventCause | None = Field(
         default=None, description="'restart': a visit closed because the detection process restarted"
     )
-    frame_seq: int
+    frame_seq: int | None
     occurred_at: datetime
+    since: datetime | None = Field(default=None, description="Health: when the episode began")
+    downtime_s: float | None = Field(default=None, description="camera_online, stream_recovered: how long")
+    service: Service | None = Field(default=None, description="service_restarted: which service")
+    reason: str | None = Field(default=None, description="Health: why (the error, the silence)")
+    final: bool | None = Field(default=None, description="stream_failed: the stream has ended")
     pinned_at: datetime | None = Field(
         default=None, description="Pinned (POST /events/{id}/pin): no retention deletes it or its frame"
     )
@@ -87,9 +114,14 @@ class EventPage(BaseModel):
 
 def _view(row: asyncpg.Record, settings: Settings, s3: Minio) -> EventView:
     image_url = None
-    if row["frame_deleted_at"] is None:
+    if row["frame_deleted_at"] is None and row["s3_key"] is not None:
         image_url = presigned_get(s3, settings.s3_bucket_frames, row["s3_key"], settings.s3_presign_expiry_s)
-    return EventView(**{k: row[k] for k in EventView.model_fields if k != "image_url"}, image_url=image_url)
+    downtime = None
+    if row["kind"] in HEALTH_ENDS and row["since"] is not None:
+        downtime = (row["occurred_at"] - row["since"]).total_seconds()
+    computed = ("image_url", "downtime_s")
+    stored = {k: row[k] for k in EventView.model_fields if k not in computed}
+    return EventView(**stored, image_url=image_url, downtime_s=downtime)
 
 
 Filters = tuple[uuid.UUID | None, str | None, str | None, datetime | None, bool | None]
@@ -104,14 +136,14 @@ async def events(
     s3: S3Dep,
     _key: ReadKey,
     stream_id: StreamFilter = None,
-    kind: AnalyticsKind | None = None,
+    kind: EventKindName | None = None,
     zone: ZoneFilter = None,
     since: Annotated[datetime | None, Query(description="Only events at or after this time")] = None,
     pinned: Annotated[bool | None, Query(description="Only pinned (true) or unpinned (false) events")] = None,
     cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> EventPage:
-    """Events newest first, filtered by stream, kind, zone or line, and time."""
+    """Events newest first (zone, line and health), filtered by stream, kind, zone or line, and time."""
     before = parse_cursor(cursor)
     filters: Filters = (stream_id, kind.value if kind else None, zone, since, pinned)
     rows = await db.fetch(PAGE, *filters, before, limit + 1)
@@ -173,7 +205,7 @@ async def event_feed(
     s3: S3Dep,
     _key: ReadKey,
     stream_id: StreamFilter = None,
-    kind: AnalyticsKind | None = None,
+    kind: EventKindName | None = None,
     zone: ZoneFilter = None,
     last_event_id: Annotated[
         str | None, Header(description="Resume after this event (sent by EventSource on reconnect)")

@@ -12,6 +12,7 @@ from temporalio import activity
 from temporalio.client import Client
 
 from activities.models import RecordedState, RestartRequest, StateChange, StreamRecord
+from core.health_events import HealthEvent
 from core.messages import EventKind, Service, StateEvent, StopCommand
 from core.states import StreamState, may_advance
 
@@ -44,6 +45,7 @@ class FakeLifecycleStore:
         self.streams: dict[str, FakeStream] = {}
         self.commands: list[StopCommand] = []
         self.restarts: list[RestartRequest] = []
+        self.health_events: list[HealthEvent] = []
         self.answers: dict[Service, int] = {Service.RUNNER: 1, Service.ML: 1}
 
     def add_stream(self, state: StreamState = StreamState.INIT_STARTUP) -> str:
@@ -63,7 +65,23 @@ class FakeLifecycleStore:
 
     @property
     def activities(self) -> list[Callable[..., Any]]:
-        return [self.load_stream, self.record_state, self.send_command, self.restart_service]
+        return [
+            self.load_stream,
+            self.record_state,
+            self.send_command,
+            self.restart_service,
+            self.record_health_event,
+        ]
+
+    def health_of(self, stream_id: str) -> list[HealthEvent]:
+        return [e for e in self.health_events if e.stream_id == stream_id]
+
+    @activity.defn(name="record_health_event")
+    async def record_health_event(self, event: HealthEvent) -> bool:
+        if any(known.event_id == event.event_id for known in self.health_events):
+            return False
+        self.health_events.append(event)
+        return True
 
     @activity.defn(name="restart_service")
     async def restart_service(self, request: RestartRequest) -> bool:

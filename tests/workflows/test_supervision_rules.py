@@ -65,7 +65,7 @@ def test_a_runner_that_publishes_again_has_its_camera_back_before_its_next_heart
         stream_id="s", service=Service.RUNNER, kind=EventKind.PROGRESS, state=StreamState.RUNNER_STARTED,
         event_id="e2", time=T0,
     )  # fmt: skip
-    watchdog.progress(started)
+    watchdog.progress(started, T0 + timedelta(seconds=2))
     assert watchdog.health.camera_unreachable_since is None
     assert watchdog.health.next_camera_retry_at is None
     assert watchdog.health.services[Service.RUNNER].status is HealthStatus.OK

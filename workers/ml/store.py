@@ -56,6 +56,7 @@ INSERT INTO webhook_deliveries (event_pk, stream_id)
 SELECT %s, id FROM streams WHERE id = %s AND options->>'webhook_url' IS NOT NULL
 ON CONFLICT DO NOTHING
 """
+INSERT_MQTT_DELIVERY = "INSERT INTO mqtt_deliveries (event_pk) VALUES (%s) ON CONFLICT DO NOTHING"
 # occupancy None: unchanged; the counts are increments
 UPSERT_FIGURES = """
 INSERT INTO stream_analytics AS a (stream_id, name, shape, occupancy, count_in, count_out)
@@ -348,6 +349,8 @@ class DetectionStore:
             message = analytics_message(self._settings, event)
             conn.execute(INSERT_ONE, (message.topic, message.key, message.payload, message.dedupe_key))
             conn.execute(INSERT_DELIVERY, (inserted[0], event.stream_id))
+            if self._settings.mqtt_enabled:
+                conn.execute(INSERT_MQTT_DELIVERY, (inserted[0],))
         _write_figures(conn, analytics)
 
     def _connection(self) -> psycopg.Connection:
