@@ -47,6 +47,7 @@ SELF_HEALING_PATCH = "self-healing"
 RUNNER_WATCHED_AT_START_PATCH = "runner-watched-at-start"
 HEALTH_EVENTS_PATCH = "health-events"
 ACTIVITY_TIMEOUT = timedelta(seconds=30)
+MIN_TIMER_S = 0.5
 # No maximum attempts: while Postgres is down the lifecycle waits, durably, rather than give up.
 ACTIVITY_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
 
@@ -188,7 +189,9 @@ class StreamLifecycle:
             timeout = self._seconds_to_startup_deadline()
             check_at = self._supervisor.next_check_at() if self._self_healing else None
             if check_at is not None:
-                to_check = max(0.0, (check_at - workflow.now()).total_seconds())
+                # never a timer of a few ms: one that fires as a signal cancels it trips Temporal's
+                # test server ("invalid history builder state"), and a check that late is harmless
+                to_check = max(MIN_TIMER_S, (check_at - workflow.now()).total_seconds())
                 timeout = to_check if timeout is None else min(timeout, to_check)
             if self._startup_deadline_passed():
                 error = (

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import httpx
 import pytest
 
 from core.api_keys import Scope
+from core.health_events import HealthEvent, HealthKind, health_event_id, store_health_event
 from core.messages import StartCommand, parse_command
 from core.settings import Settings
 from tests.running_services import new_api_key, running_api
@@ -153,6 +155,38 @@ async def test_events_filters_and_pages_newest_first(api: httpx.AsyncClient, db_
     assert (await api.get("/events", params={"cursor": "99999999999999999999"})).status_code == 422
     feed = await api.get("/events/stream", headers={"Last-Event-ID": "-1"})
     assert feed.status_code == 422 and "last-event-id" in feed.text
+
+
+async def test_a_health_event_is_stored_once_with_its_outbox_message_and_deliveries_and_listed(
+    api: httpx.AsyncClient, db_pool: asyncpg.Pool, settings: Settings
+) -> None:
+    stream = await start(api, webhook_url="https://hooks.example.com/lookout")
+    sid = str(stream["id"])
+    down = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+    back = down + timedelta(seconds=42)
+    online = HealthEvent(
+        event_id=health_event_id(sid, HealthKind.CAMERA_ONLINE, down), stream_id=sid,
+        kind=HealthKind.CAMERA_ONLINE, occurred_at=back, since=down, downtime_s=42.0,
+    )  # fmt: skip
+    with_mqtt = settings.model_copy(update={"mqtt_enabled": True})
+    assert await store_health_event(db_pool, with_mqtt, online)
+    assert not await store_health_event(db_pool, with_mqtt, online), "a retried activity stores it twice"
+    pk = await db_pool.fetchval("SELECT id FROM events WHERE event_id = $1", online.event_id)
+    outbox = await db_pool.fetch(
+        "SELECT topic, payload FROM outbox WHERE dedupe_key = $1", f"health:{online.event_id}"
+    )
+    assert [r["topic"] for r in outbox] == [settings.topic_events]
+    assert HealthEvent.model_validate_json(outbox[0]["payload"]) == online
+    assert await db_pool.fetchval("SELECT count(*) FROM webhook_deliveries WHERE event_pk = $1", pk) == 1
+    assert await db_pool.fetchval("SELECT count(*) FROM mqtt_deliveries WHERE event_pk = $1", pk) == 1
+
+    [view] = (await api.get("/events", params={"id": sid, "kind": "camera_online"})).json()["items"]
+    assert view["kind"] == "camera_online" and view["downtime_s"] == 42.0 and view["image_url"] is None
+    assert view["zone"] is None and view["since"].startswith("2026-12-06T12:00:00")
+    missing = HealthEvent(
+        event_id="x", stream_id=str(uuid.uuid4()), kind=HealthKind.STREAM_FAILED, occurred_at=back, final=True
+    )
+    assert not await store_health_event(db_pool, settings, missing), "an event of no stream"
 
 
 async def test_reading_events_needs_a_key_and_patching_an_admin_key(settings: Settings) -> None:

@@ -15,6 +15,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from core.health import HealthStatus, StreamHealth
+from core.health_events import HealthKind
 from core.messages import CameraState, ErrorKind, EventKind, Service, StateEvent, StreamFigures
 from core.settings import Settings
 from core.states import StreamState
@@ -48,6 +49,8 @@ def settings() -> Settings:
         restart_budget=3,
         restart_window_s=3600.0,
         camera_retry_s=120.0,
+        # health events (tests of their own): none falls due among the timers these tests skip through
+        health_debounce_s=LIVENESS_S * 20,
     )
 
 
@@ -329,3 +332,56 @@ async def test_continue_as_new_carries_the_health_and_the_restart_count(
     assert health.services[Service.ML].status is HealthStatus.OK
     await send(client, settings, init_shutdown(sid))
     assert (await latest.result()).state is S.INACTIVE
+
+
+# --- health events (the watchdog's rules: test_health_event_rules.py) ----------------------------------
+
+HEALTH_DEBOUNCE_S = 3.0
+
+
+async def test_a_camera_outage_a_restart_and_the_end_are_told_once_each(
+    client: Client, time_skipping: WorkflowEnvironment, settings: Settings, store: FakeLifecycleStore
+) -> None:
+    settings = settings.model_copy(update={"health_debounce_s": HEALTH_DEBOUNCE_S})
+    sid, handle = await running_stream(client, settings, store)
+    await beat_both(client, settings, sid)
+    await send(client, settings, camera_gone(sid))
+    await send(client, settings, heartbeat(sid, Service.ML, frames_processed=10))
+    await time_skipping.sleep(LIVENESS_S / 2)
+
+    async def told(count: int) -> bool:
+        return len(store.health_of(sid)) >= count
+
+    await eventually(lambda: told(1))
+    await beat_both(client, settings, sid)  # the camera is back
+    await eventually(lambda: told(2))
+    crash = event(
+        sid, Service.ML, EventKind.ERROR, error="detection process died", error_kind=ErrorKind.PROCESS
+    )
+    await send(client, settings, crash)
+    await eventually(lambda: told(3))
+    await send(client, settings, heartbeat(sid, Service.ML, frames_processed=1))
+    await send(client, settings, init_shutdown(sid))
+    assert (await handle.result()).state is S.INACTIVE
+
+    offline, online, restarted = store.health_of(sid)
+    assert [offline.kind, online.kind, restarted.kind] == [
+        HealthKind.CAMERA_OFFLINE, HealthKind.CAMERA_ONLINE, HealthKind.SERVICE_RESTARTED,
+    ]  # fmt: skip
+    assert offline.since is not None and online.since == offline.since
+    assert online.downtime_s is not None and online.downtime_s >= HEALTH_DEBOUNCE_S
+    assert offline.reason is not None and "gave up" in offline.reason
+    assert restarted.service is Service.ML and restarted.reason is not None and "died" in restarted.reason
+    assert len({e.event_id for e in store.health_events}) == len(store.health_events)
+
+
+async def test_a_stream_that_ends_in_error_is_told_failed_for_good(
+    client: Client, settings: Settings, store: FakeLifecycleStore
+) -> None:
+    sid, handle = await running_stream(client, settings, store)
+    fatal = event(sid, Service.ML, EventKind.ERROR, error="model does not load", error_kind=ErrorKind.FATAL)
+    await send(client, settings, fatal)
+    assert (await handle.result()).state is S.INACTIVE_ERROR
+    [failed] = store.health_of(sid)
+    assert failed.kind is HealthKind.STREAM_FAILED and failed.final is True
+    assert failed.reason is not None and "model does not load" in failed.reason
