@@ -87,6 +87,11 @@ NEWEST_FRAME_AGE_SECONDS = Gauge(
 CAMERA_RECONNECTS = Counter(
     "lookout_camera_reconnects_total", "Camera connections after the first (runner)", ["stream_id"]
 )
+CAMERA_CONNECTED = Gauge(
+    "lookout_camera_connected",
+    "1 while the stream's capture gets frames from its camera, 0 while connecting or reconnecting (runner)",
+    ["stream_id"],
+)
 ML_QUEUE_DEPTH = Gauge("lookout_ml_queue_depth", "Frames waiting for the model (ml)", ["stream_id"])
 ENGINE_LOST = Counter(
     "lookout_engine_lost_inferences_total",
@@ -126,6 +131,7 @@ PER_STREAM = (
     STREAM_FPS,
     NEWEST_FRAME_AGE_SECONDS,
     CAMERA_RECONNECTS,
+    CAMERA_CONNECTED,
     ML_QUEUE_DEPTH,
     ENGINE_LOST,
 )

@@ -35,6 +35,7 @@ SERVICE_SCRIPTS = {
     "lookout-ml",
     "lookout-webhooks",
     "lookout-janitor",
+    "lookout-mqtt",
 }
 # The ones that read or write Postgres (the state bridge only signals Temporal; the runner only reads
 # cameras and writes Kafka).
@@ -45,6 +46,7 @@ POSTGRES_CLIENTS = {
     "lookout-ml",
     "lookout-webhooks",
     "lookout-janitor",
+    "lookout-mqtt",
 }
 MIGRATE_COMMAND = ["lookout", "db", "migrate"]
 INFRASTRUCTURE = {"postgres", "kafka", "minio", "temporal", "temporal-ui"}

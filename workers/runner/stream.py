@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from multiprocessing import forkserver
 from multiprocessing.context import ForkServerContext
 
-from core.metrics import CAMERA_RECONNECTS, FRAMES_DROPPED, FRAMES_PUBLISHED, FRAMES_READ
+from core.messages import CameraState
+from core.metrics import CAMERA_CONNECTED, CAMERA_RECONNECTS, FRAMES_DROPPED, FRAMES_PUBLISHED, FRAMES_READ
 from core.redact import redact_url
 from workers.child_process import EXIT_STOPPED, ChildProcess, StopEnding, StopResult
 from workers.runner.child import run_capture_process
@@ -170,6 +171,7 @@ class CaptureProcess:
             FRAMES_DROPPED.labels("runner", sid).inc(counts.frames_dropped - last.frames_dropped)
         if counts.reconnects > last.reconnects:
             CAMERA_RECONNECTS.labels(sid).inc(counts.reconnects - last.reconnects)
+        CAMERA_CONNECTED.labels(sid).set(1 if counts.camera is CameraState.STREAMING else 0)
 
     def _on_exit(self) -> None:
         stopping = self._child.stopping
