@@ -45,8 +45,14 @@ async def consume(
     return records
 
 
-async def eventually(check: Callable[[], object], timeout_s: float = 20.0, interval_s: float = 0.1) -> None:
-    """Wait until ``check()`` (sync or async) returns a truthy value."""
+async def eventually(
+    check: Callable[[], object],
+    timeout_s: float = 20.0,
+    interval_s: float = 0.1,
+    what: Callable[[], object] | None = None,
+) -> None:
+    """Wait until ``check()`` (sync or async) returns a truthy value; ``what()`` says what was seen
+    when it never does."""
     deadline = time.monotonic() + timeout_s
     while True:
         result = check()
@@ -55,7 +61,8 @@ async def eventually(check: Callable[[], object], timeout_s: float = 20.0, inter
         if result:
             return
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met after {timeout_s}s")
+            seen = f": {what()}" if what is not None else ""
+            raise AssertionError(f"condition not met after {timeout_s}s{seen}")
         await asyncio.sleep(interval_s)
 
 

@@ -19,7 +19,7 @@ def stack_env(data_dir: Path, pg_admin_url: str, **settings: str) -> dict[str, s
     database = f"lookout_cmd_{uuid.uuid4().hex[:8]}"
     ports = {
         name: str(servers.free_port())
-        for name in ("KAFKA", "KAFKA_CONTROLLER", "TEMPORAL", "TEMPORAL_UI", "API", "CAM")
+        for name in ("KAFKA", "KAFKA_CONTROLLER", "TEMPORAL", "TEMPORAL_UI", "API", "CAM", "MQTT")
     }
     return {
         **os.environ,
@@ -34,9 +34,10 @@ def stack_env(data_dir: Path, pg_admin_url: str, **settings: str) -> dict[str, s
         "LOOKOUT_STACK_TEMPORAL_UI_PORT": ports["TEMPORAL_UI"],
         "LOOKOUT_API_PORT": ports["API"],
         "LOOKOUT_DEMO_CAMERA_PORT": ports["CAM"],
+        "LOOKOUT_STACK_MQTT_PORT": ports["MQTT"],
         **{
             f"LOOKOUT_METRICS_PORT_{s}": str(servers.free_port())
-            for s in ("RUNNER", "ML", "RELAY", "BRIDGE", "WORKER", "WEBHOOKS", "JANITOR")
+            for s in ("RUNNER", "ML", "RELAY", "BRIDGE", "WORKER", "WEBHOOKS", "JANITOR", "MQTT")
         },
         **{f"LOOKOUT_{name.upper()}": value for name, value in settings.items()},
     }

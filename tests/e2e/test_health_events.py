@@ -91,7 +91,7 @@ async def test_a_camera_killed_and_back_is_told_once_each_on_mqtt_sse_and_webhoo
 ) -> None:
     receiver = Receiver(servers.free_port())
     receiver.start()
-    mqtt = {
+    mqtt: dict[str, Any] = {
         "mqtt_enabled": True, "mqtt_port": broker.port, "mqtt_username": USER, "mqtt_password": SecretStr(PASSWORD),
         "mqtt_poll_s": 0.2, "health_debounce_s": 2.0, "webhook_poll_s": 0.2,
     }  # fmt: skip
@@ -146,8 +146,14 @@ async def test_a_camera_killed_and_back_is_told_once_each_on_mqtt_sse_and_webhoo
             def webhook_events() -> list[dict[str, Any]]:
                 return [json.loads(body) for _headers, body in receiver.received]
 
-            await eventually(lambda: kinds_of(feed) == list(CAMERA_KINDS), timeout_s=15)
-            await eventually(lambda: kinds_of(webhook_events()) == list(CAMERA_KINDS), timeout_s=30)
+            await eventually(
+                lambda: kinds_of(feed) == list(CAMERA_KINDS), timeout_s=15, what=lambda: kinds_of(feed)
+            )
+            await eventually(
+                lambda: kinds_of(webhook_events()) == list(CAMERA_KINDS),
+                timeout_s=30,
+                what=lambda: kinds_of(webhook_events()),
+            )
             await asyncio.sleep(3)  # nothing more comes
         finally:
             reader.cancel()

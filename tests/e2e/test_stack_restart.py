@@ -1,5 +1,7 @@
 """``lookout up`` stopped with Ctrl-C and started again: a stream that ran before runs again after,
-detected without any user action (the box restarted for an upgrade must not end every camera)."""
+detected without any user action (the box restarted for an upgrade must not end every camera). The
+stack runs with MQTT on (its Mosquitto and ``lookout-mqtt`` supervised like the rest), and a live
+scrape of every service exports each metric the Grafana dashboard and the alert rules query."""
 
 from __future__ import annotations
 
@@ -16,9 +18,11 @@ import psutil
 import psycopg
 import pytest
 
-from cli.supervisor import SERVICES
+from cli.supervisor import services_for
 from core.lifetime import terminate_with_parent
+from core.settings import Settings
 from deploy.camera.control import TestCamera
+from tests.deploy.observability import alert_queries, dashboard_queries, exported, metrics_in
 from tests.e2e.lookout_command import LOOKOUT, database_of, stack_env
 
 pytestmark = pytest.mark.e2e
@@ -77,7 +81,13 @@ class LookoutUp:
 
 @pytest.fixture
 def up(tmp_path: Path, pg_admin_url: str) -> Iterator[LookoutUp]:
-    env = stack_env(tmp_path / "lookout", pg_admin_url, liveness_timeout_s="4", heartbeat_interval_s="1")
+    env = stack_env(
+        tmp_path / "lookout",
+        pg_admin_url,
+        liveness_timeout_s="4",
+        heartbeat_interval_s="1",
+        mqtt_enabled="true",
+    )
     run = LookoutUp(env, tmp_path / "up.out")
     yield run
     if run.proc is not None and run.proc.poll() is None:
@@ -109,6 +119,7 @@ def test_lookout_up_stopped_and_started_again_resumes_the_running_stream(
     ).json()["id"]
     started_at = datetime.now(UTC)
     wait_for(lambda: rows_after(api, stream_id, started_at) > 0, 120, "no rows before the restart")
+    assert_dashboard_metrics_exported(up)
 
     assert up.ctrl_c() == 0, up.out.read_text()[-3000:]
     with pytest.raises(httpx.TransportError):  # everything `up` started is down
@@ -128,6 +139,32 @@ def test_lookout_up_stopped_and_started_again_resumes_the_running_stream(
     assert api.post("/shutdown", json={"id": stream_id}).status_code == 202
     wait_for(lambda: api.get(f"/state/{stream_id}").json()["state"] == "inactive", 30, "not inactive")
     assert up.ctrl_c() == 0
+
+
+mqtt_on = Settings(_env_file=None, mqtt_enabled=True)  # type: ignore[call-arg]
+
+
+def assert_dashboard_metrics_exported(up: LookoutUp) -> None:
+    """Scrape the API and every worker of the running stack: each metric the dashboard and the alert
+    rules query is in what they export."""
+    env = up.env
+    endpoints = [f"http://127.0.0.1:{env['LOOKOUT_API_PORT']}/metrics/"]
+    endpoints += [
+        f"http://127.0.0.1:{port}/metrics"
+        for name, port in env.items()
+        if name.startswith("LOOKOUT_METRICS_PORT_")
+    ]
+    assert len(endpoints) == 9
+    names: set[str] = set()
+    for url in endpoints:
+        response = httpx.get(url, timeout=10, follow_redirects=True)
+        assert response.status_code == 200, url
+        names |= exported(response.text)
+    mqtt = f"http://127.0.0.1:{env['LOOKOUT_METRICS_PORT_MQTT']}/metrics"
+    # lookout-mqtt reached the stack's Mosquitto with the password `stack up` made
+    wait_for(lambda: "lookout_mqtt_connected 1.0" in httpx.get(mqtt).text, 30, "lookout-mqtt not connected")
+    wanted = metrics_in(dashboard_queries()) | metrics_in(alert_queries())
+    assert wanted - names == set(), "queried, not exported"
 
 
 def alive(pids: set[int]) -> set[int]:
@@ -186,7 +223,7 @@ def test_sighup_then_sigkill_of_lookout_up_leave_no_process_and_the_next_up_runs
         for pid in up.descendants()
         if "/bin/lookout-" in " ".join(psutil.Process(pid).cmdline()[:2])
     ]
-    assert sorted(services) == sorted(SERVICES), "one set of services"
+    assert sorted(services) == sorted(services_for(mqtt_on)), "one set of services"
     assert processes_of(up.env["LOOKOUT_DATA_DIR"]) - up.descendants() - {up.proc.pid} == set(), (  # type: ignore[union-attr]
         "a process of this stack runs outside the new `lookout up`"
     )
