@@ -561,11 +561,23 @@ function renderFigures(stream) {
   );
 }
 
+// What an event says: a zone or line event names its object; a health event its cause.
+function describeEvent(event) {
+  if (event.zone === null || event.zone === undefined) {
+    const words = event.kind.replaceAll("_", " ");
+    const service = event.service ? ` (${event.service})` : "";
+    const downtime = event.downtime_s ? ` after ${Math.round(event.downtime_s)} s` : "";
+    const reason = event.reason ? `: ${event.reason}` : "";
+    return `${words}${service}${downtime}${reason}`;
+  }
+  const what = event.kind === "crossed" ? `crossed ${event.zone} (${event.direction})` : `${event.kind} ${event.zone}`;
+  return `${event.class_name} #${event.track_id} ${what}`;
+}
+
 function showEvent(event) {
   const list = $("event-feed");
   const url = safeHttpUrl(event.image_url);
-  const what = event.kind === "crossed" ? `crossed ${event.zone} (${event.direction})` : `${event.kind} ${event.zone}`;
-  const text = `${clockTime(event.occurred_at)} · ${event.class_name} #${event.track_id} ${what}`;
+  const text = `${clockTime(event.occurred_at)} · ${describeEvent(event)}`;
   const thumb = url ? el("a", { href: url, target: "_blank", rel: "noopener noreferrer" },
     el("img", { src: url, alt: `Frame of: ${text}`, width: 96, height: 72, loading: "lazy" })) : el("span");
   list.prepend(el("li", { "data-event": String(event.id) }, thumb, el("span", { text })));
