@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     topic_frames: str = "lookout.frames"
     topic_states: str = "lookout.states"
     topic_dead_letter: str = "lookout.dead-letter"
-    topic_events: str = "lookout.events"  # zone and line events (core/analytics.py), via the outbox
+    topic_events: str = "lookout.events"  # zone, line and health events (core/analytics.py, core/health_events.py), via the outbox
     # consumer groups are <prefix>-runner, <prefix>-ml and <prefix>-state-manager: two deployments
     # (or two test runs) sharing a broker use different prefixes
     kafka_group_prefix: str = "lookout"

@@ -207,10 +207,15 @@ async def test_the_frigate_layout_keeps_frigate_topics(
         assert client.latest(f"frigate/{stream_id}/status/detect") == b"online"
 
 
-async def test_the_last_will_says_offline_when_the_sink_is_killed(
+async def test_the_sink_says_offline_when_stopped_and_its_last_will_when_killed(
     sink_settings: Settings, pool: asyncpg.Pool, broker: Broker, tmp_path: Path
 ) -> None:
     async with subscribed(broker.port, "lookout/available") as client:
+        sink = sink_process(sink_settings, tmp_path / "mqtt.log")
+        await eventually(lambda: client.latest("lookout/available") == b"online", timeout_s=30)
+        sink.send_signal(signal.SIGTERM)  # a clean stop says offline itself and exits 0
+        assert await asyncio.to_thread(sink.wait, 20) == 0
+        assert client.latest("lookout/available") == b"offline"
         sink = sink_process(sink_settings, tmp_path / "mqtt.log")
         try:
             await eventually(lambda: client.latest("lookout/available") == b"online", timeout_s=30)

@@ -40,6 +40,9 @@ ALTER TABLE events ADD CONSTRAINT events_shape CHECK (
         AND confidence IS NOT NULL AND s3_key IS NOT NULL)
 );
 
+-- a stream's newest event of some kinds (lookout-mqtt's availability: its camera and failure events)
+CREATE INDEX events_stream_kind ON events (stream_id, kind, id);
+
 CREATE TABLE mqtt_deliveries (
     id            bigserial   PRIMARY KEY,
     event_pk      bigint      NOT NULL UNIQUE REFERENCES events (id) ON DELETE CASCADE,
@@ -52,6 +55,7 @@ CREATE INDEX mqtt_deliveries_published ON mqtt_deliveries (published_at) WHERE p
 
 DOWNGRADE = f"""
 DROP TABLE mqtt_deliveries;
+DROP INDEX events_stream_kind;
 DELETE FROM events WHERE kind IN ({HEALTH_KINDS});
 ALTER TABLE events DROP CONSTRAINT events_shape;
 ALTER TABLE events DROP COLUMN final, DROP COLUMN since, DROP COLUMN reason, DROP COLUMN service;
