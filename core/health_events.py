@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field
 
 from core.analytics import AnalyticsEvent
 from core.messages import Service
-from core.outbox import OutboxMessage, enqueue
+from core.outbox import OutboxMessage, enqueue, events_topic_message
 from core.settings import Settings
 
 
@@ -85,13 +85,8 @@ def stored_event(row: Mapping[str, Any]) -> AnalyticsEvent | HealthEvent:
 
 
 def health_message(settings: Settings, event: HealthEvent) -> OutboxMessage:
-    """A health event on the events topic (beside the zone events), keyed by stream."""
-    return OutboxMessage(
-        topic=settings.topic_events,
-        key=event.stream_id,
-        payload=event.model_dump_json().encode(),
-        dedupe_key=f"health:{event.event_id}",
-    )
+    """A health event on the events topic (beside the zone events)."""
+    return events_topic_message(settings, event, "health")
 
 
 INSERT = """

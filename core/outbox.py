@@ -7,6 +7,7 @@ happen or neither; ``workers/outbox_relay.py`` publishes the rows keyed by strea
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import asyncpg
 
@@ -32,14 +33,28 @@ def command_dedupe_key(command_id: str) -> str:
     return f"command:{command_id}"
 
 
-def analytics_message(settings: Settings, event: AnalyticsEvent) -> OutboxMessage:
-    """A zone or line event on the events topic, keyed by stream."""
+class StreamEvent(Protocol):
+    """What goes on the events topic: a zone, line or health event of a stream."""
+
+    event_id: str
+    stream_id: str
+
+    def model_dump_json(self) -> str: ...
+
+
+def events_topic_message(settings: Settings, event: StreamEvent, family: str) -> OutboxMessage:
+    """``event`` on the events topic, keyed by stream; ``family`` keeps the dedupe keys apart."""
     return OutboxMessage(
         topic=settings.topic_events,
         key=event.stream_id,
         payload=event.model_dump_json().encode(),
-        dedupe_key=f"analytics:{event.event_id}",
+        dedupe_key=f"{family}:{event.event_id}",
     )
+
+
+def analytics_message(settings: Settings, event: AnalyticsEvent) -> OutboxMessage:
+    """A zone or line event on the events topic."""
+    return events_topic_message(settings, event, "analytics")
 
 
 def event_dedupe_key(event_id: str) -> str:

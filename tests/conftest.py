@@ -25,6 +25,7 @@ from core.temporal import SEARCH_ATTRIBUTES
 from deploy import servers
 from deploy.camera.control import TestCamera
 from tests.databases import scratch_database
+from tests.mqtt_broker import Broker
 from tests.ports import free_s3_port
 
 S3_ACCESS_KEY = "lookout-test"
@@ -119,6 +120,22 @@ def camera(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCamera]:
     cam = TestCamera(log_dir=tmp_path_factory.mktemp("camera")).start()
     yield cam
     cam.stop()
+
+
+@pytest.fixture
+def own_camera(tmp_path: Path) -> Iterator[TestCamera]:
+    """A camera of one test (mount cam1 and the others), to kill, freeze or bring back."""
+    cam = TestCamera(log_dir=tmp_path).start()
+    yield cam
+    cam.stop()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    """A real Mosquitto of one test (tests/mqtt_broker.py), to kill -9 and start again."""
+    running = Broker(tmp_path / "mqtt").start()
+    yield running
+    running.stop()
 
 
 def make_settings(**overrides: object) -> Settings:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -37,20 +37,6 @@ EVERYWHERE = {
     "classes": ["person"],
 }
 CAMERA_KINDS = ("camera_offline", "camera_online")
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    running = Broker(tmp_path / "mqtt").start()
-    yield running
-    running.stop()
-
-
-@pytest.fixture
-def own_camera(tmp_path: Path) -> Iterator[TestCamera]:
-    cam = TestCamera(log_dir=tmp_path).start(mounts=["cam1"])
-    yield cam
-    cam.stop()
 
 
 async def follow_feed(

@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -41,14 +40,6 @@ async def pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
     e2e_settings = await pipeline_settings(settings, startup_deadline_s=30.0, camera_retry_s=8.0)
     async with running_pipeline(e2e_settings) as running:
         yield running
-
-
-@pytest.fixture
-def own_camera(tmp_path: Path) -> Iterator[TestCamera]:
-    """A camera of one test, to kill."""
-    cam = TestCamera(log_dir=tmp_path).start(mounts=["cam1"])
-    yield cam
-    cam.stop()
 
 
 async def start_running_stream(pipeline: Pipeline, url: str) -> tuple[str, float]:

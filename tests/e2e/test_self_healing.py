@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -37,13 +37,6 @@ async def healing(
 ) -> AsyncIterator[HealingPipeline]:
     async with healing_pipeline(settings, db_pool, tmp_path_factory.mktemp("healing")) as pipeline:
         yield pipeline
-
-
-@pytest.fixture
-def own_camera(tmp_path: Path) -> Iterator[TestCamera]:
-    cam = TestCamera(log_dir=tmp_path).start(mounts=["cam1"])
-    yield cam
-    cam.stop()
 
 
 async def assert_rows_resume(

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -38,13 +38,6 @@ log = logging.getLogger(__name__)
 
 ZONES = [{"name": "door", "points": [[0, 0], [0.5, 0], [0.5, 1]]}]
 LINES = [{"name": "gate way", "points": [[0.2, 0.5], [0.8, 0.5]]}]
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    running = Broker(tmp_path / "mqtt").start()
-    yield running
-    running.stop()
 
 
 @pytest.fixture

@@ -6,9 +6,8 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import cast
 
 import psutil
@@ -19,7 +18,6 @@ from core.kafka import create_producer, ensure_topics
 from core.messages import FrameHeaders, StartCommand, StateEvent, StopCommand, StreamOptions
 from core.sealing import UrlSealer
 from core.settings import Settings
-from deploy.camera.control import TestCamera
 from tests.conftest import make_settings
 from workers.runner.service import RunnerHandler, runner_service
 
@@ -39,14 +37,6 @@ def capture_processes() -> list[psutil.Process]:
             if any("spawn_main" in part for part in child.cmdline()):  # not the resource tracker
                 found.append(child)
     return found
-
-
-@pytest.fixture
-def own_camera(tmp_path: Path) -> Iterator[TestCamera]:
-    """A camera for one test, to kill or freeze."""
-    cam = TestCamera(log_dir=tmp_path).start()
-    yield cam
-    cam.stop()
 
 
 def runner_settings(kafka_bootstrap: str, **overrides: object) -> Settings:
