@@ -318,15 +318,19 @@ async def test_a_detection_process_killed_mid_stream_comes_back_and_its_events_g
         for r in await db_pool.fetch(OPEN_VISITS.replace("%s", "$1::uuid"), running.stream_id)
     }
 
-    def new_events(rows: list[asyncpg.Record]) -> bool:
-        return any(r["created_at"] > killed_at for r in rows)
+    def new_events(rows: list[asyncpg.Record]) -> bool:  # the new process's (the restart's told first)
+        return any(r["created_at"] > killed_at and r["zone"] is not None for r in rows)
 
     await wait_for_events(db_pool, running.stream_id, new_events)
-    after = await db_pool.fetch(
-        "SELECT kind, zone, track_id, cause FROM events WHERE stream_id = $1::uuid AND created_at > $2",
+    stored_after = await db_pool.fetch(
+        "SELECT kind, zone, track_id, cause, service FROM events WHERE stream_id = $1::uuid AND created_at > $2",
         running.stream_id,
         killed_at,
     )
+    # the lifecycle told the restart as a health event; the rest are the zone's and the line's
+    health = [r for r in stored_after if r["zone"] is None]
+    assert [(r["kind"], r["service"]) for r in health] == [("service_restarted", "ml")], health
+    after = [r for r in stored_after if r["zone"] is not None]
     # the visits the killed process left open are closed, saying why; new tracks take new ids
     closed = {(r["zone"], r["track_id"]) for r in after if r["cause"] == "restart"}
     assert closed == open_at_kill
