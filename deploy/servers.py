@@ -18,6 +18,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -513,10 +514,24 @@ def temporal_dev_server(
     )
 
 
-def mqtt_ok(port: int, username: str, password: str, host: str = "127.0.0.1", timeout: float = 2.0) -> bool:
-    """Whether an MQTT client can connect with these credentials (CONNACK accepted)."""
+def mqtt_ok(
+    port: int,
+    username: str,
+    password: str,
+    host: str = "127.0.0.1",
+    timeout: float = 2.0,
+    *,
+    tls: bool = False,
+) -> bool:
+    """Whether an MQTT client can connect with these credentials (CONNACK accepted); ``tls``: over
+    TLS, the certificate unchecked (the readiness of our own listener)."""
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"lookout-ready-{os.getpid()}")
     client.username_pw_set(username, password)
+    if tls:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        client.tls_set_context(context)
     try:
         client.connect(host, port, keepalive=5)
         deadline = time.monotonic() + timeout
@@ -530,9 +545,12 @@ def mqtt_ok(port: int, username: str, password: str, host: str = "127.0.0.1", ti
             client.disconnect()
 
 
-def mosquitto_server(data_dir: Path, port: int, username: str, password: str) -> ServerSpec:
+def mosquitto_server(
+    data_dir: Path, port: int, username: str, password: str, tls: tuple[Path, Path] | None = None
+) -> ServerSpec:
     """Debian's Mosquitto on 127.0.0.1 with one user (a password file), persistence saved on every
-    change (a broker killed -9 keeps its sessions and retained messages)."""
+    change (a broker killed -9 keeps its sessions and retained messages); with ``tls`` (certificate
+    and key files) its listener speaks TLS only."""
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
     conf = data_dir / "mosquitto.conf"
@@ -552,6 +570,7 @@ def mosquitto_server(data_dir: Path, port: int, username: str, password: str) ->
                 [
                     "per_listener_settings false",
                     f"listener {port} 127.0.0.1",
+                    *([f"certfile {tls[0]}", f"keyfile {tls[1]}"] if tls else []),
                     "allow_anonymous false",
                     f"password_file {password_file}",
                     "persistence true",
@@ -572,7 +591,7 @@ def mosquitto_server(data_dir: Path, port: int, username: str, password: str) ->
         name="mqtt",
         argv=[binary, "-c", str(conf)],
         address=f"mqtt://127.0.0.1:{port}",
-        ready=lambda: mqtt_ok(port, username, password),
+        ready=lambda: mqtt_ok(port, username, password, tls=tls is not None),
         log_path=data_dir.parent / "logs" / "mosquitto.log",
         prepare=prepare,
     )

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import ipaddress
 import json
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -17,6 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from deploy import servers
 
@@ -33,9 +40,10 @@ class Broker:
     data_dir: Path
     port: int = field(default_factory=servers.free_port)
     proc: subprocess.Popen[bytes] | None = None
+    tls: tuple[Path, Path] | None = None  # its certificate and key: TLS only
 
     def start(self) -> Broker:
-        spec = servers.mosquitto_server(self.data_dir, self.port, USER, PASSWORD)
+        spec = servers.mosquitto_server(self.data_dir, self.port, USER, PASSWORD, tls=self.tls)
         self.proc = spec.start(timeout=30, die_with_parent=True)
         return self
 
@@ -70,6 +78,7 @@ class Subscriber:
     port: int
     topics: tuple[str, ...] = ("#",)
     identifier: str = "test-subscriber"
+    tls: ssl.SSLContext | None = None
     messages: list[Received] = field(default_factory=list)
     connects: int = 0
 
@@ -87,7 +96,7 @@ class Subscriber:
             try:
                 async with aiomqtt.Client(
                     "127.0.0.1", self.port, username=USER, password=PASSWORD, identifier=self.identifier,
-                    clean_session=False, keepalive=5, timeout=5,
+                    clean_session=False, keepalive=5, timeout=5, tls_context=self.tls,
                 ) as client:  # fmt: skip
                     self.connects += 1
                     for topic in self.topics:
@@ -109,10 +118,10 @@ class Subscriber:
 
 @contextlib.asynccontextmanager
 async def subscribed(
-    port: int, *topics: str, identifier: str = "test-subscriber"
+    port: int, *topics: str, identifier: str = "test-subscriber", tls: ssl.SSLContext | None = None
 ) -> AsyncIterator[Subscriber]:
     """A running ``Subscriber``, connected (and subscribed) before the body runs."""
-    subscriber = Subscriber(port, topics or ("#",), identifier)
+    subscriber = Subscriber(port, topics or ("#",), identifier, tls=tls)
     stop = asyncio.Event()
     task = asyncio.create_task(subscriber.run(stop), name="mqtt-subscriber")
     deadline = time.monotonic() + 15
@@ -127,3 +136,40 @@ async def subscribed(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """A CA and a certificate it signed for 127.0.0.1 and localhost: the (ca, cert, key) files."""
+    now = datetime.datetime.now(datetime.UTC)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    def signed(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name) -> x509.CertificateBuilder:
+        return (
+            x509.CertificateBuilder().subject_name(name(subject)).issuer_name(issuer)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        )  # fmt: skip
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        signed("lookout test CA", ca_key, name("lookout test CA"))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    where = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    cert = (
+        signed("127.0.0.1", key, ca.subject)
+        .add_extension(x509.SubjectAlternativeName(where), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = folder / "ca.pem", folder / "server.pem", folder / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    private = serialization.PrivateFormat.PKCS8
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, private, serialization.NoEncryption()))
+    paths[2].chmod(0o600)
+    return paths

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import uuid
@@ -27,7 +28,7 @@ from core.health_events import HealthEvent, HealthKind, health_event_id, store_h
 from core.settings import Settings, settings_env
 from core.timeouts import within
 from tests.conftest import make_settings
-from tests.mqtt_broker import PASSWORD, USER, Broker, subscribed
+from tests.mqtt_broker import PASSWORD, USER, Broker, certificates, subscribed
 from tests.observing import eventually
 from tests.workers.ha_discovery import problems
 from workers.mqtt import MqttSink
@@ -276,3 +277,30 @@ async def test_kill_9_of_the_sink_and_of_the_broker_mid_stream_loses_no_event_an
     duplicates = len(received) - len(set(received))
     log.info("%d events, %d deliveries (%d again, same id), %d connects", len(stored), len(received), duplicates,
              client.connects)  # fmt: skip
+
+
+async def test_over_tls_the_sink_checks_the_broker_against_its_ca(
+    pool: asyncpg.Pool, sink_settings: Settings, tmp_path: Path
+) -> None:
+    ca, cert, key = certificates(tmp_path / "tls")
+    secure = Broker(tmp_path / "mqtt-tls", tls=(cert, key)).start()
+    try:
+        stream_id = await new_stream(pool)
+        entered = await zone_event(pool, stream_id, 1)
+        trusting = ssl.create_default_context(cafile=str(ca))
+        over_tls = sink_settings.model_copy(
+            update={"mqtt_port": secure.port, "mqtt_tls": True, "mqtt_ca_file": ca}
+        )
+        async with subscribed(secure.port, f"lookout/{stream_id}/events", tls=trusting) as client:
+            async with sink_in_process(over_tls, pool):
+                await eventually(lambda: client.on("lookout/"), timeout_s=15)
+            assert event_ids([m.payload for m in client.messages]) == [entered]
+            # a sink that does not trust the broker's certificate connects not, and publishes nothing
+            await zone_event(pool, stream_id, 2)
+            distrusting = over_tls.model_copy(update={"mqtt_ca_file": None})
+            async with sink_in_process(distrusting, pool) as sink:
+                await asyncio.sleep(3)
+                assert sink.connects == 0
+            assert len(client.messages) == 1
+    finally:
+        secure.stop()
