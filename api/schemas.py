@@ -124,7 +124,8 @@ class StreamView(BaseModel):
 
 
 class StreamList(BaseModel):
-    streams: list[StreamView]
+    streams: list[StreamView] = Field(description="Running streams first, then ended ones, each newest first")
+    next_cursor: str | None = Field(default=None, description="Pass as `cursor` for the next page")
 
 
 def stream_url_problem(url: str, *, max_length: int) -> str | None:

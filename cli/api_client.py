@@ -52,9 +52,11 @@ class LookoutClient:
         """A stream's lifecycle state, error reason and timestamps (``GET /state/{id}``)."""
         return self._call("GET", f"/state/{stream_id}")
 
-    def streams(self) -> Any:
-        """Every stream with its state (``GET /streams``)."""
-        return self._call("GET", "/streams")
+    def streams(self, **filters: Any) -> Any:
+        """A page of streams, running ones first (``GET /streams``: ``state``, ``running``, ``q``,
+        ``limit``, ``cursor``; None leaves a filter out)."""
+        params = {name: value for name, value in filters.items() if value is not None}
+        return self._call("GET", "/streams", params=params)
 
     def results(self, stream_id: str, limit: int = 10, cursor: str | None = None) -> Any:
         """A page of the stream's detections, newest first (``GET /detection_result``)."""

@@ -110,10 +110,28 @@ def state(stream_id: StreamId, api: ApiOption = None) -> None:
 
 
 @streams_app.command("streams")
-def list_streams(api: ApiOption = None) -> None:
-    """Every stream with its state and health (URLs shown redacted)."""
+def list_streams(
+    state: Annotated[str | None, typer.Option(help="only streams in this state, e.g. ml_started")] = None,
+    running: Annotated[
+        bool | None, typer.Option("--running/--ended", help="only running streams, or only ended ones")
+    ] = None,
+    search: Annotated[
+        str | None, typer.Option("--search", "-s", help="id or redacted URL contains this")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="streams per page")] = 50,
+    every: Annotated[bool, typer.Option("--all", help="every page, not only the first")] = False,
+    api: ApiOption = None,
+) -> None:
+    """Streams with their state and health, running ones first, then by recency (URLs redacted)."""
+    streams: list[dict[str, Any]] = []
+    cursor = None
     with api_client(api) as client:
-        streams = client.streams()["streams"]
+        while True:
+            page = client.streams(state=state, running=running, q=search, limit=limit, cursor=cursor)
+            streams += page["streams"]
+            cursor = page.get("next_cursor")
+            if cursor is None or not every:
+                break
     table = column_table("ID", "STATE", "HEALTH", "URL", "ERROR")
     for stream in streams:
         cells = (
@@ -125,6 +143,8 @@ def list_streams(api: ApiOption = None) -> None:
         )
         table.add_row(*(Text(str(cell)) for cell in cells))
     say(table)
+    if cursor is not None:
+        say(f"more streams: --all for every page (next cursor {cursor})")
 
 
 def health_summary(stream: dict[str, Any]) -> str:

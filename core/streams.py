@@ -11,6 +11,7 @@ from __future__ import annotations
 import secrets
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -275,18 +276,49 @@ async def get_stream(pool: asyncpg.Pool, stream_id: uuid.UUID) -> StreamRow | No
     return StreamRow.from_record(record) if record else None
 
 
+@dataclass(frozen=True)
+class ListPosition:
+    """Where a page of ``list_streams`` ended: its last stream's place in the order."""
+
+    running: bool
+    created_at: datetime
+    stream_id: uuid.UUID
+
+
+RUNNING = "state NOT IN ('inactive', 'inactive_error')"  # the order's first key (an index has it)
+
+
 async def list_streams(
-    pool: asyncpg.Pool, *, limit: int, state: StreamState | None = None
+    pool: asyncpg.Pool,
+    *,
+    limit: int,
+    state: StreamState | None = None,
+    running: bool | None = None,
+    text: str | None = None,
+    after: ListPosition | None = None,
 ) -> list[StreamRow]:
-    """The newest streams first, optionally only those in ``state``."""
+    """Running streams first, then the ended ones, each newest first; optionally only those in
+    ``state``, only running (or ended) ones, only those whose id or redacted URL holds ``text``, and
+    only those after ``after`` (the previous page's last)."""
+    pattern = None
+    if text:
+        pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
     records = await pool.fetch(
         f"""
         SELECT {COLUMNS} FROM streams
-         WHERE $1::text IS NULL OR state = $1
-         ORDER BY created_at DESC, id
-         LIMIT $2
+         WHERE ($1::text IS NULL OR state = $1)
+           AND ($2::bool IS NULL OR ({RUNNING}) = $2)
+           AND ($3::text IS NULL OR url_redacted ILIKE $3 OR id::text ILIKE $3)
+           AND ($4::bool IS NULL OR (({RUNNING}), created_at, id) < ($4, $5::timestamptz, $6::uuid))
+         ORDER BY ({RUNNING}) DESC, created_at DESC, id DESC
+         LIMIT $7
         """,
         state.value if state else None,
+        running,
+        pattern,
+        after.running if after else None,
+        after.created_at if after else None,
+        after.stream_id if after else None,
         limit,
     )
     return [StreamRow.from_record(record) for record in records]

@@ -3,8 +3,12 @@ GET /streams."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import logging
 import uuid
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
@@ -37,9 +41,9 @@ from core.messages import StreamOptions
 from core.retention import StorageView, StreamStorage, storage_usage, streams_storage
 from core.settings import Settings
 from core.states import StreamState
-from core.streams import COLUMNS, StreamRow, get_stream, list_streams, update_options
+from core.streams import COLUMNS, ListPosition, StreamRow, get_stream, list_streams, update_options
 from core.temporal import workflow_id
-from core.text import text_problem
+from core.text import StorableText, text_problem
 
 log = logging.getLogger(__name__)
 
@@ -254,9 +258,20 @@ async def streams(
     _key: ReadKey,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     state: StreamState | None = None,
+    running: Annotated[
+        bool | None, Query(description="Only running streams (true) or only ended ones (false)")
+    ] = None,
+    q: Annotated[
+        StorableText | None,
+        Query(max_length=200, description="Only streams whose id or redacted URL contains this"),
+    ] = None,
+    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None,
 ) -> StreamList:
-    """Streams with their states and live health, newest first."""
-    found = await list_streams(db, limit=limit, state=state)
+    """Streams with their states and live health: running ones first, then ended ones, each newest
+    first, a page at a time."""
+    after = decode_list_cursor(cursor)
+    found = await list_streams(db, limit=limit + 1, state=state, running=running, text=q, after=after)
+    found, more = found[:limit], len(found) > limit
     healths = await streams_health(temporal, settings, found)
     figures = await analytics_figures(db, found)
     storage = await streams_storage(db, [s.id for s in found])
@@ -264,8 +279,32 @@ async def streams(
         streams=[
             to_view(s, settings, h, figures.get(s.id), storage=storage.get(s.id))
             for s, h in zip(found, healths, strict=True)
-        ]
+        ],
+        next_cursor=encode_list_cursor(found[-1]) if more else None,
     )
+
+
+def encode_list_cursor(last: StreamRow) -> str:
+    """The opaque cursor of the page that ends with ``last``."""
+    place = [not last.state.is_terminal, last.created_at.isoformat(), str(last.id)]
+    return base64.urlsafe_b64encode(json.dumps(place).encode()).decode().rstrip("=")
+
+
+def decode_list_cursor(cursor: str | None) -> ListPosition | None:
+    """Where the previous page ended; 422 for anything but a ``next_cursor`` of this API."""
+    if cursor is None:
+        return None
+    try:
+        running, created_at, stream_id = json.loads(
+            base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        )
+        if not isinstance(running, bool):
+            raise ValueError("not a cursor")
+        return ListPosition(running, datetime.fromisoformat(created_at), uuid.UUID(stream_id))
+    except (ValueError, TypeError, UnicodeDecodeError, binascii.Error) as err:
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": ("query", "cursor"), "msg": "cursor must be a next_cursor value"}]
+        ) from err
 
 
 async def _view_or_404(

@@ -159,10 +159,38 @@ function describeOptions(options) {
 
 // --- streams -----------------------------------------------------------------------------------
 
+const STREAMS_PAGE = 50;
+let streamPages = 1; // pages shown: "Show more" adds one; a new filter starts again from one
+
+// GET /streams with the filter's values: running ones first, then ended ones, newest first.
+function streamsQuery() {
+  const params = new URLSearchParams({ limit: String(Math.min(STREAMS_PAGE * streamPages, 1000)) });
+  const show = $("streams-show").value;
+  if (show !== "all") params.set("running", show === "running" ? "true" : "false");
+  if ($("streams-state").value) params.set("state", $("streams-state").value);
+  const text = $("streams-search").value.trim();
+  if (text) params.set("q", text);
+  return `/streams?${params}`;
+}
+
+function filtering() {
+  return $("streams-show").value !== "all" || $("streams-state").value !== "" || $("streams-search").value.trim() !== "";
+}
+
+function filterChanged() {
+  streamPages = 1;
+  refreshStreams();
+}
+
 async function refreshStreams() {
   try {
-    const body = await api("GET", "/streams");
+    const body = await api("GET", streamsQuery());
     renderStreams(body.streams);
+    const more = body.next_cursor !== null && body.next_cursor !== undefined && STREAMS_PAGE * streamPages < 1000;
+    $("streams-more").hidden = !more;
+    const running = body.streams.filter((s) => ACTIVE_STATES.has(s.state)).length;
+    setText($("streams-count"), `${body.streams.length} shown (${running} running)${more ? " · more below" : ""}`);
+    setText($("streams-empty"), filtering() ? "No stream matches the filter." : "No streams yet. Start one above.");
     const status = $("streams-status");
     status.classList.remove("warn");
     setText(status, `Live · updated ${new Date().toLocaleTimeString()}`);
@@ -239,6 +267,7 @@ function updateRow(row, stream) {
   }
   row.reason.hidden = !stream.error_reason;
   setText(row.reason, stream.error_reason || "");
+  row.reason.title = stream.error_reason || "";
   const kept = stream.storage;
   row.storage.hidden = !kept;
   if (kept) {
@@ -250,8 +279,10 @@ function updateRow(row, stream) {
   }
   renderHealth(row.health, stream);
   setText(row.options, describeOptions(stream.options || {}));
+  row.options.title = row.options.textContent;
   setText(row.updated, clockTime(stream.updated_at));
   row.stop.hidden = !ACTIVE_STATES.has(stream.state);
+  row.tr.classList.toggle("ended", !ACTIVE_STATES.has(stream.state));
   const workflowUrl = safeHttpUrl(stream.workflow_url);
   row.workflow.hidden = workflowUrl === null;
   if (workflowUrl !== null && row.workflow.href !== workflowUrl) row.workflow.href = workflowUrl;
@@ -748,6 +779,18 @@ function every(ms, task) {
 }
 
 $("start-form").addEventListener("submit", startStream);
+$("streams-filter").addEventListener("submit", (event) => event.preventDefault());
+$("streams-show").addEventListener("change", filterChanged);
+$("streams-state").addEventListener("change", filterChanged);
+let searchTimer = null;
+$("streams-search").addEventListener("input", () => {
+  clearTimeout(searchTimer);
+  searchTimer = setTimeout(filterChanged, 250);
+});
+$("streams-more").addEventListener("click", () => {
+  streamPages += 1;
+  refreshStreams();
+});
 $("key-form").addEventListener("submit", useKey);
 $("draw-canvas").addEventListener("click", placePoint);
 $("shape-form").addEventListener("submit", saveShape);

@@ -17,8 +17,10 @@ from core.messages import StateEvent, parse_command
 from core.sealing import UrlSealer
 from core.settings import Settings
 from core.states import StreamState
+from tests.conftest import make_settings
 from tests.ports import free_port
 from tests.running_services import running_api
+from tests.stream_rows import add_streams
 
 pytestmark = pytest.mark.integration
 
@@ -464,3 +466,39 @@ async def test_state_answers_from_postgres_at_once_with_null_health_and_why_when
     assert all(s["health"] is None and s["health_unavailable"] for s in listed.json()["streams"])
     if temporal != "stopped":
         silent.close()
+
+
+async def test_streams_page_by_cursor_running_first_and_filter_by_state_running_and_text(
+    private_database: str,
+) -> None:
+    settings = make_settings(database_url=private_database)
+    ids = await add_streams(settings, count=120, running=7)
+    async with running_api(settings) as api:
+        seen: list[dict[str, object]] = []
+        cursor = None
+        while True:
+            params: dict[str, object] = {"limit": 50, **({"cursor": cursor} if cursor else {})}
+            page = (await api.get("/streams", params=params)).json()
+            seen += page["streams"]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert [s["id"] for s in seen] == ids[-7:][::-1] + ids[:-7][::-1], "running first, then newest first"
+        assert len({s["id"] for s in seen}) == 120
+
+        ended = (await api.get("/streams", params={"running": "false", "limit": 1000})).json()["streams"]
+        assert len(ended) == 113 and all(s["state"].startswith("inactive") for s in ended)
+        running = (await api.get("/streams", params={"running": "true"})).json()
+        assert [s["id"] for s in running["streams"]] == ids[-7:][::-1] and running["next_cursor"] is None
+        failed = (await api.get("/streams", params={"state": "inactive_error", "limit": 1000})).json()
+        assert {s["state"] for s in failed["streams"]} == {"inactive_error"}
+        found = (await api.get("/streams", params={"q": "SITE-042"})).json()["streams"]
+        assert [s["url_redacted"] for s in found] == ["rtsp://camera.local/site-042/live"]
+        by_id = (await api.get("/streams", params={"q": ids[3][:13]})).json()["streams"]
+        assert [s["id"] for s in by_id] == [ids[3]]
+        assert (await api.get("/streams", params={"q": "%_"})).json()["streams"] == [], (
+            "LIKE wildcards are text"
+        )
+        for bad in ("nope", "W10", "bm90IGpzb24"):
+            response = await api.get("/streams", params={"cursor": bad})
+            assert response.status_code == 422 and "next_cursor" in response.text, bad

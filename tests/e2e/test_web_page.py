@@ -27,6 +27,7 @@ from deploy.camera.control import TestCamera, free_port
 from tests.conftest import make_settings
 from tests.e2e.pipeline import pipeline_settings, running_pipeline, served_api
 from tests.running_services import new_api_key, running_api, wait_for_state
+from tests.stream_rows import add_streams
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -177,6 +178,73 @@ async def test_page_asks_for_a_key_once_then_shows_why_init_refused_a_stream(
     # the browser logs the refused calls themselves: the wrong key's 401 and the 422s
     assert [e for e in watch.errors if "422" not in e and "401" not in e] == []
     assert watch.foreign_requests == []
+
+
+async def page_width(page: Page) -> tuple[int, int, list[str]]:
+    """The document's width, the viewport's (the first must not exceed the second) and the visible
+    elements that reach past the viewport (what to fix when it does)."""
+    width, viewport, wide = await page.evaluate(
+        """() => {
+            const wide = [...document.querySelectorAll("body *")]
+              .filter((e) => e.getClientRects().length && e.getBoundingClientRect().right > window.innerWidth + 1)
+              .filter((e) => !e.closest(".table-wrap") || getComputedStyle(e).position !== "static")
+              .slice(0, 8)
+              .map((e) => `${e.tagName.toLowerCase()}#${e.id}.${e.className} ${Math.round(e.getBoundingClientRect().right)}px`);
+            return [document.documentElement.scrollWidth, window.innerWidth, wide];
+        }"""
+    )
+    return int(width), int(viewport), list(wide)
+
+
+@pytest.mark.integration
+async def test_three_hundred_streams_page_and_filter_and_no_value_widens_the_page(
+    browser: Browser, private_database: str, tmp_path: Path
+) -> None:
+    settings = make_settings(database_url=private_database)
+    ids = await add_streams(settings, count=300, running=20)
+    token = await new_api_key(settings)
+    async with served_api(settings) as base_url, open_page(browser, base_url, key=token) as (page, watch):
+        await page.set_viewport_size({"width": 1400, "height": 1000})
+        rows = page.locator("#streams-body tr")
+        await expect(rows).to_have_count(50)
+        states = await page.locator("#streams-body .state").all_inner_texts()
+        assert states[:20] == ["ml_started"] * 20 and "ml_started" not in states[20:], "running first"
+        newest_running = await rows.first.get_attribute("data-stream-id")
+        assert newest_running == ids[-1], "then newest first"
+        assert await rows.nth(20).get_attribute("data-stream-id") == ids[-21]
+        await expect(page.locator("#streams-count")).to_contain_text("50 shown (20 running)")
+        width, viewport, wide = await page_width(page)
+        assert width <= viewport, f"the page is {width} px wide in a {viewport} px window: {wide}"
+        await page.screenshot(path=tmp_path / "streams-1400.png", full_page=False)
+        await rows.nth(16).scroll_into_view_if_needed()
+        await page.screenshot(path=tmp_path / "streams-1400-ended.png", full_page=False)
+        assert await rows.nth(25).locator(".options-cell").is_hidden(), "ended streams are collapsed"
+
+        await page.get_by_role("button", name="Show more").click()
+        await expect(rows).to_have_count(100)
+        await page.get_by_label("Search").fill("site-123")
+        await expect(rows).to_have_count(1)
+        await expect(rows.first).to_contain_text("site-123")
+        await page.get_by_label("Search").fill("")
+        await page.locator("#streams-show").select_option("running")
+        await expect(rows).to_have_count(20)
+        await page.locator("#streams-show").select_option("all")
+        await page.locator("#streams-state").select_option("inactive_error")
+        others = page.locator("#streams-body .state").filter(has_not_text="inactive_error")
+        await expect(others).to_have_count(0)
+        await expect(rows).to_have_count(50)
+        reason = page.locator("#streams-body .reason").first
+        await expect(reason).to_have_attribute("title", re.compile(r"^camera unreachable for 600s: no route"))
+        width, viewport, wide = await page_width(page)
+        assert width <= viewport, f"long errors widen the page to {width} px: {wide}"
+
+        await page.locator("#streams-state").select_option("")
+        await page.set_viewport_size({"width": 390, "height": 844})  # a phone
+        await expect(page.locator("#streams-body .state").filter(has_text="ml_started")).to_have_count(20)
+        width, viewport, wide = await page_width(page)
+        await page.screenshot(path=tmp_path / "streams-390.png", full_page=True)
+        assert width <= viewport, f"the page is {width} px wide on a {viewport} px phone: {wide}"
+    assert watch.errors == [] and watch.foreign_requests == []
 
 
 # --- end to end: the real pipeline behind the page --------------------------------------------
