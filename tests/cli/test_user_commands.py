@@ -14,9 +14,11 @@ import pytest
 
 from core.settings import Settings
 from core.timeouts import within
+from tests.conftest import make_settings
 from tests.e2e.pipeline import served_api
 from tests.participants import running_participants
 from tests.running_services import isolated_settings, new_api_key, running_lifecycle, wait_for_state
+from tests.stream_rows import add_streams
 
 pytestmark = pytest.mark.integration
 
@@ -121,3 +123,25 @@ async def test_keys_bootstrap_makes_a_first_admin_key_straight_in_the_database(s
     async with served_api(settings) as api:
         code, out, err = await lookout(api, "keys", "list", key=token)
     assert code == 0 and "first" in out, err
+
+
+async def test_cli_lists_streams_a_page_at_a_time_with_filters(private_database: str) -> None:
+    settings = make_settings(database_url=private_database)
+    ids = await add_streams(settings, count=60, running=5)
+    async with served_with_a_key(settings) as api:
+
+        def listed(out: str) -> list[str]:
+            return [row.split()[0] for row in out.splitlines() if row[:36] in ids]
+
+        code, out, err = await lookout(api, "streams", "--limit", "20")
+        assert code == 0, err
+        assert listed(out) == ids[-5:][::-1] + ids[-6:-21:-1], "running first, then newest first"
+        assert "--all for every page" in out
+        code, out, _ = await lookout(api, "streams", "--limit", "20", "--all")
+        assert sorted(listed(out)) == sorted(ids) and "--all for every page" not in out
+        code, out, _ = await lookout(api, "streams", "--running")
+        assert listed(out) == ids[-5:][::-1]
+        code, out, _ = await lookout(api, "streams", "--ended", "--state", "inactive_error", "--limit", "100")
+        assert len(listed(out)) == 28 and "ml_started" not in out  # the even ones of 55 ended
+        code, out, _ = await lookout(api, "streams", "--search", "site-007")
+        assert listed(out) == [ids[7]]
