@@ -1,5 +1,6 @@
 """A real Mosquitto for tests (the stack's recipe) that can be killed -9 and started again on the same
-port and data, and a real MQTT client that records everything it receives, across reconnects."""
+port and data, a real MQTT client that records everything it receives across reconnects, TLS
+certificates, and ``lookout-mqtt`` as a process."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import os
 import signal
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from core.settings import Settings, settings_env
 from deploy import servers
 
 log = logging.getLogger(__name__)
@@ -173,3 +176,10 @@ def certificates(folder: Path) -> tuple[Path, Path, Path]:
     paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, private, serialization.NoEncryption()))
     paths[2].chmod(0o600)
     return paths
+
+
+def sink_process(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
+    """``lookout-mqtt`` as a process with ``settings``, its log appended to ``log_path``."""
+    env = {**os.environ, **settings_env(settings), "LOOKOUT_LOG_LEVEL": "INFO"}
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([str(Path(sys.executable).parent / "lookout-mqtt")], env=env, stderr=log)

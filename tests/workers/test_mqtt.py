@@ -12,8 +12,6 @@ import logging
 import os
 import signal
 import ssl
-import subprocess
-import sys
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -25,10 +23,10 @@ import pytest
 
 from core.db import create_pool
 from core.health_events import HealthEvent, HealthKind, health_event_id, store_health_event
-from core.settings import Settings, settings_env
+from core.settings import Settings
 from core.timeouts import within
 from tests.conftest import make_settings
-from tests.mqtt_broker import PASSWORD, USER, Broker, certificates, subscribed
+from tests.mqtt_broker import PASSWORD, USER, Broker, certificates, sink_process, subscribed
 from tests.observing import eventually
 from tests.workers.ha_discovery import problems
 from workers.mqtt import MqttSink
@@ -118,12 +116,6 @@ async def sink_in_process(settings: Settings, pool: asyncpg.Pool) -> AsyncIterat
     yield sink
     stop.set()
     await within(task, 15)
-
-
-def sink_process(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **settings_env(settings), "LOOKOUT_LOG_LEVEL": "INFO"}
-    with open(log_path, "ab") as log:
-        return subprocess.Popen([str(Path(sys.executable).parent / "lookout-mqtt")], env=env, stderr=log)
 
 
 def event_ids(messages: list[bytes]) -> list[str]:
