@@ -5,13 +5,22 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import AfterValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.inference import Backend, Precision
 from core.retention import StorePolicy
+
+
+def _topic_prefix(prefix: str) -> str:
+    """An MQTT topic prefix Lookout can publish under: levels not empty, no wildcard, not a $ topic."""
+    if not prefix or any(not level for level in prefix.split("/")) or set(prefix) & {"+", "#", "\x00"}:
+        raise ValueError(f"{prefix!r} is no MQTT topic prefix: non-empty levels without '+' or '#'")
+    if prefix.startswith("$"):
+        raise ValueError(f"{prefix!r} is no MQTT topic prefix: topics starting with $ are the broker's")
+    return prefix
 
 
 class Settings(BaseSettings):
@@ -168,10 +177,10 @@ class Settings(BaseSettings):
     mqtt_tls: bool = False
     mqtt_ca_file: Path | None = None  # TLS: the CA that signed the broker's certificate (else the system's)
     mqtt_client_id: str = "lookout-mqtt"
-    mqtt_topic_prefix: str = "lookout"
+    mqtt_topic_prefix: Annotated[str, AfterValidator(_topic_prefix)] = "lookout"
     mqtt_layout: Literal["lookout", "frigate"] = "lookout"  # frigate: Frigate's topics, for its automations
     mqtt_discovery: bool = True  # Home Assistant MQTT discovery
-    mqtt_discovery_prefix: str = "homeassistant"
+    mqtt_discovery_prefix: Annotated[str, AfterValidator(_topic_prefix)] = "homeassistant"
     mqtt_qos: int = Field(default=1, ge=0, le=2)
     mqtt_poll_s: float = Field(default=0.5, gt=0)
     mqtt_replay_s: float = Field(default=10.0, ge=0)  # re-sent after a reconnect: what a dying broker lost

@@ -561,10 +561,13 @@ def mosquitto_server(
             raise ServerError("no Mosquitto: apt-get install mosquitto")
         (data_dir / "data").mkdir(parents=True, exist_ok=True)
         password_file.unlink(missing_ok=True)
-        subprocess.run(
-            [passwd, "-c", "-b", str(password_file), username, password], check=True, capture_output=True
-        )
-        password_file.chmod(0o600)
+        # the password never on a command line (ps shows those): written to a private file, hashed there
+        fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as plain:
+            plain.write(f"{username}:{password}\n")
+        hashed = subprocess.run([passwd, "-U", str(password_file)], capture_output=True, text=True)
+        if hashed.returncode != 0:
+            raise ServerError(f"mosquitto_passwd failed: {hashed.stderr.strip()[:200]}")
         conf.write_text(
             "\n".join(
                 [

@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import ssl
+import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -42,7 +43,8 @@ log = logging.getLogger(__name__)
 
 RECONNECT_MAX_S = 5.0
 ENDED_KEPT_S = 86_400  # a stream that ended this recently still has its topics cleared after a restart
-PUBLISHED_KEPT_S = 3600  # published deliveries kept this long (for the replay), then deleted
+PUBLISHED_KEPT_S = 3600
+ENDED = ("inactive", "inactive_error")  # published deliveries kept this long (for the replay), then deleted
 _EVENT_COLUMNS = ", ".join(f"e.{name.strip()}" for name in EVENT_COLUMNS.split(","))
 CLAIM = f"""
 SELECT d.id AS delivery_id, {_EVENT_COLUMNS}
@@ -96,7 +98,7 @@ class MqttSink:
         self.layout: Layout = layout_of(settings.mqtt_layout, settings.mqtt_topic_prefix)
         self._version = lookout_version()
         self._retained: dict[str, bytes] = {}  # what each retained topic was last set to
-        self._snapshot_links: dict[tuple[str, str], bytes] = {}  # (stream, key) -> its link
+        self._snapshot_links: dict[str, tuple[str, bytes, float]] = {}  # stream -> key, link, made at
         self._s3: Minio = create_s3_client(settings, public=True)
         self._resend = asyncio.Event()  # Home Assistant came (back): discovery and state again
         self.connects = 0
@@ -197,7 +199,7 @@ class MqttSink:
                 await self._publish(client, rows)
                 if rows:
                     await conn.execute(
-                        "UPDATE mqtt_deliveries SET published_at = now() WHERE id = ANY($1::bigint[])",
+                        "UPDATE mqtt_deliveries SET published_at = clock_timestamp() WHERE id = ANY($1::bigint[])",
                         [r["delivery_id"] for r in rows],
                     )
             if not rows:
@@ -240,9 +242,10 @@ class MqttSink:
         by_stream: dict[str, list[asyncpg.Record]] = {}
         for row in figures:
             by_stream.setdefault(row["stream_id"], []).append(row)
-        for stream in streams:
+        # ended streams first: a topic two streams share (the Frigate layout's zones) says the running one's
+        for stream in sorted(streams, key=lambda r: (r["state"] not in ENDED, r["stream_id"])):
             sid = stream["stream_id"]
-            ended = stream["state"] in ("inactive", "inactive_error")
+            ended = stream["state"] in ENDED
             topics: dict[str, bytes] = {}
             online = (
                 stream["state"] == "ml_started" and stream["camera"] != "camera_offline"
@@ -267,15 +270,15 @@ class MqttSink:
         return wanted
 
     def _snapshot_link(self, stream_id: str, key: str) -> bytes:
-        """A link to ``key``, made once per key (a fresh signature each time would republish it)."""
-        link = self._snapshot_links.get((stream_id, key))
-        if link is None:
-            for old in [k for k in self._snapshot_links if k[0] == stream_id]:
-                del self._snapshot_links[old]
-            expiry = self.settings.s3_presign_expiry_s
+        """A link to ``key``, made once per key and again when half its life is gone (a fresh
+        signature each poll would republish it each poll; an expired one shows nothing)."""
+        expiry = self.settings.s3_presign_expiry_s
+        made = self._snapshot_links.get(stream_id)
+        if made is None or made[0] != key or time.monotonic() - made[2] > expiry / 2:
             link = presigned_get(self._s3, self.settings.s3_bucket_frames, key, expiry).encode()
-            self._snapshot_links[(stream_id, key)] = link
-        return link
+            made = (key, link, time.monotonic())
+            self._snapshot_links[stream_id] = made
+        return made[1]
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:

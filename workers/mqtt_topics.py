@@ -27,6 +27,7 @@ removed (empty retained configs) and its retained topics cleared.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -141,6 +142,12 @@ def slug(name: str) -> str:
     return SLUG.sub("_", name).strip("_").lower() or "x"
 
 
+def object_id(name: str) -> str:
+    """A shape's part of an object id: its slug and a hash of the name itself, so that two names with
+    one slug ("Front door", "front_door") stay two entities."""
+    return f"{slug(name)}_{hashlib.sha256(name.encode()).hexdigest()[:6]}"
+
+
 @dataclass(frozen=True)
 class StreamShapes:
     """What a running stream has entities for."""
@@ -166,15 +173,15 @@ def discovery(layout: Layout, discovery_prefix: str, stream: StreamShapes, versi
     service = {"topic": layout.available()}
     stream_and_service = [service, {"topic": layout.stream_availability(sid)}]
 
-    def config(component: str, object_id: str, **fields: Any) -> Publication:
+    def config(component: str, entity: str, **fields: Any) -> Publication:
         body = {
-            "unique_id": f"{node}_{object_id}",
-            "default_entity_id": f"{component}.lookout_{slug(short)}_{object_id}",
+            "unique_id": f"{node}_{entity}",
+            "default_entity_id": f"{component}.lookout_{slug(short)}_{entity}",
             "device": device,
             "origin": origin,
             **fields,
         }
-        topic = f"{discovery_prefix}/{component}/{node}/{object_id}/config"
+        topic = f"{discovery_prefix}/{component}/{node}/{entity}/config"
         return Publication(topic, json.dumps(body).encode(), retain=True)
 
     configs = [
@@ -188,7 +195,7 @@ def discovery(layout: Layout, discovery_prefix: str, stream: StreamShapes, versi
     for zone in stream.zones:
         configs.append(
             config(
-                "sensor", f"zone_{slug(zone)}_occupancy", name=f"{zone} occupancy",
+                "sensor", f"zone_{object_id(zone)}_occupancy", name=f"{zone} occupancy",
                 state_topic=layout.occupancy(sid, zone), state_class="measurement",
                 unit_of_measurement="objects", icon="mdi:account-multiple",
                 availability=stream_and_service, availability_mode="all",
@@ -198,7 +205,7 @@ def discovery(layout: Layout, discovery_prefix: str, stream: StreamShapes, versi
         for direction in ("in", "out"):
             configs.append(
                 config(
-                    "sensor", f"line_{slug(line)}_{direction}", name=f"{line} {direction}",
+                    "sensor", f"line_{object_id(line)}_{direction}", name=f"{line} {direction}",
                     state_topic=layout.crossings(sid, line, direction), state_class="total_increasing",
                     unit_of_measurement="crossings", icon="mdi:counter",
                     availability=stream_and_service, availability_mode="all",

@@ -87,6 +87,7 @@ class StreamLifecycle:
         # existed has no marker and replays as it ran (no heartbeats, an error ends the stream).
         self._self_healing = workflow.patched(SELF_HEALING_PATCH)
         self._health_events = self._self_healing and workflow.patched(HEALTH_EVENTS_PATCH)
+        self._supervisor.telling = self._health_events
         cancelled: asyncio.CancelledError | None = None
         try:
             if params.carry is None and not await self._begin():
@@ -189,9 +190,10 @@ class StreamLifecycle:
             timeout = self._seconds_to_startup_deadline()
             check_at = self._supervisor.next_check_at() if self._self_healing else None
             if check_at is not None:
+                floor = MIN_TIMER_S if self._health_events else 0.0  # runs before it replay as they ran
                 # never a timer of a few ms: one that fires as a signal cancels it trips Temporal's
                 # test server ("invalid history builder state"), and a check that late is harmless
-                to_check = max(MIN_TIMER_S, (check_at - workflow.now()).total_seconds())
+                to_check = max(floor, (check_at - workflow.now()).total_seconds())
                 timeout = to_check if timeout is None else min(timeout, to_check)
             if self._startup_deadline_passed():
                 error = (

@@ -66,6 +66,9 @@ class StreamSupervisor:
         self._params = params
         self.health = health
         self._announcements: list[HealthEvent] = []
+        # health events are decided only in runs that tell them (the lifecycle's patch): a run that
+        # does not must neither mark an episode told nor start a timer for one
+        self.telling = False
         for service in SUPERVISED:
             health.services.setdefault(service, ServiceHealth())
 
@@ -87,6 +90,8 @@ class StreamSupervisor:
         detail: str = "",
         **fields: object,
     ) -> None:
+        if not self.telling:
+            return
         downtime = (now - since).total_seconds() if since is not None and kind in _ENDS else None
         self._announcements.append(
             HealthEvent.model_validate(
@@ -136,7 +141,6 @@ class StreamSupervisor:
         health.figures = figures
         health.last_heartbeat_at = now
         health.restarts_unanswered = 0
-        health.counts_reset_expected = False
         if event.service is Service.RUNNER and figures.camera is CameraState.RECONNECTING:
             health.status = HealthStatus.CAMERA_UNREACHABLE
             self._camera_down(now)
@@ -160,7 +164,15 @@ class StreamSupervisor:
         name = STARTED_OVER_COUNTS[service]
         before = getattr(health.figures, name, None) if health.figures is not None else None
         after = getattr(figures, name, None)
-        if before is None or after is None or after >= before or health.counts_reset_expected:
+        reset = before is not None and after is not None and after < before
+        if health.counts_reset_expected:
+            # a restart was sent: its reset is no news. A late heartbeat of the old process does not
+            # end the wait; the reset does, or twice the liveness timeout after the restart.
+            waited = health.last_restart_at is not None and (now - health.last_restart_at).total_seconds()
+            if reset or (waited and waited > 2 * self._params.liveness_timeout_s):
+                health.counts_reset_expected = False
+            return
+        if not reset:
             return
         reason = f"its process for the stream started over ({name} {before} -> {after})"
         self._announce(HealthKind.SERVICE_RESTARTED, now, detail=f"{service.value}:self",
@@ -256,6 +268,8 @@ class StreamSupervisor:
 
     def _announce_due(self, now: datetime) -> None:
         """A camera outage or a failing stream that has lasted the debounce is told, once."""
+        if not self.telling:
+            return
         down = self.health.camera_down_since
         if down is not None and not self.health.camera_offline_announced and now >= self._told_at(down):
             self.health.camera_offline_announced = True
@@ -296,9 +310,13 @@ class StreamSupervisor:
         for camera_time in (self.health.next_camera_retry_at, self._camera_window_ends_at()):
             if camera_time is not None:
                 times.append(camera_time)
-        if self.health.camera_down_since is not None and not self.health.camera_offline_announced:
+        if (
+            self.telling
+            and self.health.camera_down_since is not None
+            and not self.health.camera_offline_announced
+        ):
             times.append(self._told_at(self.health.camera_down_since))
-        if self.health.failing_since is not None and not self.health.failure_announced:
+        if self.telling and self.health.failing_since is not None and not self.health.failure_announced:
             times.append(self._told_at(self.health.failing_since))
         return min(times) if times else None
 

@@ -298,7 +298,7 @@ def decode_list_cursor(cursor: str | None) -> ListPosition | None:
         running, created_at, stream_id = json.loads(
             base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         )
-        if not isinstance(running, bool):
+        if not isinstance(running, bool) or not isinstance(created_at, str) or not isinstance(stream_id, str):
             raise ValueError("not a cursor")
         return ListPosition(running, datetime.fromisoformat(created_at), uuid.UUID(stream_id))
     except (ValueError, TypeError, UnicodeDecodeError, binascii.Error) as err:

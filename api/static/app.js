@@ -8,6 +8,7 @@ const STORAGE_EVERY_MS = 10000;
 const FRAMES_SHOWN = 12;
 
 const ACTIVE_STATES = new Set(["init_startup", "in_startup_processing", "runner_started", "ml_started"]);
+const ENDED_STATES = new Set(["inactive", "inactive_error"]); // what the API lists after the running ones
 const STATE_HINTS = {
   init_startup: "Accepted by the API",
   in_startup_processing: "Lifecycle workflow started",
@@ -161,6 +162,7 @@ function describeOptions(options) {
 
 const STREAMS_PAGE = 50;
 let streamPages = 1; // pages shown: "Show more" adds one; a new filter starts again from one
+let streamsAsked = 0; // the newest request: an older answer (another filter's) is not rendered
 
 // GET /streams with the filter's values: running ones first, then ended ones, newest first.
 function streamsQuery() {
@@ -184,11 +186,13 @@ function filterChanged() {
 
 async function refreshStreams() {
   try {
+    const asked = ++streamsAsked;
     const body = await api("GET", streamsQuery());
+    if (asked !== streamsAsked) return;
     renderStreams(body.streams);
     const more = body.next_cursor !== null && body.next_cursor !== undefined && STREAMS_PAGE * streamPages < 1000;
     $("streams-more").hidden = !more;
-    const running = body.streams.filter((s) => ACTIVE_STATES.has(s.state)).length;
+    const running = body.streams.filter((s) => !ENDED_STATES.has(s.state)).length;
     setText($("streams-count"), `${body.streams.length} shown (${running} running)${more ? " · more below" : ""}`);
     setText($("streams-empty"), filtering() ? "No stream matches the filter." : "No streams yet. Start one above.");
     const status = $("streams-status");
@@ -282,7 +286,7 @@ function updateRow(row, stream) {
   row.options.title = row.options.textContent;
   setText(row.updated, clockTime(stream.updated_at));
   row.stop.hidden = !ACTIVE_STATES.has(stream.state);
-  row.tr.classList.toggle("ended", !ACTIVE_STATES.has(stream.state));
+  row.tr.classList.toggle("ended", ENDED_STATES.has(stream.state));
   const workflowUrl = safeHttpUrl(stream.workflow_url);
   row.workflow.hidden = workflowUrl === null;
   if (workflowUrl !== null && row.workflow.href !== workflowUrl) row.workflow.href = workflowUrl;

@@ -30,6 +30,7 @@ def watchdog() -> StreamSupervisor:
         health_debounce_s=DEBOUNCE_S,
     )  # fmt: skip
     supervisor = StreamSupervisor(params, StreamHealth())
+    supervisor.telling = True
     supervisor.supervise_from(T0)
     supervisor.heartbeat(heartbeat(Service.RUNNER, CameraState.STREAMING, frames_read=10), T0)
     supervisor.heartbeat(heartbeat(Service.ML, frames_received=10), T0)
@@ -132,3 +133,27 @@ def test_the_end_in_error_is_told_at_once_as_final() -> None:
     [failed] = w.take_announcements()
     assert failed.kind is HealthKind.STREAM_FAILED and failed.final is True
     assert failed.reason == "camera unreachable for 600s"
+
+
+def test_a_run_that_does_not_tell_health_events_marks_nothing_told_and_waits_for_nothing() -> None:
+    w = watchdog()
+    w.telling = False  # a run recorded before health events: its episodes stay untold
+    w.heartbeat(heartbeat(Service.RUNNER, CameraState.RECONNECTING, frames_read=11), at(1))
+    w.due(at(1 + DEBOUNCE_S))
+    assert not w.health.camera_offline_announced and w.take_announcements() == []
+    assert w.next_check_at() != at(1 + DEBOUNCE_S)
+    w.telling = True  # its next run, continued as new with the patch, tells the outage then
+    w.due(at(2 + DEBOUNCE_S))
+    assert kinds(w.take_announcements()) == [HealthKind.CAMERA_OFFLINE]
+
+
+def test_a_late_heartbeat_of_the_old_process_does_not_make_the_new_ones_reset_news() -> None:
+    w = watchdog()
+    w.heartbeat(heartbeat(Service.ML, frames_received=50), at(5))
+    died = StateEvent(stream_id="s", service=Service.ML, kind=EventKind.ERROR, error="died")
+    decision = w.error(died, at(6))
+    assert isinstance(decision, Restart)
+    w.restarted(decision, at(6))
+    w.heartbeat(heartbeat(Service.ML, frames_received=51), at(6.5))  # the old process, late
+    w.heartbeat(heartbeat(Service.ML, frames_received=2), at(8))  # the new one
+    assert kinds(w.take_announcements()) == [HealthKind.SERVICE_RESTARTED]  # the restart, once
