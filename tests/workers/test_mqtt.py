@@ -20,6 +20,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from pydantic import ValidationError
 
 from core.db import create_pool
 from core.health_events import HealthEvent, HealthKind, health_event_id, store_health_event
@@ -176,6 +177,8 @@ async def test_the_frigate_layout_keeps_frigate_topics(
     sink_settings: Settings, pool: asyncpg.Pool, broker: Broker
 ) -> None:
     frigate = sink_settings.model_copy(update={"mqtt_layout": "frigate", "mqtt_topic_prefix": "frigate"})
+    ended = await new_stream(pool, state="inactive")  # its zone has the same name: Frigate's topic is shared
+    await set_figures(pool, ended, occupancy=9, crossed_in=0)
     stream_id = await new_stream(pool)
     await set_figures(pool, stream_id, occupancy=3, crossed_in=1)
     entered = await zone_event(pool, stream_id, 1)
@@ -189,7 +192,9 @@ async def test_the_frigate_layout_keeps_frigate_topics(
         assert [new["after"]["lookout_event_id"], end["after"]["lookout_event_id"]] == [entered, left]
         assert new["after"]["id"] == end["after"]["id"], "Frigate's id names the tracked object"
         assert client.latest("frigate/available") == b"online"
-        assert client.latest("frigate/door/all") == b"3"
+        assert client.latest("frigate/door/all") == b"3", "the running stream's value, not the ended one's"
+        await asyncio.sleep(1)  # several polls: the value holds
+        assert [m.payload for m in client.on("frigate/door/all")] == [b"3"]
         assert client.latest(f"frigate/{stream_id}/status/detect") == b"online"
 
 
@@ -296,3 +301,12 @@ async def test_over_tls_the_sink_checks_the_broker_against_its_ca(
             assert len(client.messages) == 1
     finally:
         secure.stop()
+
+
+@pytest.mark.parametrize("prefix", ["a/+/b", "lookout/#", "a//b", "", "$SYS/lookout", "/lookout"])
+def test_a_topic_prefix_mqtt_cannot_publish_under_is_refused(prefix: str) -> None:
+    with pytest.raises(ValidationError, match="MQTT topic prefix"):
+        make_settings(mqtt_topic_prefix=prefix)
+    with pytest.raises(ValidationError, match="MQTT topic prefix"):
+        make_settings(mqtt_discovery_prefix=prefix)
+    assert make_settings(mqtt_topic_prefix="site-1/lookout").mqtt_topic_prefix == "site-1/lookout"
