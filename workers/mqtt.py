@@ -9,7 +9,8 @@ event may come twice, always with its ``event_id``. A broker killed after acknow
 it had not yet saved: after every (re)connect the sink publishes again what it published in the last
 ``mqtt_replay_s``.
 
-State: every ``mqtt_poll_s`` it compares what the retained topics should say (availability, zone
+It wakes on each queued event (``LISTEN lookout_mqtt``, notified by the queue's trigger) and polls
+every ``mqtt_poll_s`` as a safety net. State: on every round it compares what the retained topics should say (availability, zone
 occupancy, line counts, snapshot link, discovery configs) with what it last published and publishes
 the difference; after a reconnect, or when Home Assistant announces itself (``<discovery
 prefix>/status`` ``online``), all of it again. Its last will sets ``<prefix>/available`` ``offline``.
@@ -21,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import ssl
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -42,6 +44,7 @@ from workers.mqtt_topics import OFFLINE, ONLINE, Layout, StreamShapes, discovery
 log = logging.getLogger(__name__)
 
 RECONNECT_MAX_S = 5.0
+NOTIFY_CHANNEL = "lookout_mqtt"  # the migration's trigger notifies it on every queued event
 ENDED_KEPT_S = 86_400  # a stream that ended this recently still has its topics cleared after a restart
 PUBLISHED_KEPT_S = 3600
 ENDED = ("inactive", "inactive_error")  # published deliveries kept this long (for the replay), then deleted
@@ -100,7 +103,8 @@ class MqttSink:
         self._retained: dict[str, bytes] = {}  # what each retained topic was last set to
         self._snapshot_links: dict[str, tuple[str, bytes, float]] = {}  # stream -> key, link, made at
         self._s3: Minio = create_s3_client(settings, public=True)
-        self._resend = asyncio.Event()  # Home Assistant came (back): discovery and state again
+        self._wake = asyncio.Event()  # an event was queued (NOTIFY), or Home Assistant came back
+        self._resend = False  # Home Assistant came (back): discovery and state again
         self.connects = 0
 
     # --- the connection ------------------------------------------------------------------------
@@ -159,17 +163,30 @@ class MqttSink:
             await client.subscribe(f"{self.settings.mqtt_discovery_prefix}/status", qos=1)
         listener = asyncio.create_task(self._listen(client), name="mqtt-listen")
         try:
-            await self._replay(client)
-            while not stop.is_set():
-                if self._resend.is_set():
-                    self._resend.clear()
-                    self._retained.clear()
-                await self._sync_state(client)
-                sent = await self._publish_due(client)
-                if listener.done():
-                    listener.result()  # the connection is gone: raise its MqttError
-                if not sent:
-                    await wait_any(stop, self._resend, self.settings.mqtt_poll_s)
+            async with self.pool.acquire() as notified:  # woken by each queued event, polls as a safety net
+                await notified.add_listener(NOTIFY_CHANNEL, self._on_notify)
+                try:
+                    await self._replay(client)
+                    synced_at = -math.inf
+                    while not stop.is_set():
+                        self._wake.clear()
+                        if self._resend:
+                            self._resend = False
+                            self._retained.clear()
+                            synced_at = -math.inf
+                        if time.monotonic() - synced_at >= self.settings.mqtt_poll_s:  # not on every event
+                            await self._sync_state(client)
+                            await self._housekeep()
+                            synced_at = time.monotonic()
+                        sent = await self._publish_due(client)
+                        if listener.done():
+                            listener.result()  # the connection is gone: raise its MqttError
+                        if sent < self.settings.mqtt_batch:  # all there was: wait for the next (a wake
+                            # that came while publishing is still set)
+                            await wait_any(stop, self._wake, self.settings.mqtt_poll_s)
+                finally:
+                    with contextlib.suppress(*POSTGRES_DOWN):
+                        await notified.remove_listener(NOTIFY_CHANNEL, self._on_notify)
             with contextlib.suppress(aiomqtt.MqttError):  # a clean stop is not a death: no will
                 await client.publish(self.layout.available(), OFFLINE, qos=1, retain=True)
         finally:
@@ -177,11 +194,15 @@ class MqttSink:
             with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                 await listener
 
+    def _on_notify(self, *_args: object) -> None:
+        self._wake.set()
+
     async def _listen(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
             if message.payload == ONLINE.encode():
                 log.info("home assistant is online: discovery and state sent again")
-                self._resend.set()
+                self._resend = True
+                self._wake.set()
 
     # --- events --------------------------------------------------------------------------------
 
@@ -193,26 +214,28 @@ class MqttSink:
 
     async def _publish_due(self, client: aiomqtt.Client) -> int:
         """Publish the due events in order and mark them; how many went out."""
-        async with self.pool.acquire() as conn:
-            async with conn.transaction():
-                rows = await conn.fetch(CLAIM, self.settings.mqtt_batch)
-                await self._publish(client, rows)
-                if rows:
-                    await conn.execute(
-                        "UPDATE mqtt_deliveries SET published_at = clock_timestamp() WHERE id = ANY($1::bigint[])",
-                        [r["delivery_id"] for r in rows],
-                    )
-            if not rows:
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(CLAIM, self.settings.mqtt_batch)
+            await self._publish(client, rows)
+            if rows:
                 await conn.execute(
-                    "DELETE FROM mqtt_deliveries WHERE published_at < now() - make_interval(secs => $1)",
-                    float(PUBLISHED_KEPT_S),
+                    "UPDATE mqtt_deliveries SET published_at = clock_timestamp() WHERE id = ANY($1::bigint[])",
+                    [r["delivery_id"] for r in rows],
                 )
-            MQTT_PENDING.set(
-                await conn.fetchval("SELECT count(*) FROM mqtt_deliveries WHERE published_at IS NULL")
-            )
         if rows:
             log.info("mqtt events published", extra={"count": len(rows)})
         return len(rows)
+
+    async def _housekeep(self) -> None:
+        """Forget what was published long ago; count what waits (the gauge)."""
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                "DELETE FROM mqtt_deliveries WHERE published_at < now() - make_interval(secs => $1)",
+                float(PUBLISHED_KEPT_S),
+            )
+            MQTT_PENDING.set(
+                await conn.fetchval("SELECT count(*) FROM mqtt_deliveries WHERE published_at IS NULL")
+            )
 
     async def _replay(self, client: aiomqtt.Client) -> None:
         if not self.settings.mqtt_replay_s:

@@ -51,10 +51,18 @@ CREATE TABLE mqtt_deliveries (
 );
 CREATE INDEX mqtt_deliveries_due ON mqtt_deliveries (id) WHERE published_at IS NULL;
 CREATE INDEX mqtt_deliveries_published ON mqtt_deliveries (published_at) WHERE published_at IS NOT NULL;
+-- lookout-mqtt wakes on it (LISTEN lookout_mqtt) instead of waiting for its next poll
+CREATE FUNCTION mqtt_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('lookout_mqtt', '');
+    RETURN NULL;
+END $$;
+CREATE TRIGGER mqtt_notify AFTER INSERT ON mqtt_deliveries FOR EACH STATEMENT EXECUTE FUNCTION mqtt_notify();
 """
 
 DOWNGRADE = f"""
 DROP TABLE mqtt_deliveries;
+DROP FUNCTION mqtt_notify();
 DROP INDEX events_stream_kind;
 DELETE FROM events WHERE kind IN ({HEALTH_KINDS});
 ALTER TABLE events DROP CONSTRAINT events_shape;
