@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -48,6 +50,25 @@ async def connect_pool(settings: Settings, stop: asyncio.Event) -> asyncpg.Pool 
     except Stopped:
         return None
     raise AssertionError("unreachable: retrying ends in a return or Stopped")
+
+
+class PoolWorker(Protocol):
+    """A worker over one pool that runs until its stop event is set."""
+
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+
+async def run_on_pool(
+    settings: Settings, stop: asyncio.Event, worker: Callable[[Settings, asyncpg.Pool], PoolWorker]
+) -> None:
+    """Connect the pool (retried until ``stop``), run ``worker(settings, pool)`` until ``stop``, close it."""
+    pool = await connect_pool(settings, stop)
+    if pool is None:
+        return
+    try:
+        await worker(settings, pool).run(stop)
+    finally:
+        await pool.close()
 
 
 def _with_database(url: str, database: str) -> str:

@@ -38,7 +38,7 @@ import httpx
 from minio import Minio
 from minio.deleteobjects import DeleteObject
 
-from core.db import POSTGRES_DOWN, connect_pool
+from core.db import POSTGRES_DOWN, run_on_pool
 from core.metrics import (
     JANITOR_PASS_SECONDS,
     STORAGE_DELETED_BYTES,
@@ -553,13 +553,7 @@ def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     """Keep the store within its retention and budget until ``stop`` is set."""
-    pool = await connect_pool(settings, stop)
-    if pool is None:
-        return
-    try:
-        await Janitor(settings, pool).run(stop)
-    finally:
-        await pool.close()
+    await run_on_pool(settings, stop, Janitor)
 
 
 def main() -> None:

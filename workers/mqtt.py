@@ -32,7 +32,7 @@ import aiomqtt
 import asyncpg
 from minio import Minio
 
-from core.db import POSTGRES_DOWN, connect_pool
+from core.db import POSTGRES_DOWN, run_on_pool
 from core.health_events import EVENT_COLUMNS, stored_event
 from core.metrics import MQTT_CONNECTED, MQTT_PENDING, MQTT_PUBLISHED
 from core.retry import wait_any
@@ -306,13 +306,7 @@ class MqttSink:
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     """Publish to MQTT until ``stop`` is set."""
-    pool = await connect_pool(settings, stop)
-    if pool is None:
-        return
-    try:
-        await MqttSink(settings, pool).run(stop)
-    finally:
-        await pool.close()
+    await run_on_pool(settings, stop, MqttSink)
 
 
 def main() -> None:

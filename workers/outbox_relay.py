@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, UnknownTopicOrPartitionError
 from tenacity import retry_if_exception_type
 
-from core.db import POSTGRES_DOWN, connect_pool
+from core.db import POSTGRES_DOWN, run_on_pool
 from core.kafka import close_client, create_producer, ensure_topics
 from core.metrics import OUTBOX_BACKLOG, OUTBOX_PUBLISH_FAILURES, OUTBOX_PUBLISHED
 from core.outbox import NOTIFY_CHANNEL
@@ -329,13 +329,7 @@ def _describe(error: BaseException) -> str:
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     """Run one relay until ``stop`` is set."""
-    pool = await connect_pool(settings, stop)
-    if pool is None:
-        return
-    try:
-        await OutboxRelay(settings, pool).run(stop)
-    finally:
-        await pool.close()
+    await run_on_pool(settings, stop, OutboxRelay)
 
 
 def main() -> None:

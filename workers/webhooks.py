@@ -26,7 +26,7 @@ from typing import Any
 import asyncpg
 import httpx
 
-from core.db import POSTGRES_DOWN, connect_pool
+from core.db import POSTGRES_DOWN, run_on_pool
 from core.health_events import EVENT_COLUMNS, stored_event
 from core.metrics import WEBHOOK_ATTEMPTS, WEBHOOK_PENDING
 from core.retry import wait_any
@@ -176,13 +176,7 @@ class WebhookDeliverer:
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     """Deliver webhooks until ``stop`` is set."""
-    pool = await connect_pool(settings, stop)
-    if pool is None:
-        return
-    try:
-        await WebhookDeliverer(settings, pool).run(stop)
-    finally:
-        await pool.close()
+    await run_on_pool(settings, stop, WebhookDeliverer)
 
 
 def main() -> None:
