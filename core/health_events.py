@@ -70,14 +70,18 @@ EVENT_COLUMNS = (
 HEALTH_KINDS = frozenset(HealthKind)
 
 
+def downtime_s(kind: str, since: datetime | None, at: datetime) -> float | None:
+    """How long the episode an event ends lasted (``camera_online``, ``stream_recovered``), else None."""
+    ends = kind in (HealthKind.CAMERA_ONLINE, HealthKind.STREAM_RECOVERED)
+    return (at - since).total_seconds() if ends and since is not None else None
+
+
 def stored_event(row: Mapping[str, Any]) -> AnalyticsEvent | HealthEvent:
     """The event a row of ``events`` (its ``EVENT_COLUMNS``) holds: a zone or line event, or a health one."""
     fields = dict(row.items())
     fields["stream_id"] = str(fields["stream_id"])
     if fields["kind"] in HEALTH_KINDS:
-        since, at = fields.get("since"), fields["occurred_at"]
-        ends = fields["kind"] in (HealthKind.CAMERA_ONLINE, HealthKind.STREAM_RECOVERED)
-        fields["downtime_s"] = (at - since).total_seconds() if since is not None and ends else None
+        fields["downtime_s"] = downtime_s(fields["kind"], fields.get("since"), fields["occurred_at"])
         return HealthEvent.model_validate({k: v for k, v in fields.items() if k in HealthEvent.model_fields})
     return AnalyticsEvent.model_validate(
         {k: v for k, v in fields.items() if k in AnalyticsEvent.model_fields}

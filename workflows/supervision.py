@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from core.health import HealthStatus, ServiceHealth, StreamHealth
-from core.health_events import HealthEvent, HealthKind, health_event_id
+from core.health_events import HealthEvent, HealthKind, downtime_s, health_event_id
 from core.messages import CameraState, ErrorKind, Service, StateEvent, StreamFigures
 from core.states import StreamState
 from workflows.models import LifecycleParams
@@ -92,7 +92,6 @@ class StreamSupervisor:
     ) -> None:
         if not self.telling:
             return
-        downtime = (now - since).total_seconds() if since is not None and kind in _ENDS else None
         self._announcements.append(
             HealthEvent.model_validate(
                 {
@@ -101,7 +100,7 @@ class StreamSupervisor:
                     "kind": kind,
                     "occurred_at": now,
                     "since": since,
-                    "downtime_s": downtime,
+                    "downtime_s": downtime_s(kind, since, now),
                     **fields,
                 }
             )
@@ -391,6 +390,3 @@ class StreamSupervisor:
             max(self._params.liveness_timeout_s, self._params.restart_backoff_max_s),
         )
         return self._last_sign_of_life(service) + timedelta(seconds=wait_s)
-
-
-_ENDS = (HealthKind.CAMERA_ONLINE, HealthKind.STREAM_RECOVERED)

@@ -26,7 +26,7 @@ from api.auth import AUTH_RESPONSES, AdminKey, ReadKey
 from api.deps import DbDep, SettingsDep
 from api.routes.detections import S3Dep, parse_cursor
 from core.analytics import AnalyticsKind, Direction, EventCause
-from core.health_events import HealthKind
+from core.health_events import HealthKind, downtime_s
 from core.messages import Service
 from core.retention import PINS_LOCK
 from core.settings import Settings
@@ -66,9 +66,6 @@ class EventKindName(StrEnum):
     SERVICE_RESTARTED = "service_restarted"
     STREAM_FAILED = "stream_failed"
     STREAM_RECOVERED = "stream_recovered"
-
-
-HEALTH_ENDS = (HealthKind.CAMERA_ONLINE, HealthKind.STREAM_RECOVERED)
 
 
 class EventView(BaseModel):
@@ -116,9 +113,7 @@ def _view(row: asyncpg.Record, settings: Settings, s3: Minio) -> EventView:
     image_url = None
     if row["frame_deleted_at"] is None and row["s3_key"] is not None:
         image_url = presigned_get(s3, settings.s3_bucket_frames, row["s3_key"], settings.s3_presign_expiry_s)
-    downtime = None
-    if row["kind"] in HEALTH_ENDS and row["since"] is not None:
-        downtime = (row["occurred_at"] - row["since"]).total_seconds()
+    downtime = downtime_s(row["kind"], row["since"], row["occurred_at"])
     computed = ("image_url", "downtime_s")
     stored = {k: row[k] for k in EventView.model_fields if k not in computed}
     return EventView(**stored, image_url=image_url, downtime_s=downtime)
