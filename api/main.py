@@ -14,10 +14,12 @@ from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
 
 from api.limits import MaxBodySize, RateLimiter
+from api.live import LiveHub, LiveTickets
 from api.readiness import TemporalConnection
-from api.routes import detections, events, health, keys, streams, ui
+from api.routes import detections, events, health, keys, live, streams, ui
 from core.db import create_pool
 from core.logs import configure_logging
+from core.sealing import SealingKeyMissing
 from core.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -33,10 +35,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.db = await create_pool(settings)
         app.state.temporal = TemporalConnection(settings)
         app.state.init_limiter = RateLimiter(settings.init_rate_per_minute)
+        app.state.live = LiveHub(settings)
+        try:
+            app.state.live_tickets = LiveTickets(settings)
+        except SealingKeyMissing:
+            app.state.live_tickets = None  # GET and POST of live views answer 503 with the reason
         log.info("api started")
         try:
             yield
         finally:
+            await app.state.live.close()
             await app.state.db.close()
             log.info("api stopped")
 
@@ -47,7 +55,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_exception_handler(RequestValidationError, validation_error_without_input)  # type: ignore[arg-type]
-    for router in (streams.router, detections.router, events.router, keys.router, health.router, ui.router):
+    routers = (
+        streams.router,
+        live.router,
+        detections.router,
+        events.router,
+        keys.router,
+        health.router,
+        ui.router,
+    )
+    for router in routers:
         app.include_router(router)
     app.add_middleware(MaxBodySize, max_bytes=settings.max_request_bytes)
     app.mount("/metrics", make_asgi_app())

@@ -216,7 +216,18 @@ class StopCommand(BaseModel):
     issued_at: datetime = Field(default_factory=_now)
 
 
-Command = Annotated[StartCommand | StopCommand, Field(discriminator="kind")]
+class WatchCommand(BaseModel):
+    """Someone watches the stream's live view (api/live.py): its detection process encodes each
+    annotated frame for the live topic for ``for_s`` seconds from when ML reads this. The API sends
+    it again while anyone watches; when nobody does any more, the encoding stops by itself."""
+
+    kind: Literal["watch"] = "watch"
+    stream_id: str
+    for_s: float = Field(gt=0, le=60)
+    issued_at: datetime = Field(default_factory=_now)
+
+
+Command = Annotated[StartCommand | StopCommand | WatchCommand, Field(discriminator="kind")]
 
 
 class CommandEnvelope(BaseModel):
@@ -225,7 +236,7 @@ class CommandEnvelope(BaseModel):
     command: Command
 
 
-def parse_command(raw: bytes) -> StartCommand | StopCommand:
+def parse_command(raw: bytes) -> StartCommand | StopCommand | WatchCommand:
     """Parse a commands-topic value; raises ``pydantic.ValidationError`` on bad input."""
     return CommandEnvelope.model_validate_json(b'{"command":' + raw + b"}").command
 

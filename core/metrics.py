@@ -202,6 +202,17 @@ HEALTH_EVENTS = Counter(
 
 # --- API ---------------------------------------------------------------------------------------------
 
+# --- live views (api/live.py; workers/ml) ---------------------------------------------------------
+LIVE_FRAMES_PUBLISHED = Counter(
+    "lookout_live_frames_published_total", "Annotated frames ML published for live views"
+)
+LIVE_FRAMES_DROPPED = Counter(
+    "lookout_live_frames_dropped_total",
+    "Live frames dropped: ml (Kafka slower than the stream) or viewer (a viewer not keeping up)",
+    ["where"],
+)
+LIVE_VIEWERS = Gauge("lookout_live_viewers", "Live views open on this API instance")
+
 API_STREAMS_STARTED = Counter("lookout_api_streams_started", "Streams accepted by POST /init")
 API_INIT_REPLAYS = Counter("lookout_api_init_replays", "POST /init answered from an Idempotency-Key")
 API_SHUTDOWNS_ACCEPTED = Counter("lookout_api_shutdowns_accepted", "Shutdowns accepted by POST /shutdown")

@@ -44,13 +44,22 @@ def _keys(settings: Settings) -> list[str]:
     return [current, *previous]
 
 
+def _purpose_key(key: str, purpose: str) -> bytes:
+    return hashlib.sha256(f"lookout {purpose}:".encode() + key.encode()).digest()
+
+
+def purpose_key(settings: Settings, purpose: str) -> bytes:
+    """A key for one purpose (e.g. signing live-view tickets), derived from the current secret key."""
+    return _purpose_key(_keys(settings)[0], purpose)
+
+
 class UrlSealer:
     """Seals and opens camera URLs with the configured keys (the first one seals)."""
 
     def __init__(self, settings: Settings) -> None:
         keys = _keys(settings)
         self._fernet = MultiFernet([Fernet(key.encode()) for key in keys])
-        self._digest_key = hashlib.sha256(b"lookout url digest:" + keys[0].encode()).digest()
+        self._digest_key = _purpose_key(keys[0], "url digest")
 
     def seal(self, url: str) -> str:
         return self._fernet.encrypt(url.encode()).decode()

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     topic_states: str = "lookout.states"
     topic_dead_letter: str = "lookout.dead-letter"
     topic_events: str = "lookout.events"  # zone, line and health events (core/analytics.py, core/health_events.py), via the outbox
+    topic_live: str = (
+        "lookout.live"  # annotated frames of watched streams, for their live views (api/live.py)
+    )
     # consumer groups are <prefix>-runner, <prefix>-ml and <prefix>-state-manager: two deployments
     # (or two test runs) sharing a broker use different prefixes
     kafka_group_prefix: str = "lookout"
@@ -67,6 +70,8 @@ class Settings(BaseSettings):
     kafka_states_retention_s: float = Field(default=7 * 86400.0, gt=0)
     kafka_events_retention_s: float = Field(default=7 * 86400.0, gt=0)  # zone, line and health events
     kafka_dead_letter_retention_s: float = Field(default=14 * 86400.0, gt=0)
+    kafka_live_retention_s: float = Field(default=30.0, gt=0)  # live views read only the newest frames
+    kafka_live_retention_bytes: int = Field(default=64 * 1024 * 1024, ge=8 * 1024 * 1024)
     kafka_topic_retention_bytes: int = Field(
         default=1024 * 1024 * 1024, ge=8 * 1024 * 1024
     )  # each other topic
@@ -217,6 +222,16 @@ class Settings(BaseSettings):
     max_request_bytes: int = 64 * 1024  # a larger request body is refused with 413
     max_active_streams: int = 8  # /init beyond this many streams not yet inactive: 503 with the reason
     init_rate_per_minute: int = 30  # /init calls per API key per minute (a burst of as many): then 429
+    # Live views (api/live.py): a ticket from POST /streams/{id}/live opens GET /streams/{id}/live.mjpeg
+    # for this long; while anyone watches, the API asks ML every live_watch_every_s to encode the
+    # stream's annotated frames for live_watch_for_s more; each viewer gets the newest
+    # live_viewer_queue frames (older ones are dropped for a viewer that does not keep up)
+    live_ticket_ttl_s: float = Field(default=60.0, gt=0)
+    live_watch_every_s: float = Field(default=2.0, gt=0)
+    live_watch_for_s: float = Field(default=6.0, gt=0, le=60)
+    live_viewer_queue: int = Field(default=2, ge=1)
+    live_max_viewers: int = Field(default=32, ge=1)  # per API instance: then 503
+    live_pending_frames: int = Field(default=2, ge=1)  # ML: live frames in flight to Kafka per stream
 
     # Prometheus metrics of the workers, at http://metrics_host:PORT/metrics (the API serves /metrics
     # on its own port); 0 turns a worker's endpoint off

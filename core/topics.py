@@ -78,6 +78,8 @@ def declared_topics(settings: Settings) -> list[TopicSpec]:
         ),
         topic(s.topic_states, s.kafka_states_retention_s, s.kafka_topic_retention_bytes, JSON_COMPRESSION),
         topic(s.topic_events, s.kafka_events_retention_s, s.kafka_topic_retention_bytes, JSON_COMPRESSION),
+        # annotated JPEGs of watched streams: seconds, never read again
+        topic(s.topic_live, s.kafka_live_retention_s, s.kafka_live_retention_bytes, "producer"),
         # dead letters may be frames: stored as they came
         topic(
             s.topic_dead_letter, s.kafka_dead_letter_retention_s, s.kafka_topic_retention_bytes, "producer"

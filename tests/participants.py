@@ -22,7 +22,15 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from core.kafka import create_consumer, create_producer
-from core.messages import EventKind, Service, StartCommand, StateEvent, StopCommand, parse_command
+from core.messages import (
+    EventKind,
+    Service,
+    StartCommand,
+    StateEvent,
+    StopCommand,
+    WatchCommand,
+    parse_command,
+)
 from core.sealing import UrlSealer
 from core.settings import Settings
 from core.states import StreamState
@@ -77,6 +85,8 @@ class ScriptedParticipant:
             command = parse_command(value or b"")
         except ValidationError:
             log.warning("participant skipped a malformed command")
+            return
+        if isinstance(command, WatchCommand):  # a live view: nothing a lifecycle participant does
             return
         if command.command_id in self._seen:
             return

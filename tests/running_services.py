@@ -52,6 +52,7 @@ async def isolated_settings(base: Settings, **overrides: Any) -> Settings:
             "topic_states": f"lookout.states.{tag}",
             "topic_dead_letter": f"lookout.dead-letter.{tag}",
             "topic_events": f"lookout.events.{tag}",
+            "topic_live": f"lookout.live.{tag}",
             "temporal_task_queue": f"lookout-lifecycle-{tag}",
             "kafka_group_prefix": f"lookout-{tag}",  # no dead member of another test in its groups
             **overrides,

@@ -432,6 +432,7 @@ def _detect_frames(
     analytics = StreamAnalytics(settings, options, _analytics_resume(store, options, context))
     stream_id = str(context["stream_id"])
     processed = 0
+    shown: list[DetectedObject] = []  # the newest frame's objects, drawn on a live frame the model skipped
     while True:
         message: ServiceMessage = conn.recv()
         if isinstance(message, StopProcess):
@@ -484,9 +485,15 @@ def _detect_frames(
         events: tuple[tuple[str, str], ...] = ()
         analytics.untracked = 0
         lost_before = detector.lost
+        live_jpeg = None
         try:
             if gate is not None and not gate.should_detect(message.jpeg, headers.capture_ts):
                 skipped = True
+                if message.live:  # nothing moved: the boxes of the last detected frame still hold
+                    drawn = annotate(
+                        decode_jpeg(message.jpeg), shown, options.zones or (), options.lines or ()
+                    )
+                    live_jpeg = encode_jpeg(drawn)
             else:
                 image = decode_jpeg(message.jpeg)
                 before = time.perf_counter()
@@ -504,9 +511,15 @@ def _detect_frames(
                     # no event (a frame with one is always kept): only the zones' occupancy changed
                     store.save_occupancy(frame_analytics)
                     analytics.stored(frame_analytics, False)
-                if wanted:
-                    drawn = annotate(image, objects, options.zones or (), options.lines or ())
-                    stored = store.save(headers, encode_jpeg(drawn), objects, frame_analytics)
+                shown = objects
+                drawn_jpeg = None
+                if wanted or message.live:
+                    drawn_jpeg = encode_jpeg(
+                        annotate(image, objects, options.zones or (), options.lines or ())
+                    )
+                    live_jpeg = drawn_jpeg if message.live else None
+                if drawn_jpeg is not None and wanted:
+                    stored = store.save(headers, drawn_jpeg, objects, frame_analytics)
                     if stored:  # wall clocks of two processes, maybe two hosts: never below zero
                         capture_to_row_s = max(0.0, time.time() - headers.capture_ts)
                     if frame_analytics is not None:
@@ -535,5 +548,6 @@ def _detect_frames(
                 events=events,
                 untracked=analytics.untracked,
                 engine_lost=detector.lost - lost_before,
+                live_jpeg=live_jpeg,
             )
         )

@@ -23,6 +23,7 @@ class FrameToDetect:
     frame_id: int  # the service's handle on the frame, echoed back in FrameDone
     headers: FrameHeaders
     jpeg: bytes
+    live: bool = False  # someone watches the stream: send its annotated JPEG back (FrameDone.live_jpeg)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class FrameDone:
     events: tuple[tuple[str, str], ...] = ()  # (zone or line, kind) of each event stored with it
     untracked: int = 0  # detections that joined no track and started none
     engine_lost: int = 0  # inferences of this frame lost in flight with the shared engine (then retried)
+    live_jpeg: bytes | None = None  # the annotated frame, when it was asked for live (FrameToDetect.live)
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,10 @@ from core.messages import (
     StartCommand,
     StreamFigures,
     StreamOptions,
+    WatchCommand,
     parse_command,
 )
-from core.metrics import forget_stream
+from core.metrics import LIVE_FRAMES_DROPPED, LIVE_FRAMES_PUBLISHED, forget_stream
 from core.settings import Settings
 from core.states import StreamState
 from workers.consumer_service import ConsumerService, RecordHandler
@@ -71,12 +72,13 @@ class MLHandler(RecordHandler):
         self._preparing: BaseProcess | None = None
         # one engine per model in use, shared by the streams' processes (None: a model in each)
         self.engines: Engines | None = None
+        self._live_in_flight: dict[str, int] = {}  # live frames of each stream not yet acked by Kafka
 
     def topics(self, settings: Settings) -> list[str]:
         return [settings.topic_commands, settings.topic_frames]
 
     def produced_topics(self, settings: Settings) -> list[str]:
-        return [settings.topic_events]
+        return [settings.topic_events, settings.topic_live]
 
     async def open(self, shell: ConsumerService) -> None:
         """Start preloading the detection processes' imports and the default model's export."""
@@ -135,6 +137,11 @@ class MLHandler(RecordHandler):
             self.shell.reject(record, f"malformed command: {err.error_count()} validation error(s)")
             return
         stream_id = command.stream_id
+        if isinstance(command, WatchCommand):
+            if stream_id in self.streams:  # the frames of the stream come here (co-partitioning)
+                self.streams[stream_id].watch(command.for_s)
+            self.frame_settled(token)
+            return
         if isinstance(command, StartCommand):
             if not command.is_for(Service.ML):
                 pass
@@ -289,6 +296,31 @@ class MLHandler(RecordHandler):
     def engine_wanted(self, stream_id: str, key: EngineKey) -> None:
         if self.engines is not None and stream_id in self.streams:
             self.engines.use(stream_id, key)
+
+    def live_frame(self, stream_id: str, headers: FrameHeaders, jpeg: bytes) -> None:
+        """An annotated frame of a watched stream: to the live topic, never holding up detection (a
+        stream with ``live_pending_frames`` still in flight drops it)."""
+        if self._live_in_flight.get(stream_id, 0) >= self.settings.live_pending_frames:
+            LIVE_FRAMES_DROPPED.labels("ml").inc()
+            return
+        self._live_in_flight[stream_id] = self._live_in_flight.get(stream_id, 0) + 1
+        self.shell.spawn(self._publish_live(stream_id, headers, jpeg))
+
+    async def _publish_live(self, stream_id: str, headers: FrameHeaders, jpeg: bytes) -> None:
+        try:
+            await self.shell.producer.send_and_wait(
+                self.settings.topic_live, jpeg, key=stream_id.encode(), headers=headers.to_kafka()
+            )
+            LIVE_FRAMES_PUBLISHED.inc()
+        except Exception as err:  # a live frame is worth nothing a moment later: no retry
+            LIVE_FRAMES_DROPPED.labels("ml").inc()
+            log.debug("live frame not published", extra={"stream_id": stream_id, "error": str(err)})
+        finally:
+            left = self._live_in_flight.get(stream_id, 1) - 1
+            if left > 0:
+                self._live_in_flight[stream_id] = left
+            else:
+                self._live_in_flight.pop(stream_id, None)
 
     def _engine_failed(self, stream_ids: list[str], reason: str) -> None:
         """The model of an engine does not load: its streams fail (no restart can help them)."""

@@ -110,6 +110,8 @@ class StreamListener(Protocol):
 
     def engine_wanted(self, stream_id: str, key: EngineKey) -> None: ...
 
+    def live_frame(self, stream_id: str, headers: FrameHeaders, jpeg: bytes) -> None: ...
+
 
 @dataclass
 class StreamStats:
@@ -170,6 +172,7 @@ class StreamProcess:
         self._started_reported = False
         self._ended = False  # failed, closed or stopping: no more frames go to the process
         self._inference_seen = (0, 0.0)  # (frames inferred, seconds) at the last figures()
+        self._watched_until = 0.0  # monotonic: until then, frames go to the process marked live
 
     @property
     def pid(self) -> int | None:
@@ -234,6 +237,14 @@ class StreamProcess:
             self.threads = threads
             self._child.send(SetThreads(threads))
 
+    def watch(self, for_s: float) -> None:
+        """Someone watches the stream's live view: have its annotated frames for ``for_s`` more seconds."""
+        self._watched_until = max(self._watched_until, time.monotonic() + for_s)
+
+    @property
+    def watched(self) -> bool:
+        return time.monotonic() < self._watched_until
+
     def update_options(self, options: StreamOptions) -> None:
         if not self._ended:
             self._child.send(UpdateOptions(options))
@@ -293,7 +304,9 @@ class StreamProcess:
         self._in_hand = (frame_id, frame)
         self._wants_frame = False
         self.stats.handed += 1
-        self._child.send(FrameToDetect(frame_id=frame_id, headers=frame.headers, jpeg=frame.jpeg))
+        self._child.send(
+            FrameToDetect(frame_id=frame_id, headers=frame.headers, jpeg=frame.jpeg, live=self.watched)
+        )
 
     def _on_message(self, message: ProcessMessage) -> None:
         if isinstance(message, ReadyForFrames):
@@ -333,6 +346,8 @@ class StreamProcess:
         self.stats.stored += int(done.stored)
         self._count(done)
         if self._in_hand is not None and self._in_hand[0] == done.frame_id:
+            if done.live_jpeg is not None:
+                self._listener.live_frame(self.stream_id, self._in_hand[1].headers, done.live_jpeg)
             self.stats.newest_capture_ts = self._in_hand[1].headers.capture_ts
             self._listener.frame_settled(self._in_hand[1].token)
             self._in_hand = None

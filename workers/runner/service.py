@@ -31,6 +31,7 @@ from core.messages import (
     StartCommand,
     StopCommand,
     StreamFigures,
+    WatchCommand,
     parse_command,
 )
 from core.metrics import forget_stream
@@ -90,6 +91,8 @@ class RunnerHandler(RecordHandler):
         if isinstance(command, StartCommand):
             if command.is_for(Service.RUNNER):
                 await self._start(command, record.partition)
+            self.shell.settle(record)
+        elif isinstance(command, WatchCommand):  # the live view is ML's
             self.shell.settle(record)
         else:
             self._begin_stop(command, record)

@@ -1,0 +1,194 @@
+"""Live views (api/live.py, api/routes/live.py): tickets, refusals with reasons, and on real Kafka
+and real HTTP: watch commands only while someone watches, frames fanned out, a stalled viewer
+dropping alone."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import uuid
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from api.live import LiveTickets, TicketRefused, Viewer
+from core.kafka import create_producer, ensure_topics
+from core.messages import WatchCommand, parse_command
+from core.metrics import LIVE_FRAMES_DROPPED
+from core.settings import Settings
+from tests.conftest import make_settings
+from tests.e2e.pipeline import served_api
+from tests.observing import consume
+from tests.running_services import isolated_settings, new_api_key, running_api
+from tests.stream_rows import add_streams
+
+BOUNDARY = b"--lookout-frame\r\n"
+
+
+# --- fast: tickets and the viewer's queue --------------------------------------------------------
+
+
+def test_a_ticket_opens_its_stream_only_until_it_expires() -> None:
+    tickets = LiveTickets(make_settings(live_ticket_ttl_s=60))
+    stream, other = str(uuid.uuid4()), str(uuid.uuid4())
+    ticket, expires_at = tickets.issue(stream, now=1_000.0)
+    assert expires_at == 1_060.0
+    tickets.check(stream, ticket, now=1_059.0)
+    with pytest.raises(TicketRefused, match="not for this stream"):
+        tickets.check(other, ticket, now=1_001.0)
+    with pytest.raises(TicketRefused, match="expired"):
+        tickets.check(stream, ticket, now=1_061.0)
+    expiry, _, signature = ticket.partition(".")
+    with pytest.raises(TicketRefused, match="not for this stream, or was altered"):
+        tickets.check(stream, f"{int(expiry) + 3600}.{signature}", now=1_001.0)  # a longer life forged
+    for malformed in ("", "abc", "123.", ".sig"):
+        with pytest.raises(TicketRefused, match="malformed"):
+            tickets.check(stream, malformed, now=1_001.0)
+    rotated = LiveTickets(make_settings(secret_key="x" * 43 + "="))
+    with pytest.raises(TicketRefused):
+        rotated.check(stream, ticket, now=1_001.0)
+
+
+def test_a_viewer_that_falls_behind_keeps_the_newest_frames_and_counts_the_others() -> None:
+    before = LIVE_FRAMES_DROPPED.labels("viewer")._value.get()
+    viewer = Viewer("s", queue_size=2)
+    for n in range(5):
+        viewer.offer(bytes([n]))
+    assert viewer.dropped == 3
+    assert LIVE_FRAMES_DROPPED.labels("viewer")._value.get() - before == 3
+    assert [viewer.frames.get_nowait(), viewer.frames.get_nowait()] == [b"\x03", b"\x04"]
+
+
+# --- the routes' refusals (Postgres) -------------------------------------------------------------
+
+
+@pytest.mark.integration
+async def test_live_routes_refuse_with_reasons(settings: Settings) -> None:
+    running, ended = (await add_streams(settings, count=2, running=1))[::-1]
+    async with running_api(settings, scope=None) as anonymous:
+        answer = await anonymous.post(f"/streams/{running}/live")
+        assert answer.status_code == 401
+    async with running_api(settings) as api:
+        answer = await api.post(f"/streams/{uuid.uuid4()}/live")
+        assert answer.status_code == 404 and "not found" in answer.json()["detail"]
+        answer = await api.post(f"/streams/{ended}/live")
+        assert answer.status_code == 409 and "nothing to watch" in answer.json()["detail"]
+        ticket = (await api.post(f"/streams/{running}/live")).json()
+        assert ticket["url"].startswith(f"/streams/{running}/live.mjpeg?ticket=")
+        assert ticket["expires_in_s"] == settings.live_ticket_ttl_s
+        for path, reason in [
+            (f"/streams/{running}/live.mjpeg?ticket=nope", "malformed"),
+            (f"/streams/{ended}/live.mjpeg?{urlsplit(ticket['url']).query}", "not for this stream"),
+            (f"/streams/{running}/live.mjpeg", None),  # no ticket: FastAPI's 422 names the field
+        ]:
+            answer = await api.get(path)
+            if reason is None:
+                assert answer.status_code == 422 and answer.json()["detail"][0]["loc"] == ["query", "ticket"]
+            else:
+                assert answer.status_code == 401 and reason in answer.json()["detail"], answer.text
+
+
+# --- real Kafka, real HTTP -----------------------------------------------------------------------
+
+
+class StalledViewer:
+    """An MJPEG client that sends its request and then reads nothing: its socket fills up."""
+
+    def __init__(self, base_url: str, path: str) -> None:
+        parts = urlsplit(base_url)
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.connect((parts.hostname, parts.port))
+        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\n\r\n".encode())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def read_parts(client: httpx.AsyncClient, url: str, into: list[bytes], stop: asyncio.Event) -> None:
+    """The JPEGs of an MJPEG response, as a browser's ``<img>`` reads them, until ``stop``."""
+    async with client.stream("GET", url) as response:
+        assert response.status_code == 200, await response.aread()
+        assert response.headers["content-type"] == "multipart/x-mixed-replace; boundary=lookout-frame"
+        buffer = b""
+        async for chunk in response.aiter_raw():
+            buffer += chunk
+            while True:
+                start = buffer.find(BOUNDARY)
+                head_end = buffer.find(b"\r\n\r\n", start)
+                if start < 0 or head_end < 0:
+                    break
+                length = int(buffer[start:head_end].split(b"Content-Length: ")[1])
+                if len(buffer) < head_end + 4 + length:
+                    break
+                into.append(buffer[head_end + 4 : head_end + 4 + length])
+                buffer = buffer[head_end + 4 + length :]
+            if stop.is_set():
+                return
+
+
+async def watch_commands(settings: Settings, stream_id: str) -> list[float]:
+    """When each watch command for ``stream_id`` was written (its record's timestamp, seconds)."""
+    records = await consume(settings, settings.topic_commands, until=lambda got: True, linger_s=1.0)
+    return [
+        r.timestamp / 1000
+        for r in records
+        if r.key == stream_id.encode() and isinstance(parse_command(r.value or b""), WatchCommand)
+    ]
+
+
+@pytest.mark.integration
+async def test_watched_streams_are_asked_for_frames_that_reach_every_viewer_and_a_stalled_one_drops_alone(
+    settings: Settings,
+) -> None:
+    own = await isolated_settings(settings, live_watch_every_s=0.5, live_watch_for_s=2.0)
+    await ensure_topics(own, [own.topic_live])
+    stream_id = (await add_streams(own, count=1, running=1))[0]
+    token = await new_api_key(own)
+    headers = {"Authorization": f"Bearer {token}"}
+    producer: AIOKafkaProducer = create_producer(own, idempotent=False)
+    await producer.start()
+    async with served_api(own) as base_url, httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        assert await watch_commands(own, stream_id) == [], "nobody watches: nothing asked of ML"
+        url = (await client.post(f"/streams/{stream_id}/live", headers=headers)).json()["url"]
+        got: list[bytes] = []
+        stop = asyncio.Event()
+        reader = asyncio.create_task(read_parts(client, url, got, stop))
+        stalled = StalledViewer(base_url, url)
+        dropped_before = LIVE_FRAMES_DROPPED.labels("viewer")._value.get()
+        try:
+            # ML's part: the watch comes, the annotated frames go to the live topic (512 KB each:
+            # the stalled viewer's socket holds a few at most)
+            deadline = time.monotonic() + 15
+            while not await watch_commands(own, stream_id):
+                assert time.monotonic() < deadline, "no watch command for the watched stream"
+            frames = [os.urandom(512 * 1024) for _ in range(40)]
+            for n, frame in enumerate(frames):
+                await producer.send_and_wait(own.topic_live, frame, key=stream_id.encode())
+                await asyncio.sleep(0.05)
+                if n == 0:  # the hub reads from the topic's end: let its consumer reach it
+                    await asyncio.sleep(2.0)
+            deadline = time.monotonic() + 15
+            while not got or got[-1] != frames[-1]:
+                assert time.monotonic() < deadline, f"the reading viewer got {len(got)} frames, not the last"
+                await asyncio.sleep(0.1)
+            assert len(got) >= 30, f"the reading viewer got {len(got)} of 40 frames"
+            assert all(frame in frames for frame in got)
+            dropped = LIVE_FRAMES_DROPPED.labels("viewer")._value.get() - dropped_before
+            assert dropped >= 20, f"the stalled viewer dropped only {dropped} frames"
+        finally:
+            stop.set()
+            stalled.close()
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            await producer.stop()
+        # nobody watches any more: the watches stop, so ML's encoding runs out after live_watch_for_s
+        await asyncio.sleep(1.5)
+        left_at = time.time()
+        await asyncio.sleep(3.0)
+        late = [t for t in await watch_commands(own, stream_id) if t > left_at]
+        assert late == [], f"{len(late)} watch commands after the viewers left"
