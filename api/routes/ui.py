@@ -20,6 +20,8 @@ STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 # name under /static/ -> media type; everything the page loads is listed here
 ASSETS: dict[str, str] = {
     "app.js": "text/javascript; charset=utf-8",
+    "page.js": "text/javascript; charset=utf-8",
+    "stream.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
     "favicon.svg": "image/svg+xml",
 }

@@ -1,24 +1,21 @@
-// Lookout's web page: streams with live states, a start form, stop buttons, and a frame gallery.
-// Plain browser JavaScript, no dependencies. Everything from the API is put on the page as text
-// (textContent, attributes), never as HTML, so a stream's URL or an error reason cannot inject markup.
+// Lookout's web page: streams with live states, a start form, stop buttons, the chosen stream's
+// zones, lines and frame gallery (its live view and timeline: stream.js). Plain browser JavaScript
+// modules, no dependencies, no build step.
+
+import {
+  $, ACTIVE_STATES, ENDED_STATES, KEY_STORAGE, NEEDS_KEY, STATE_HINTS, analyticsShapes, api, askForKey, bytes,
+  clockTime, describeOptions, duration, el, safeHttpUrl, setText, shortId,
+} from "./page.js";
+import {
+  closeEventFrame, followEvents, followSelection, renderStreamCard, renderTimeline, renderZoneChoices, stopLive,
+  TIMELINE_EVERY_MS, watchLive, watching,
+} from "./stream.js";
 
 const STREAMS_EVERY_MS = 1500;
 const FRAMES_EVERY_MS = 2000;
 const STORAGE_EVERY_MS = 10000;
 const FRAMES_SHOWN = 12;
 
-const ACTIVE_STATES = new Set(["init_startup", "in_startup_processing", "runner_started", "ml_started"]);
-const ENDED_STATES = new Set(["inactive", "inactive_error"]); // what the API lists after the running ones
-const STATE_HINTS = {
-  init_startup: "Accepted by the API",
-  in_startup_processing: "Lifecycle workflow started",
-  runner_started: "Runner is reading frames",
-  ml_started: "Running: frames are being detected",
-  init_shutdown: "Shutdown requested",
-  in_shutdown_processing: "Waiting for the services to stop",
-  inactive: "Stopped cleanly",
-  inactive_error: "Stopped because of an error",
-};
 // the form's fields by the name the API uses for them in a 422's `loc`
 const FIELD_LABELS = {
   url: "Stream URL",
@@ -31,10 +28,6 @@ const FIELD_LABELS = {
   motion_max_skip_s: "Detect at least every (s)",
 };
 
-const $ = (id) => document.getElementById(id);
-
-const KEY_STORAGE = "lookout.apiKey";
-const NEEDS_KEY = "This page needs an API key (`lookout keys create`, or the one in .lookout/api-key).";
 const hashParams = new URLSearchParams(location.hash.slice(1));
 let selectedId = hashParams.get("stream");
 // An API key in the link (`lookout demo` prints one: #key=...) is kept for this tab's session and
@@ -46,57 +39,6 @@ if (hashParams.get("key")) {
 const rows = new Map(); // stream id -> its <tr> and the cells updated in place
 const shownFrames = new Map(); // frame key -> <li>, so a frame's image loads once, not every refresh
 
-// --- talking to the API ------------------------------------------------------------------------
-
-class ApiError extends Error {
-  constructor(status, detail) {
-    super(typeof detail === "string" ? detail : `HTTP ${status}`);
-    this.status = status;
-    this.detail = detail;
-  }
-}
-
-async function api(method, path, body) {
-  const init = { method, headers: { Accept: "application/json" } };
-  const key = sessionStorage.getItem(KEY_STORAGE);
-  if (!key) {
-    askForKey(NEEDS_KEY);
-    throw new ApiError(401, NEEDS_KEY);
-  }
-  init.headers.Authorization = `Bearer ${key}`;
-  if (body !== undefined) {
-    init.headers["Content-Type"] = "application/json";
-    init.body = JSON.stringify(body);
-  }
-  let response;
-  try {
-    response = await fetch(path, init);
-  } catch {
-    throw new ApiError(0, "The API cannot be reached");
-  }
-  let payload = null;
-  try {
-    payload = await response.json();
-  } catch {
-    // not JSON: the status says enough
-  }
-  if (!response.ok) {
-    const error = new ApiError(response.status, payload && payload.detail !== undefined ? payload.detail : null);
-    if (response.status === 401 || response.status === 403) askForKey(error.message);
-    throw error;
-  }
-  return payload;
-}
-
-// --- the API key: asked for once per tab session -------------------------------------------------
-
-function askForKey(why) {
-  const card = $("key-card");
-  card.hidden = false;
-  setText($("key-status"), why || "This page needs an API key.");
-  $("api-key").focus();
-}
-
 function useKey(event) {
   event.preventDefault();
   const key = $("api-key").value.trim();
@@ -105,57 +47,6 @@ function useKey(event) {
   $("api-key").value = "";
   $("key-card").hidden = true;
   refreshStreams();
-}
-
-// --- small DOM helpers -------------------------------------------------------------------------
-
-function el(tag, props = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(props)) {
-    if (key === "class") node.className = value;
-    else if (key === "text") node.textContent = value;
-    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
-    else node.setAttribute(key, value);
-  }
-  node.append(...children);
-  return node;
-}
-
-function setText(node, text) {
-  if (node.textContent !== text) node.textContent = text;
-}
-
-function shortId(id) {
-  return id.slice(0, 8);
-}
-
-function clockTime(iso) {
-  const date = new Date(iso);
-  return Number.isNaN(date.getTime()) ? "" : date.toLocaleTimeString();
-}
-
-function safeHttpUrl(url) {
-  try {
-    const parsed = new URL(url, location.href);
-    return parsed.protocol === "http:" || parsed.protocol === "https:" ? parsed.href : null;
-  } catch {
-    return null;
-  }
-}
-
-function describeOptions(options) {
-  const parts = [];
-  if (options.fps != null) parts.push(`${options.fps} fps`);
-  if (options.confidence != null) parts.push(`confidence ≥ ${options.confidence}`);
-  if (options.classes && options.classes.length) parts.push(options.classes.join(", "));
-  if (options.imgsz != null) parts.push(`${options.imgsz} px`);
-  if (options.backend) parts.push(options.backend);
-  if (options.model) parts.push(`model ${options.model}`);
-  if (options.motion_gating) parts.push("motion gating");
-  const shapes = [...(options.zones || []).map((z) => `zone ${z.name}`), ...(options.lines || []).map((l) => `line ${l.name}`)];
-  if (shapes.length) parts.push(shapes.join(", "));
-  if (options.webhook_url) parts.push("webhook");
-  return parts.length ? parts.join(" · ") : "defaults";
 }
 
 // --- streams -----------------------------------------------------------------------------------
@@ -328,23 +219,6 @@ function renderHealth(cell, stream) {
   }
 }
 
-function bytes(n) {
-  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
-  let unit = 0;
-  while (n >= 1024 && unit < units.length - 1) {
-    n /= 1024;
-    unit += 1;
-  }
-  return unit === 0 ? `${n} B` : `${n.toFixed(1)} ${units[unit]}`;
-}
-
-function duration(seconds) {
-  if (seconds < 120) return `${Math.round(seconds)} s`;
-  if (seconds < 7200) return `${Math.round(seconds / 60)} min`;
-  if (seconds < 172800) return `${(seconds / 3600).toFixed(1)} h`;
-  return `${(seconds / 86400).toFixed(1)} days`;
-}
-
 async function refreshStorage() {
   try {
     const view = await api("GET", "/storage");
@@ -471,6 +345,8 @@ function selectStream(id) {
     $("gallery").replaceChildren();
     $("draw-frame").removeAttribute("src");
     drawnPoints = [];
+    if (watching()) stopLive("Not watching.");
+    closeEventFrame();
     history.replaceState(null, "", `#stream=${encodeURIComponent(id)}`);
   }
   renderSelection();
@@ -479,15 +355,9 @@ function selectStream(id) {
 
 // --- zones and lines of the selected stream: drawing, counts, the live event feed ---------------
 
-const EVENTS_SHOWN = 20;
 let drawnPoints = []; // fractions of the frame, [x, y]
-let feed = null; // { id, abort } of the running event feed
 const streamsById = new Map();
-
-function analyticsShapes(stream) {
-  const options = stream.options || {};
-  return { zones: options.zones || [], lines: options.lines || [] };
-}
+followSelection(() => selectedId, () => streamsById.get(selectedId));
 
 function drawShapes() {
   const canvas = $("draw-canvas");
@@ -596,71 +466,6 @@ function renderFigures(stream) {
   );
 }
 
-// What an event says: a zone or line event names its object; a health event its cause.
-function describeEvent(event) {
-  if (event.zone === null || event.zone === undefined) {
-    const words = event.kind.replaceAll("_", " ");
-    const service = event.service ? ` (${event.service})` : "";
-    const downtime = event.downtime_s ? ` after ${Math.round(event.downtime_s)} s` : "";
-    const reason = event.reason ? `: ${event.reason}` : "";
-    return `${words}${service}${downtime}${reason}`;
-  }
-  const what = event.kind === "crossed" ? `crossed ${event.zone} (${event.direction})` : `${event.kind} ${event.zone}`;
-  return `${event.class_name} #${event.track_id} ${what}`;
-}
-
-function showEvent(event) {
-  const list = $("event-feed");
-  const url = safeHttpUrl(event.image_url);
-  const text = `${clockTime(event.occurred_at)} · ${describeEvent(event)}`;
-  const thumb = url ? el("a", { href: url, target: "_blank", rel: "noopener noreferrer" },
-    el("img", { src: url, alt: `Frame of: ${text}`, width: 96, height: 72, loading: "lazy" })) : el("span");
-  list.prepend(el("li", { "data-event": String(event.id) }, thumb, el("span", { text })));
-  while (list.children.length > EVENTS_SHOWN) list.lastChild.remove();
-}
-
-// The live feed (GET /events/stream) read with fetch, since EventSource cannot send the API key.
-// It resumes after the last event shown when the connection drops.
-async function followEvents(id) {
-  if (feed && feed.id === id) return;
-  if (feed) feed.abort.abort();
-  const abort = new AbortController();
-  feed = { id, abort, last: null };
-  $("event-feed").replaceChildren();
-  const recent = await api("GET", `/events?id=${encodeURIComponent(id)}&limit=${EVENTS_SHOWN}`).catch(() => null);
-  if (recent) {
-    [...recent.items].reverse().forEach(showEvent);
-    if (recent.items.length) feed.last = recent.items[0].id;
-  }
-  while (!abort.signal.aborted) {
-    try {
-      const headers = { Authorization: `Bearer ${sessionStorage.getItem(KEY_STORAGE)}` };
-      if (feed.last !== null) headers["Last-Event-ID"] = String(feed.last);
-      const response = await fetch(`/events/stream?id=${encodeURIComponent(id)}`, { headers, signal: abort.signal });
-      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
-      let buffer = "";
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        buffer += value;
-        let end;
-        while ((end = buffer.indexOf("\n\n")) >= 0) {
-          const message = buffer.slice(0, end);
-          buffer = buffer.slice(end + 2);
-          const data = message.split("\n").find((line) => line.startsWith("data:"));
-          if (!data) continue;
-          const event = JSON.parse(data.slice(5));
-          feed.last = event.id;
-          showEvent(event);
-        }
-      }
-    } catch {
-      // dropped or aborted: try again shortly, from the last event shown
-    }
-    await new Promise((resolve) => setTimeout(resolve, 2000));
-  }
-}
-
 function renderAnalytics() {
   const stream = streamsById.get(selectedId);
   const card = $("analytics-card");
@@ -674,7 +479,6 @@ function renderAnalytics() {
     img.onload = drawShapes;
   }
   drawShapes();
-  followEvents(stream.id);
 }
 
 function renderSelection() {
@@ -684,6 +488,12 @@ function renderSelection() {
     row.frames.setAttribute("aria-pressed", String(selected));
   }
   setText($("frames-title"), selectedId ? `Newest frames of stream ${shortId(selectedId)}` : "Newest frames");
+  const stream = streamsById.get(selectedId);
+  renderStreamCard(stream);
+  if (stream) {
+    followEvents(stream.id);
+    renderZoneChoices(stream);
+  }
   renderAnalytics();
 }
 
@@ -803,7 +613,17 @@ $("shape-clear").addEventListener("click", () => {
   drawShapes();
 });
 window.addEventListener("resize", drawShapes);
+$("live-toggle").addEventListener("click", watchLive);
+$("event-frame-close").addEventListener("click", closeEventFrame);
+$("timeline-kind").addEventListener("change", renderTimeline);
+$("timeline-zone").addEventListener("change", renderTimeline);
+$("timeline-filter").addEventListener("submit", (event) => event.preventDefault());
+// a hidden tab stops watching: nobody sees the frames, so the detector need not encode them
+document.addEventListener("visibilitychange", () => {
+  if (document.hidden && watching()) stopLive("Not watching: the tab was hidden.");
+});
 if (!sessionStorage.getItem(KEY_STORAGE)) askForKey(NEEDS_KEY);
 every(STREAMS_EVERY_MS, refreshStreams);
 every(FRAMES_EVERY_MS, refreshFrames);
 every(STORAGE_EVERY_MS, refreshStorage);
+every(TIMELINE_EVERY_MS, async () => selectedId && renderTimeline());

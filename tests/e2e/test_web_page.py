@@ -8,6 +8,7 @@ state bridge, Temporal worker), S3 for the annotated frames.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -22,6 +23,7 @@ from urllib.parse import urlsplit
 import pytest
 from playwright.async_api import Browser, ConsoleMessage, Page, Request, async_playwright, expect
 
+from core.metrics import FRAMES_PROCESSED, LIVE_FRAMES_PUBLISHED
 from core.settings import Settings
 from deploy.camera.control import TestCamera, free_port
 from tests.conftest import make_settings
@@ -40,6 +42,22 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 CAMERA_PASSWORD = "page-must-not-show-this"
+# pixels of the live frame in the colour of a person's box and label (ultralytics' first colour,
+# drawn as #3838ff), counted on a canvas: the live view is same-origin, so the canvas can read it
+BOX_PIXELS = """() => {
+    const img = document.getElementById("live-view");
+    const canvas = document.createElement("canvas");
+    canvas.width = img.naturalWidth;
+    canvas.height = img.naturalHeight;
+    const ctx = canvas.getContext("2d");
+    ctx.drawImage(img, 0, 0);
+    const data = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+    let count = 0;
+    for (let i = 0; i < data.length; i += 4) {
+        if (data[i] < 110 && data[i + 1] < 110 && data[i + 2] > 200) count += 1;
+    }
+    return count;
+}"""
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +133,12 @@ async def test_page_and_its_assets_are_served_with_their_content_types(page_sett
             "/static/favicon.svg",
             "/static/style.css",
         ], "the page loads only its own files"
+        modules = re.findall(r'from "\./([\w.]+)"', (await api.get("/static/app.js")).text)
+        assert sorted(set(modules)) == ["page.js", "stream.js"], "app.js imports only the page's modules"
         expected = {
             "/static/app.js": "text/javascript; charset=utf-8",
+            "/static/page.js": "text/javascript; charset=utf-8",
+            "/static/stream.js": "text/javascript; charset=utf-8",
             "/static/style.css": "text/css; charset=utf-8",
             "/static/favicon.svg": "image/svg+xml",
         }
@@ -250,6 +272,11 @@ async def test_three_hundred_streams_page_and_filter_and_no_value_widens_the_pag
 # --- end to end: the real pipeline behind the page --------------------------------------------
 
 
+def frames_detected(stream_id: str) -> float:
+    """Frames of the stream through the model so far (ML runs in this process)."""
+    return float(FRAMES_PROCESSED.labels(stream_id)._value.get())
+
+
 async def loaded_gallery_images(page: Page) -> list[dict[str, Any]]:
     images: list[dict[str, Any]] = await page.eval_on_selector_all(
         "#gallery img",
@@ -266,9 +293,13 @@ async def test_stream_started_from_the_page_runs_shows_annotated_frames_and_stop
         settings,
         # generous: this test is about the page; test_pipeline.py holds the startup bound
         startup_deadline_s=90.0,
+        live_watch_every_s=1.0,
+        live_watch_for_s=3.0,
     )
     camera_url = camera.url("cam1").replace("rtsp://", f"rtsp://viewer:{CAMERA_PASSWORD}@")
-    nobody_there = f"rtsp://127.0.0.1:{free_port()}/cam1"
+    nobody_there = f"rtsp://127.0.0.1:{free_port()}/cam1/"
+    nobody_there += "a-very-long-path-" * ((2000 - len(nobody_there)) // 17)
+    nobody_there += "x" * (2000 - len(nobody_there))  # 2,000 characters, as the issue asks
     async with (
         running_pipeline(web_settings) as pipeline,
         served_api(web_settings) as base_url,
@@ -326,6 +357,47 @@ async def test_stream_started_from_the_page_runs_shows_annotated_frames_and_stop
         )
         await page.screenshot(path=tmp_path / "web-page-running.png", full_page=True)
 
+        # the stream's own card: its health, backend and storage, and the workflow link
+        card = page.locator("#stream-card")
+        await expect(card).to_be_visible()
+        facts = page.locator("#stream-health")
+        await expect(facts).to_contain_text(re.compile(r"Frames per second\s*[\d.]+ read · [\d.]+ detected"))
+        await expect(facts).to_contain_text(re.compile(r"Newest frame\s*[\d.]+ s old"))
+        await expect(facts).to_contain_text(re.compile(r"Backend\s*(openvino|onnx|torch)"))
+        await expect(facts).to_contain_text(re.compile(r"Storage\s*\d+ frames"))
+        await expect(facts).to_contain_text("Restarts")
+        workflow_link = card.get_by_role("link", name="Workflow in Temporal")
+        assert await workflow_link.get_attribute("href") == stream["workflow_url"]
+
+        # the live view: nothing is encoded for it until someone watches; then frames that change,
+        # with boxes drawn; when the viewer leaves, the encoding stops
+        published, detected = LIVE_FRAMES_PUBLISHED._value.get(), frames_detected(stream_id)
+        await asyncio.sleep(2.0)
+        assert frames_detected(stream_id) > detected, "the stream detects frames meanwhile"
+        assert LIVE_FRAMES_PUBLISHED._value.get() == published, "nobody watches: no live frame is made"
+        await page.get_by_role("button", name="Watch live").click()
+        live = page.locator("#live-view")
+        await page.wait_for_function(
+            "() => document.getElementById('live-view').naturalWidth > 0", timeout=30_000
+        )
+        shots = [await live.screenshot(path=tmp_path / "live-1.png")]
+        await asyncio.sleep(2.0)  # the stream runs at 2 fps
+        shots.append(await live.screenshot(path=tmp_path / "live-2.png"))
+        assert shots[0] != shots[1], "the live view's frames change"
+        box_pixels = await page.evaluate(BOX_PIXELS)
+        assert box_pixels > 200, (
+            f"no box drawn on the live frame ({box_pixels} pixels of a person's box colour)"
+        )
+        await page.screenshot(path=tmp_path / "web-page-live.png", full_page=True)
+        assert LIVE_FRAMES_PUBLISHED._value.get() > published
+        await page.get_by_role("button", name="Stop watching").click()
+        await expect(live).to_be_hidden()
+        await asyncio.sleep(web_settings.live_watch_for_s + 2.0)  # the last watch runs out
+        after, detected = LIVE_FRAMES_PUBLISHED._value.get(), frames_detected(stream_id)
+        await asyncio.sleep(2.0)
+        assert frames_detected(stream_id) > detected, "the stream detects frames meanwhile"
+        assert LIVE_FRAMES_PUBLISHED._value.get() == after, "nobody watches any more: no live frame"
+
         # draw a line down the middle of the newest frame: it reaches the stream, its counts and
         # its events (with a snapshot each) appear live
         analytics = page.locator("#analytics-card")
@@ -342,19 +414,29 @@ async def test_stream_started_from_the_page_runs_shows_annotated_frames_and_stop
         line = (await (await patched.value).json())["options"]["lines"][0]
         assert line["name"] == "door" and abs(line["points"][0][0] - 0.5) < 0.01
         await expect(page.locator("#figures-body")).to_contain_text("door")
-        await expect(page.locator("#event-feed li").first).to_contain_text("crossed door", timeout=90_000)
-        await expect(page.locator("#event-feed img").first).to_have_attribute("src", re.compile("^http"))
+        # the crossing on the event timeline, with its snapshot, as the live feed brings it
+        crossings = page.locator("#timeline-list li").filter(has_text="crossed door")
+        await expect(crossings.first).to_be_visible(timeout=90_000)
+        await expect(crossings.first.locator("img")).to_have_attribute("src", re.compile("^http"))
+        await expect(page.locator("#timeline-axis .marker-crossed").first).to_be_visible()
+        await expect(page.locator("#timeline-status")).to_contain_text("following live")
         # the counts move: the line's row leaves 0 / 0
         door_row = page.locator("#figures-body tr").filter(has_text="door")
         await expect(door_row).not_to_have_text(re.compile(r"door\s*\S\s*0\s*0"), timeout=30_000)
         await page.screenshot(path=tmp_path / "web-page-analytics.png", full_page=True)
-        # an event's snapshot opens: the annotated frame, full size, in a new tab
-        async with page.context.expect_page() as opened:
-            await page.locator("#event-feed li a").first.click()
-        snapshot = await opened.value
-        await snapshot.wait_for_load_state()
-        assert await snapshot.evaluate("document.images.length && document.images[0].naturalWidth") > 0
-        await snapshot.close()
+        # filter the timeline by kind and by line, then jump from the crossing to its frame
+        await page.locator("#timeline-kind").select_option("health")
+        await expect(crossings).to_have_count(0)
+        await page.locator("#timeline-kind").select_option("crossed")
+        await page.locator("#timeline-zone").select_option("door")
+        await expect(crossings.first).to_be_visible()
+        await page.locator("#timeline-axis .marker-crossed").first.click()
+        await page.wait_for_function("() => document.getElementById('event-frame-img').naturalWidth > 0")
+        await expect(page.locator("#event-frame-caption")).to_contain_text("crossed door")
+        await page.locator("#timeline-card").scroll_into_view_if_needed()
+        await page.screenshot(path=tmp_path / "web-page-timeline.png", full_page=True)
+        await page.get_by_role("button", name="Close the frame").click()
+        await expect(page.locator("#event-frame")).to_be_hidden()
 
         html = await page.content()
         assert CAMERA_PASSWORD not in html
@@ -370,6 +452,16 @@ async def test_stream_started_from_the_page_runs_shows_annotated_frames_and_stop
         await expect(broken.locator(".reason")).to_contain_text("runner")
         await expect(broken.get_by_role("button", name=re.compile("^Stop"))).to_be_hidden()
         await page.screenshot(path=tmp_path / "web-page-stopped.png", full_page=True)
+        # the stream with the 2,000-character URL, chosen: nothing on the page grows past the window
+        await broken.get_by_role("button", name=re.compile("^Show frames")).click()
+        await expect(page.locator("#stream-health")).to_contain_text("a-very-long-path")
+        for viewport in ({"width": 1400, "height": 1000}, {"width": 390, "height": 844}):
+            await page.set_viewport_size(viewport)
+            width, inner, wide = await page_width(page)
+            assert width <= inner, f"the page is {width} px wide in a {inner} px window: {wide}"
+            await page.screenshot(
+                path=tmp_path / f"web-page-long-url-{viewport['width']}.png", full_page=True
+            )
 
         view = await wait_for_state(pipeline.api, stream_id, "inactive", timeout_s=5)
         assert view["error_reason"] is None
