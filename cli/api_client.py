@@ -23,6 +23,10 @@ class LookoutClient:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=base_url, timeout=timeout, headers=headers)
 
+    def absolute(self, path: str) -> str:
+        """``path`` of this API as a full URL."""
+        return str(self._http.base_url.join(path))
+
     def close(self) -> None:
         """Close the connection pool."""
         self._http.close()
@@ -43,6 +47,10 @@ class LookoutClient:
         """Start a stream (``POST /init``); the same ``idempotency_key`` returns the same stream."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._call("POST", "/init", json={"url": url, "options": options or {}}, headers=headers)
+
+    def live(self, stream_id: str) -> Any:
+        """A ticket to the stream's live view: ``url`` (relative to the API), ``expires_at``."""
+        return self._call("POST", f"/streams/{stream_id}/live")
 
     def shutdown(self, stream_id: str) -> Any:
         """Ask a stream to stop (``POST /shutdown``)."""

@@ -1,4 +1,4 @@
-"""``lookout init|shutdown|state|streams|results``: the user's commands, each one call to the HTTP API.
+"""``lookout init|shutdown|state|streams|results|live``: the user's commands, each one call to the HTTP API.
 
 The API answers with JSON; these commands print it as it is (``streams`` as a table). An error the
 API answers with becomes ``ApiError``, which ``cli.main`` reports with exit code 2.
@@ -107,6 +107,14 @@ def state(stream_id: StreamId, api: ApiOption = None) -> None:
     """A stream's lifecycle state, error reason and timestamps."""
     with api_client(api) as client:
         say_json(client.state(stream_id))
+
+
+@streams_app.command()
+def live(stream_id: StreamId, api: ApiOption = None) -> None:
+    """A link to the stream's live annotated view (MJPEG: a browser, VLC or ffplay shows it); open
+    it within LOOKOUT_LIVE_TICKET_TTL_S (60 s), it then stays open while the stream runs."""
+    with api_client(api) as client:
+        say(client.absolute(client.live(stream_id)["url"]))
 
 
 @streams_app.command("streams")
