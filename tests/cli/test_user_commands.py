@@ -72,6 +72,9 @@ async def test_cli_starts_lists_reads_and_stops_a_stream_without_showing_credent
         line = next(row for row in out.splitlines() if row.startswith(stream_id))
         assert "ml_started" in line and "rtsp://***@cam.example:8554/cli" in line and "hunter2" not in out
 
+        code, out, _ = await lookout(api, "live", stream_id)
+        assert code == 0 and out.strip().startswith(f"{api}/streams/{stream_id}/live.mjpeg?ticket=")
+
         code, out, _ = await lookout(api, "results", stream_id, "--limit", "3")
         assert code == 0 and json.loads(out)["items"] == []
 
@@ -87,6 +90,8 @@ async def test_cli_reports_api_errors_with_their_reason_and_a_failing_exit_code(
         code, _, err = await lookout(api, "init", "rtsp://camera.test/x", "--model", "cats")
         assert code == 2 and "422" in err and "'cats' is not registered" in err
         code, _, err = await lookout(api, "state", "00000000-0000-4000-8000-000000000000")
+        assert code == 2 and "404" in err
+        code, _, err = await lookout(api, "live", "00000000-0000-4000-8000-000000000000")
         assert code == 2 and "404" in err
 
 
