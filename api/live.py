@@ -7,10 +7,12 @@ While a ``LiveHub`` has viewers it sends a ``WatchCommand`` for each watched str
 ``live_watch_every_s`` (on the commands topic: the ML instance running the stream reads it), and
 reads the live topic with one Kafka consumer (no group, every partition from its end). The
 stream's detection process encodes its annotated frames only while the last watch has not run out
-(``live_watch_for_s``): nobody watching costs nothing but this module's idle object. Each viewer
-holds the newest ``live_viewer_queue`` frames; a viewer that does not keep up (a stalled socket)
-loses its oldest ones (``lookout_live_frames_dropped_total{where="viewer"}``), and nobody else
-waits for it: neither the other viewers, nor the consumer, nor detection.
+(``live_watch_for_s``): once nobody watches, the encoding stops within that time and the reader
+``LINGER_S`` later. Each viewer holds the newest ``live_viewer_queue`` frames; a viewer that does
+not keep up (a stalled socket) loses its oldest ones
+(``lookout_live_frames_dropped_total{where="viewer"}``), and nobody else waits for it: neither the
+other viewers, nor the consumer, nor detection. A viewer whose socket takes nothing for
+``live_stall_s`` is disconnected (api/routes/live.py).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import base64
 import hashlib
 import hmac
 import logging
+import re
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 
@@ -29,7 +33,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from core.kafka import close_client, create_producer
 from core.messages import WatchCommand
 from core.metrics import LIVE_FRAMES_DROPPED, LIVE_VIEWERS
-from core.sealing import purpose_key
+from core.sealing import purpose_keys
 from core.settings import Settings
 from core.timeouts import within
 
@@ -43,34 +47,48 @@ class TicketRefused(Exception):
     """The ticket is malformed, altered, for another stream, or expired (the message says which)."""
 
 
+TICKET = re.compile(r"([0-9a-f]{32})\.([0-9]{1,12})\.([A-Za-z0-9_-]{43})")
+
+
 class LiveTickets:
     """Signs and checks the tickets that open a stream's live view (an ``<img>`` sends no header).
 
-    A ticket is ``<expiry>.<signature>``: HMAC-SHA256 of the stream id and the expiry, keyed from
-    ``LOOKOUT_SECRET_KEY``, so every API instance of a deployment accepts every other's."""
+    A ticket is ``<key id>.<expiry>.<signature>``: HMAC-SHA256 of the stream id, the API key that
+    asked for it and the expiry, keyed from ``LOOKOUT_SECRET_KEY`` (the previous keys still check), so
+    every API instance of a deployment accepts every other's, and a view ends when its key is revoked."""
 
     def __init__(self, settings: Settings) -> None:
-        self._key = purpose_key(settings, "live ticket")
+        self._keys = purpose_keys(settings, "live ticket")
         self._ttl_s = settings.live_ticket_ttl_s
 
-    def issue(self, stream_id: str, now: float | None = None) -> tuple[str, float]:
-        """A ticket for ``stream_id`` and when it expires (seconds since the epoch)."""
+    def issue(self, stream_id: str, key_id: uuid.UUID, now: float | None = None) -> tuple[str, float]:
+        """A ticket for ``stream_id`` on behalf of API key ``key_id``, and when it expires (epoch seconds)."""
         expires = int((time.time() if now is None else now) + self._ttl_s)
-        return f"{expires}.{self._signature(stream_id, expires)}", float(expires)
+        signature = self._signature(self._keys[0], stream_id, key_id.hex, expires)
+        return f"{key_id.hex}.{expires}.{signature}", float(expires)
 
-    def check(self, stream_id: str, ticket: str, now: float | None = None) -> None:
-        """Raises ``TicketRefused`` unless ``ticket`` opens ``stream_id`` now."""
-        expires_text, _, signature = ticket.partition(".")
-        if not expires_text.isdigit() or not signature:
+    def check(self, stream_id: str, ticket: str, now: float | None = None) -> uuid.UUID:
+        """The id of the API key the ticket was issued to; raises ``TicketRefused`` unless it opens
+        ``stream_id`` now."""
+        parsed = TICKET.fullmatch(ticket)
+        if parsed is None:
             raise TicketRefused("malformed live ticket: ask POST /streams/{id}/live for one")
+        key_hex, expires_text, signature = parsed.groups()
         expires = int(expires_text)
-        if not hmac.compare_digest(signature, self._signature(stream_id, expires)):
+        if not any(
+            hmac.compare_digest(
+                signature.encode(), self._signature(key, stream_id, key_hex, expires).encode()
+            )
+            for key in self._keys
+        ):
             raise TicketRefused("this live ticket is not for this stream, or was altered")
         if expires < (time.time() if now is None else now):
             raise TicketRefused("live ticket expired: ask POST /streams/{id}/live for another")
+        return uuid.UUID(key_hex)
 
-    def _signature(self, stream_id: str, expires: int) -> str:
-        digest = hmac.new(self._key, f"{stream_id}.{expires}".encode(), hashlib.sha256).digest()
+    @staticmethod
+    def _signature(key: bytes, stream_id: str, key_hex: str, expires: int) -> str:
+        digest = hmac.new(key, f"{stream_id}.{key_hex}.{expires}".encode(), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
 
@@ -187,10 +205,14 @@ class LiveHub:
         s = self.settings
         while True:
             self._new_stream.clear()
-            for stream_id in list(self.viewers):
-                command = WatchCommand(stream_id=stream_id, for_s=s.live_watch_for_s)
-                await producer.send_and_wait(
-                    s.topic_commands, command.model_dump_json().encode(), key=stream_id.encode()
+            sent = [
+                await producer.send(
+                    s.topic_commands,
+                    WatchCommand(stream_id=stream_id, for_s=s.live_watch_for_s).model_dump_json().encode(),
+                    key=stream_id.encode(),
                 )
+                for stream_id in list(self.viewers)
+            ]
+            await asyncio.gather(*sent)  # every stream's watch in flight at once
             with suppress(TimeoutError):
                 await within(self._new_stream.wait(), s.live_watch_every_s)

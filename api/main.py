@@ -24,6 +24,8 @@ from core.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
+GRACEFUL_SHUTDOWN_S = 5
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The FastAPI app; its lifespan opens the Postgres pool (tests run it in-process)."""
@@ -38,7 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.live = LiveHub(settings)
         try:
             app.state.live_tickets = LiveTickets(settings)
-        except SealingKeyMissing:
+        except (SealingKeyMissing, OSError):  # no key, or its file unreadable
             app.state.live_tickets = None  # GET and POST of live views answer 503 with the reason
         log.info("api started")
         try:
@@ -81,4 +83,10 @@ def main() -> None:
     """Serve the API with uvicorn on ``api_host:api_port``."""
     configure_logging("api")
     settings = get_settings()
-    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_config=None)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_config=None,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,  # open live views and event feeds end then
+    )

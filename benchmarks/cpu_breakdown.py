@@ -25,9 +25,7 @@ import psycopg
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.throwaway import throwaway_settings  # noqa: E402
-from cli.run import LookoutRun  # noqa: E402
-from deploy.camera.control import TestCamera  # noqa: E402
+from benchmarks.throwaway import running_lookout  # noqa: E402
 
 GROUPS = (  # a process belongs to the first name its command line holds
     ("weed", "SeaweedFS (S3)"),
@@ -81,6 +79,20 @@ def cpu_seconds() -> dict[int, tuple[str, float, int]]:
     return found
 
 
+def cpu_spent(seconds: float) -> tuple[dict[str, float], dict[str, int], float]:
+    """CPU seconds of each group over the next ``seconds`` (this waits), the groups' resident memory
+    at the end (bytes), and the time it took."""
+    before, started = cpu_seconds(), time.monotonic()
+    time.sleep(seconds)
+    after, took = cpu_seconds(), time.monotonic() - started
+    spent: dict[str, float] = defaultdict(float)
+    resident: dict[str, int] = defaultdict(int)
+    for pid, (name, cpu, rss) in after.items():
+        spent[name] += cpu - before.get(pid, (name, 0.0, 0))[1]
+        resident[name] += rss
+    return spent, resident, took
+
+
 def rows(db_url: str) -> int:
     with psycopg.connect(db_url) as conn:
         row = conn.execute("SELECT count(*) FROM detections").fetchone()
@@ -98,46 +110,33 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--warm-up-s", type=float, default=45)
     args = parser.parse_args()
-    with throwaway_settings("cpu") as settings:
-        run = LookoutRun(settings)
-        camera = TestCamera(log_dir=settings.data_dir.parent / "camera")
-        try:
-            client = run.start()
-            mounts = [f"cam{i + 1}" for i in range(args.streams)]
-            camera.start(mounts=mounts)
-            options = {"fps": args.fps, "imgsz": args.imgsz, "backend": args.backend}
-            ids = [str(client.init(camera.url(m), options)["id"]) for m in mounts]
+    mounts = [f"cam{i + 1}" for i in range(args.streams)]
+    with running_lookout("cpu", mounts) as (run, client, camera):
+        options = {"fps": args.fps, "imgsz": args.imgsz, "backend": args.backend}
+        ids = [str(client.init(camera.url(m), options)["id"]) for m in mounts]
+        out(
+            f"{len(ids)} streams started; warming up {args.warm_up_s:g} s, then sampling {args.seconds:g} s ..."
+        )
+        time.sleep(args.warm_up_s)
+        db_url = run.runtime.database_url.get_secret_value()
+        rows_before = rows(db_url)
+        spent, resident, took = cpu_spent(args.seconds)
+        rows_after = rows(db_url)
+        busy = sum(spent.values())
+        out("")
+        out(
+            f"{args.streams} {args.backend} streams at {args.fps:g} fps, imgsz {args.imgsz}, "
+            f"{os.cpu_count()} cores: {(rows_after - rows_before) / took:.2f} rows/s stored of "
+            f"{args.streams * args.fps:g} frames/s asked; {busy / took:.2f} cores busy"
+        )
+        out(f"{'process group':32} {'% of a core':>12} {'% of busy':>10} {'RSS MB':>8}")
+        for name, seconds in sorted(spent.items(), key=lambda item: -item[1]):
             out(
-                f"{len(ids)} streams started; warming up {args.warm_up_s:g} s, then sampling {args.seconds:g} s ..."
+                f"{name:32} {seconds / took * 100:12.1f} {seconds / busy * 100:10.1f}"
+                f" {resident[name] / 2**20:8.0f}"
             )
-            time.sleep(args.warm_up_s)
-            db_url = run.runtime.database_url.get_secret_value()
-            before, rows_before, started = cpu_seconds(), rows(db_url), time.monotonic()
-            time.sleep(args.seconds)
-            after, rows_after, took = cpu_seconds(), rows(db_url), time.monotonic() - started
-            spent: dict[str, float] = defaultdict(float)
-            resident: dict[str, int] = defaultdict(int)
-            for pid, (name, seconds, rss) in after.items():
-                spent[name] += seconds - before.get(pid, (name, 0.0, 0))[1]
-                resident[name] += rss
-            busy = sum(spent.values())
-            out("")
-            out(
-                f"{args.streams} {args.backend} streams at {args.fps:g} fps, imgsz {args.imgsz}, "
-                f"{os.cpu_count()} cores: {(rows_after - rows_before) / took:.2f} rows/s stored of "
-                f"{args.streams * args.fps:g} frames/s asked; {busy / took:.2f} cores busy"
-            )
-            out(f"{'process group':32} {'% of a core':>12} {'% of busy':>10} {'RSS MB':>8}")
-            for name, seconds in sorted(spent.items(), key=lambda item: -item[1]):
-                out(
-                    f"{name:32} {seconds / took * 100:12.1f} {seconds / busy * 100:10.1f}"
-                    f" {resident[name] / 2**20:8.0f}"
-                )
-            for stream_id in ids:
-                client.shutdown(stream_id)
-        finally:
-            camera.stop()
-            run.stop()
+        for stream_id in ids:
+            client.shutdown(stream_id)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,11 @@ from typing import Any
 import psycopg
 from pydantic import SecretStr
 
+from cli.api_client import LookoutClient
+from cli.run import LookoutRun
 from core.settings import Settings
 from deploy import servers
+from deploy.camera.control import TestCamera
 from tests.ports import free_s3_port
 
 ADMIN_PG_URL = os.environ.get("LOOKOUT_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -50,3 +53,21 @@ def throwaway_settings(name: str, **overrides: Any) -> Iterator[Settings]:
             if servers.postgres_ok(ADMIN_PG_URL):
                 with psycopg.connect(ADMIN_PG_URL, autocommit=True) as conn:
                     conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def running_lookout(
+    name: str, mounts: list[str], **overrides: Any
+) -> Iterator[tuple[LookoutRun, LookoutClient, TestCamera]]:
+    """What ``lookout up`` runs, on ``throwaway_settings``, and the test camera serving ``mounts``:
+    the run, a client of its API and the camera; everything stops after."""
+    with throwaway_settings(name, **overrides) as settings:
+        run = LookoutRun(settings)
+        camera = TestCamera(log_dir=settings.data_dir.parent / "camera")
+        try:
+            client = run.start()
+            camera.start(mounts=mounts)
+            yield run, client, camera
+        finally:
+            camera.stop()
+            run.stop()

@@ -84,6 +84,11 @@ async def find_key(pool: asyncpg.Pool, token: str) -> ApiKey | None:
     return ApiKey.model_validate(dict(row)) if row else None
 
 
+async def key_active(pool: asyncpg.Pool, key_id: uuid.UUID) -> bool:
+    """Whether the key with this id exists and is not revoked."""
+    return bool(await pool.fetchval("SELECT 1 FROM api_keys WHERE id = $1 AND revoked_at IS NULL", key_id))
+
+
 async def list_keys(pool: asyncpg.Pool) -> list[ApiKey]:
     rows = await pool.fetch(f"SELECT {_COLUMNS} FROM api_keys ORDER BY created_at, id")
     return [ApiKey.model_validate(dict(row)) for row in rows]

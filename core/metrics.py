@@ -211,7 +211,12 @@ LIVE_FRAMES_DROPPED = Counter(
     "Live frames dropped: ml (Kafka slower than the stream) or viewer (a viewer not keeping up)",
     ["where"],
 )
+for _where in ("ml", "viewer"):  # exported at 0 from the start: dashboards and alerts see them
+    LIVE_FRAMES_DROPPED.labels(_where)
 LIVE_VIEWERS = Gauge("lookout_live_viewers", "Live views open on this API instance")
+LIVE_VIEWERS_STALLED = Counter(
+    "lookout_live_viewers_stalled_total", "Live views ended because the viewer took nothing for live_stall_s"
+)
 
 API_STREAMS_STARTED = Counter("lookout_api_streams_started", "Streams accepted by POST /init")
 API_INIT_REPLAYS = Counter("lookout_api_init_replays", "POST /init answered from an Idempotency-Key")

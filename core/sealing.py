@@ -48,9 +48,10 @@ def _purpose_key(key: str, purpose: str) -> bytes:
     return hashlib.sha256(f"lookout {purpose}:".encode() + key.encode()).digest()
 
 
-def purpose_key(settings: Settings, purpose: str) -> bytes:
-    """A key for one purpose (e.g. signing live-view tickets), derived from the current secret key."""
-    return _purpose_key(_keys(settings)[0], purpose)
+def purpose_keys(settings: Settings, purpose: str) -> list[bytes]:
+    """Keys for one purpose (e.g. signing live-view tickets), derived from the configured secret keys:
+    the first from the current one (it signs), the others from the previous ones (they still check)."""
+    return [_purpose_key(key, purpose) for key in _keys(settings)]
 
 
 class UrlSealer:

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, SecretStr
+from pydantic import AfterValidator, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.inference import Backend, Precision
@@ -230,6 +230,7 @@ class Settings(BaseSettings):
     live_watch_every_s: float = Field(default=2.0, gt=0)
     live_watch_for_s: float = Field(default=6.0, gt=0, le=60)
     live_viewer_queue: int = Field(default=2, ge=1)
+    live_stall_s: float = Field(default=30.0, gt=0)  # a viewer whose socket takes nothing this long is cut
     live_max_viewers: int = Field(default=32, ge=1)  # per API instance: then 503
     live_pending_frames: int = Field(default=2, ge=1)  # ML: live frames in flight to Kafka per stream
 
@@ -258,6 +259,15 @@ class Settings(BaseSettings):
     stack_temporal_ui_port: int = 8233
     stack_mqtt_port: int = 11883
     demo_camera_port: int = 8554
+
+    @model_validator(mode="after")
+    def _watches_renewed_in_time(self) -> Settings:
+        if self.live_watch_every_s * 2 > self.live_watch_for_s:
+            raise ValueError(
+                "live_watch_for_s must be at least twice live_watch_every_s: a live view's watch must "
+                "be renewed before it runs out"
+            )
+        return self
 
     @property
     def models_dir(self) -> Path:

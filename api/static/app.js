@@ -491,7 +491,7 @@ function renderSelection() {
   const stream = streamsById.get(selectedId);
   renderStreamCard(stream);
   if (stream) {
-    followEvents(stream.id);
+    followEvents(stream.id, ACTIVE_STATES.has(stream.state));
     renderZoneChoices(stream);
   }
   renderAnalytics();

@@ -34,6 +34,7 @@ function describeEvent(event) {
 
 const TIMELINE_LOADED = 200; // newest events loaded when a stream is chosen; the live feed adds more
 const TIMELINE_LISTED = 50;
+const TIMELINE_KEPT = 500; // the newest events the page holds; older ones leave the axis
 const TIMELINE_MIN_SPAN_MS = 5 * 60 * 1000;
 export const TIMELINE_EVERY_MS = 10000; // the axis ends at "now": it slides
 const HEALTH_KINDS = new Set(["camera_offline", "camera_online", "service_restarted", "stream_failed", "stream_recovered"]);
@@ -54,6 +55,10 @@ function timelineShown() {
 
 function addEvents(events) {
   for (const event of events) timeline.set(event.id, event);
+  if (timeline.size > TIMELINE_KEPT) {
+    const oldest = [...timeline.keys()].sort((a, b) => a - b).slice(0, timeline.size - TIMELINE_KEPT);
+    for (const id of oldest) timeline.delete(id);
+  }
   renderTimeline();
 }
 
@@ -79,6 +84,9 @@ export function renderTimeline() {
   const span = Math.max(1, now - from);
   setText($("timeline-from"), clockTime(new Date(from).toISOString()));
   setText($("timeline-to"), "now");
+  // the axis and the list are drawn afresh: keep the keyboard's place on them
+  const focused = document.activeElement && document.activeElement.closest("#timeline-card [data-event]");
+  const place = focused ? [focused.closest("#timeline-axis") ? "axis" : "list", focused.dataset.event] : null;
   const axis = $("timeline-axis");
   axis.replaceChildren(...shown.map((event) => {
     const at = (new Date(event.occurred_at).getTime() - from) / span;
@@ -94,6 +102,13 @@ export function renderTimeline() {
     return marker;
   }));
   $("timeline-list").replaceChildren(...shown.slice(0, TIMELINE_LISTED).map(timelineItem));
+  if (place) {
+    const [where, id] = place;
+    const again = where === "axis"
+      ? axis.querySelector(`[data-event="${id}"]`)
+      : $("timeline-list").querySelector(`[data-event="${id}"] button`);
+    if (again) again.focus();
+  }
   const total = timeline.size;
   setText($("timeline-status"), total
     ? `${shown.length} of ${total} events${feed && feed.live ? " · following live" : ""}`
@@ -137,8 +152,11 @@ export function closeEventFrame() {
 
 // The live feed (GET /events/stream) read with fetch, since EventSource cannot send the API key.
 // It resumes after the last event shown when the connection drops.
-export async function followEvents(id) {
-  if (feed && feed.id === id) return;
+export async function followEvents(id, running) {
+  if (feed && feed.id === id) {
+    if (!running) feed.abort.abort(); // it has ended: no more events to follow
+    return;
+  }
   if (feed) feed.abort.abort();
   const abort = new AbortController();
   feed = { id, abort, last: null, live: false };
@@ -151,11 +169,12 @@ export async function followEvents(id) {
     addEvents(recent.items);
     if (recent.items.length) mine.last = recent.items[0].id;
   }
-  while (!abort.signal.aborted) {
+  while (running && !abort.signal.aborted) {
     try {
       const headers = { Authorization: `Bearer ${sessionStorage.getItem(KEY_STORAGE)}` };
       if (mine.last !== null) headers["Last-Event-ID"] = String(mine.last);
       const response = await fetch(`/events/stream?id=${encodeURIComponent(id)}`, { headers, signal: abort.signal });
+      if (!response.ok) throw new Error(`HTTP ${response.status}`);
       const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
       mine.live = true;
       renderTimeline();
@@ -179,6 +198,7 @@ export async function followEvents(id) {
       // dropped or aborted: try again shortly, from the last event shown
     }
     mine.live = false;
+    renderTimeline();
     await new Promise((resolve) => setTimeout(resolve, 2000));
   }
 }

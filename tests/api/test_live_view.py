@@ -16,13 +16,15 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from api.live import LiveTickets, TicketRefused, Viewer
+from core.api_keys import Scope, revoke_key
+from core.db import create_pool
 from core.kafka import create_producer, ensure_topics
 from core.messages import WatchCommand, parse_command
-from core.metrics import LIVE_FRAMES_DROPPED
+from core.metrics import LIVE_FRAMES_DROPPED, LIVE_VIEWERS, LIVE_VIEWERS_STALLED
 from core.settings import Settings
-from tests.conftest import make_settings
+from tests.conftest import TEST_SECRET_KEY, make_settings
 from tests.e2e.pipeline import served_api
-from tests.observing import consume
+from tests.observing import consume, eventually
 from tests.running_services import isolated_settings, new_api_key, running_api
 from tests.stream_rows import add_streams
 
@@ -32,25 +34,35 @@ BOUNDARY = b"--lookout-frame\r\n"
 # --- fast: tickets and the viewer's queue --------------------------------------------------------
 
 
-def test_a_ticket_opens_its_stream_only_until_it_expires() -> None:
+def test_a_ticket_opens_its_stream_only_until_it_expires_and_names_its_key() -> None:
     tickets = LiveTickets(make_settings(live_ticket_ttl_s=60))
-    stream, other = str(uuid.uuid4()), str(uuid.uuid4())
-    ticket, expires_at = tickets.issue(stream, now=1_000.0)
+    stream, other, key = str(uuid.uuid4()), str(uuid.uuid4()), uuid.uuid4()
+    ticket, expires_at = tickets.issue(stream, key, now=1_000.0)
     assert expires_at == 1_060.0
-    tickets.check(stream, ticket, now=1_059.0)
+    assert tickets.check(stream, ticket, now=1_059.0) == key
     with pytest.raises(TicketRefused, match="not for this stream"):
         tickets.check(other, ticket, now=1_001.0)
     with pytest.raises(TicketRefused, match="expired"):
         tickets.check(stream, ticket, now=1_061.0)
-    expiry, _, signature = ticket.partition(".")
-    with pytest.raises(TicketRefused, match="not for this stream, or was altered"):
-        tickets.check(stream, f"{int(expiry) + 3600}.{signature}", now=1_001.0)  # a longer life forged
-    for malformed in ("", "abc", "123.", ".sig"):
+    key_hex, expiry, signature = ticket.split(".")
+    forged = [f"{key_hex}.{int(expiry) + 3600}.{signature}", f"{uuid.uuid4().hex}.{expiry}.{signature}"]
+    for altered in forged:  # a longer life, another key
+        with pytest.raises(TicketRefused, match="not for this stream, or was altered"):
+            tickets.check(stream, altered, now=1_001.0)
+    for malformed in (
+        "",
+        "abc",
+        f"{key_hex}.123.",
+        f"{key_hex}.\u00b2.{signature}",
+        f"{key_hex}.1.{'é' * 43}",
+    ):
         with pytest.raises(TicketRefused, match="malformed"):
             tickets.check(stream, malformed, now=1_001.0)
-    rotated = LiveTickets(make_settings(secret_key="x" * 43 + "="))
-    with pytest.raises(TicketRefused):
-        rotated.check(stream, ticket, now=1_001.0)
+    with pytest.raises(TicketRefused):  # another deployment's key
+        LiveTickets(make_settings(secret_key="x" * 43 + "=")).check(stream, ticket, now=1_001.0)
+    # after a rotation the previous key still checks what it signed
+    rotated = LiveTickets(make_settings(secret_key="y" * 43 + "=", secret_keys_previous=TEST_SECRET_KEY))
+    assert rotated.check(stream, ticket, now=1_001.0) == key
 
 
 def test_a_viewer_that_falls_behind_keeps_the_newest_frames_and_counts_the_others() -> None:
@@ -72,17 +84,19 @@ async def test_live_routes_refuse_with_reasons(settings: Settings) -> None:
     async with running_api(settings, scope=None) as anonymous:
         answer = await anonymous.post(f"/streams/{running}/live")
         assert answer.status_code == 401
-    async with running_api(settings) as api:
+    async with running_api(settings, scope=Scope.READ) as api:
         answer = await api.post(f"/streams/{uuid.uuid4()}/live")
         assert answer.status_code == 404 and "not found" in answer.json()["detail"]
         answer = await api.post(f"/streams/{ended}/live")
         assert answer.status_code == 409 and "nothing to watch" in answer.json()["detail"]
-        ticket = (await api.post(f"/streams/{running}/live")).json()
+        ticket = (await api.post(f"/streams/{running}/live")).json()  # a read key may watch
         assert ticket["url"].startswith(f"/streams/{running}/live.mjpeg?ticket=")
         assert ticket["expires_in_s"] == settings.live_ticket_ttl_s
+        query = urlsplit(ticket["url"]).query
         for path, reason in [
             (f"/streams/{running}/live.mjpeg?ticket=nope", "malformed"),
-            (f"/streams/{ended}/live.mjpeg?{urlsplit(ticket['url']).query}", "not for this stream"),
+            (f"/streams/{running}/live.mjpeg?ticket=%C2%B2.x", "malformed"),
+            (f"/streams/{ended}/live.mjpeg?{query}", "not for this stream"),
             (f"/streams/{running}/live.mjpeg", None),  # no ticket: FastAPI's 422 names the field
         ]:
             answer = await api.get(path)
@@ -90,6 +104,15 @@ async def test_live_routes_refuse_with_reasons(settings: Settings) -> None:
                 assert answer.status_code == 422 and answer.json()["detail"][0]["loc"] == ["query", "ticket"]
             else:
                 assert answer.status_code == 401 and reason in answer.json()["detail"], answer.text
+        # the key that asked for the ticket is revoked: the ticket opens nothing any more
+        key_id = uuid.UUID(query.removeprefix("ticket=").split(".")[0])
+        pool = await create_pool(settings)
+        try:
+            await revoke_key(pool, key_id)
+        finally:
+            await pool.close()
+        answer = await api.get(f"/streams/{running}/live.mjpeg?{query}")
+        assert answer.status_code == 401 and "revoked" in answer.json()["detail"]
 
 
 # --- real Kafka, real HTTP -----------------------------------------------------------------------
@@ -141,45 +164,61 @@ async def watch_commands(settings: Settings, stream_id: str) -> list[float]:
     ]
 
 
+def open_views() -> float:
+    return float(LIVE_VIEWERS._value.get())
+
+
 @pytest.mark.integration
 async def test_watched_streams_are_asked_for_frames_that_reach_every_viewer_and_a_stalled_one_drops_alone(
     settings: Settings,
 ) -> None:
-    own = await isolated_settings(settings, live_watch_every_s=0.5, live_watch_for_s=2.0)
+    own = await isolated_settings(
+        settings, live_watch_every_s=0.5, live_watch_for_s=2.0, live_viewer_queue=8, live_stall_s=4.0
+    )
     await ensure_topics(own, [own.topic_live])
     stream_id = (await add_streams(own, count=1, running=1))[0]
-    token = await new_api_key(own)
-    headers = {"Authorization": f"Bearer {token}"}
+    headers = {"Authorization": f"Bearer {await new_api_key(own, Scope.READ)}"}
     producer: AIOKafkaProducer = create_producer(own, idempotent=False)
     await producer.start()
+    views_before = open_views()
     async with served_api(own) as base_url, httpx.AsyncClient(base_url=base_url, timeout=30) as client:
-        assert await watch_commands(own, stream_id) == [], "nobody watches: nothing asked of ML"
         url = (await client.post(f"/streams/{stream_id}/live", headers=headers)).json()["url"]
         got: list[bytes] = []
         stop = asyncio.Event()
         reader = asyncio.create_task(read_parts(client, url, got, stop))
         stalled = StalledViewer(base_url, url)
+        stalled_before = LIVE_VIEWERS_STALLED._value.get()
         dropped_before = LIVE_FRAMES_DROPPED.labels("viewer")._value.get()
         try:
-            # ML's part: the watch comes, the annotated frames go to the live topic (512 KB each:
-            # the stalled viewer's socket holds a few at most)
-            deadline = time.monotonic() + 15
-            while not await watch_commands(own, stream_id):
-                assert time.monotonic() < deadline, "no watch command for the watched stream"
+            await eventually(lambda: open_views() == views_before + 2, what=lambda: "both views open")
+            # ML's part: the watch comes, the annotated frames go to the live topic
+            await eventually(
+                lambda: watch_commands(own, stream_id), what=lambda: "a watch command for the watched stream"
+            )
+
+            async def probed() -> bool:  # the hub's consumer reads from the topic's end: wait for it
+                await producer.send_and_wait(own.topic_live, b"probe", key=stream_id.encode())
+                return b"probe" in got
+
+            await eventually(probed, what=lambda: "a probe frame reaching the reading viewer")
+            # 512 KB each: the stalled viewer's socket holds a few, its queue 8, the rest it drops
             frames = [os.urandom(512 * 1024) for _ in range(40)]
-            for n, frame in enumerate(frames):
+            for frame in frames:
                 await producer.send_and_wait(own.topic_live, frame, key=stream_id.encode())
                 await asyncio.sleep(0.05)
-                if n == 0:  # the hub reads from the topic's end: let its consumer reach it
-                    await asyncio.sleep(2.0)
-            deadline = time.monotonic() + 15
-            while not got or got[-1] != frames[-1]:
-                assert time.monotonic() < deadline, f"the reading viewer got {len(got)} frames, not the last"
-                await asyncio.sleep(0.1)
-            assert len(got) >= 30, f"the reading viewer got {len(got)} of 40 frames"
-            assert all(frame in frames for frame in got)
+            await eventually(
+                lambda: bool(got) and got[-1] == frames[-1],
+                what=lambda: "the last frame at the reading viewer",
+            )
+            assert [f for f in got if f != b"probe"] == frames, "the reading viewer got every frame, in order"
             dropped = LIVE_FRAMES_DROPPED.labels("viewer")._value.get() - dropped_before
-            assert dropped >= 20, f"the stalled viewer dropped only {dropped} frames"
+            assert dropped >= 10, f"the stalled viewer dropped only {dropped} frames"
+            # the stalled viewer took nothing for live_stall_s: its view ends, the reader's goes on
+            await eventually(
+                lambda: LIVE_VIEWERS_STALLED._value.get() > stalled_before,
+                what=lambda: "the stalled view ended",
+            )
+            await eventually(lambda: open_views() == views_before + 1, what=lambda: "one view left open")
         finally:
             stop.set()
             stalled.close()
@@ -187,8 +226,8 @@ async def test_watched_streams_are_asked_for_frames_that_reach_every_viewer_and_
             await asyncio.gather(reader, return_exceptions=True)
             await producer.stop()
         # nobody watches any more: the watches stop, so ML's encoding runs out after live_watch_for_s
-        await asyncio.sleep(1.5)
+        await eventually(lambda: open_views() == views_before, what=lambda: "every view closed")
         left_at = time.time()
-        await asyncio.sleep(3.0)
-        late = [t for t in await watch_commands(own, stream_id) if t > left_at]
+        await asyncio.sleep(own.live_watch_every_s * 4)
+        late = [t for t in await watch_commands(own, stream_id) if t > left_at + 0.2]
         assert late == [], f"{len(late)} watch commands after the viewers left"

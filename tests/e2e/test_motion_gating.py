@@ -9,12 +9,17 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
+import cv2
+import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
+from core.kafka import create_producer
+from core.messages import WatchCommand
 from core.settings import Settings
 from deploy.camera.control import STILL_MOUNT, TestCamera
 from tests.e2e.pipeline import TERMINAL, Pipeline, pipeline_settings, running_pipeline
+from tests.observing import consume
 from tests.running_services import wait_for_state
 
 pytestmark = pytest.mark.e2e
@@ -22,6 +27,7 @@ pytestmark = pytest.mark.e2e
 MAX_SKIP_S = 2.0
 GATED = {"fps": 5, "imgsz": 320, "motion_gating": True, "motion_max_skip_s": MAX_SKIP_S}
 WINDOW_S = 12.0
+LIVE_S = 6.0  # of the window, the still stream is watched this long
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +35,21 @@ async def pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
     e2e_settings = await pipeline_settings(settings, heartbeat_interval_s=1.0)
     async with running_pipeline(e2e_settings) as running:
         yield running
+
+
+async def watch(settings: Settings, stream_id: str, seconds: float) -> None:
+    """What an API serving a live view does: a watch command every second for ``seconds``."""
+    producer = create_producer(settings, idempotent=False)
+    await producer.start()
+    try:
+        for _ in range(int(seconds)):
+            command = WatchCommand(stream_id=stream_id, for_s=2.0)
+            await producer.send_and_wait(
+                settings.topic_commands, command.model_dump_json().encode(), key=stream_id.encode()
+            )
+            await asyncio.sleep(1.0)
+    finally:
+        await producer.stop()
 
 
 async def start(pipeline: Pipeline, url: str, options: dict[str, Any]) -> str:
@@ -61,7 +82,10 @@ async def test_motion_gating_skips_a_still_scene_and_detects_a_moving_one(
     still = await start(pipeline, camera.url(STILL_MOUNT), GATED)
     moving = await start(pipeline, camera.url("cam1"), GATED)
     started = time.monotonic()
+    # someone watches the still stream for a while: its skipped frames reach the live view too
+    watched = asyncio.create_task(watch(pipeline.settings, still, LIVE_S))
     await asyncio.sleep(WINDOW_S)
+    await watched
     # the figures of a heartbeat at least a whole window after the start
     while (figures := await ml_figures(pipeline, still)).get("frames_skipped") is None:
         assert time.monotonic() - started < WINDOW_S + 10, figures
@@ -91,3 +115,14 @@ async def test_motion_gating_skips_a_still_scene_and_detects_a_moving_one(
     assert moving_figures["frames_processed"] >= 0.6 * 5 * WINDOW_S, moving_figures
     assert moving_rows >= 0.9 * moving_figures["frames_processed"]
     assert moving_figures["backend"] == "openvino fp32"  # auto, on this CPU machine (no GPU here)
+
+    # while watched, the still stream's every frame (5 fps) came to the live topic, annotated,
+    # although the model ran on few of them
+    live = [
+        r for r in await consume(pipeline.settings, pipeline.settings.topic_live, until=bool, linger_s=1.0)
+    ]
+    assert {r.key for r in live} == {still.encode()}, "only the watched stream's frames"
+    assert len(live) >= 0.6 * 5 * (LIVE_S - 1), f"{len(live)} live frames in {LIVE_S} s at 5 fps"
+    assert len(live) >= 2 * detected, (len(live), still_figures)
+    image = cv2.imdecode(np.frombuffer(live[-1].value or b"", np.uint8), cv2.IMREAD_COLOR)
+    assert image is not None and image.shape[0] > 0, "a live frame is a JPEG"

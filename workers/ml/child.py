@@ -15,7 +15,7 @@ import time
 import warnings
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from core.analytics import AnalyticsEvent, event_id
 from core.detections import DetectedObject
@@ -407,6 +407,22 @@ class StreamAnalytics:
             self._open_visits = []
 
 
+def _live_frame(
+    frame: Any, objects: list[DetectedObject], options: StreamOptions, context: dict[str, object]
+) -> bytes | None:
+    """The annotated JPEG a live view asked for, of a frame (decoded, or its JPEG) not stored (a
+    stored one's JPEG is reused); None when it cannot be made: the view misses one frame, the frame
+    itself is not failed."""
+    from workers.ml.detector import annotate, decode_jpeg, encode_jpeg
+
+    try:
+        image = decode_jpeg(frame) if isinstance(frame, bytes) else frame
+        return encode_jpeg(annotate(image, objects, options.zones or (), options.lines or ()))
+    except Exception as err:
+        log.debug("live frame not made", extra={**context, "error": f"{type(err).__name__}: {err}"})
+        return None
+
+
 def _detect_frames(
     conn: ServicePipe,
     settings: Settings,
@@ -490,10 +506,7 @@ def _detect_frames(
             if gate is not None and not gate.should_detect(message.jpeg, headers.capture_ts):
                 skipped = True
                 if message.live:  # nothing moved: the boxes of the last detected frame still hold
-                    drawn = annotate(
-                        decode_jpeg(message.jpeg), shown, options.zones or (), options.lines or ()
-                    )
-                    live_jpeg = encode_jpeg(drawn)
+                    live_jpeg = _live_frame(message.jpeg, shown, options, context)
             else:
                 image = decode_jpeg(message.jpeg)
                 before = time.perf_counter()
@@ -512,20 +525,18 @@ def _detect_frames(
                     store.save_occupancy(frame_analytics)
                     analytics.stored(frame_analytics, False)
                 shown = objects
-                drawn_jpeg = None
-                if wanted or message.live:
-                    drawn_jpeg = encode_jpeg(
-                        annotate(image, objects, options.zones or (), options.lines or ())
-                    )
-                    live_jpeg = drawn_jpeg if message.live else None
-                if drawn_jpeg is not None and wanted:
-                    stored = store.save(headers, drawn_jpeg, objects, frame_analytics)
+                if wanted:
+                    drawn = encode_jpeg(annotate(image, objects, options.zones or (), options.lines or ()))
+                    live_jpeg = drawn if message.live else None  # the stored frame, encoded once
+                    stored = store.save(headers, drawn, objects, frame_analytics)
                     if stored:  # wall clocks of two processes, maybe two hosts: never below zero
                         capture_to_row_s = max(0.0, time.time() - headers.capture_ts)
                     if frame_analytics is not None:
                         analytics.stored(frame_analytics, stored)
                         if stored:
                             events = tuple((e.zone, e.kind.value) for e in frame_analytics.events)
+                elif message.live:
+                    live_jpeg = _live_frame(image, objects, options, context)
         except PermanentStoreError as err:
             error = str(err)
             log.error("frame not stored", extra={**context, "frame_seq": headers.frame_seq, "error": error})

@@ -16,12 +16,13 @@ import os
 from collections.abc import Hashable
 from multiprocessing.process import BaseProcess
 
-from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from cachetools import LRUCache
 from pydantic import ValidationError
 
 from core.inference import detection_threads
+from core.kafka import close_client, create_producer
 from core.messages import (
     ErrorKind,
     EventKind,
@@ -73,6 +74,10 @@ class MLHandler(RecordHandler):
         # one engine per model in use, shared by the streams' processes (None: a model in each)
         self.engines: Engines | None = None
         self._live_in_flight: dict[str, int] = {}  # live frames of each stream not yet acked by Kafka
+        # live frames go on a producer of their own: the leader's ack is enough for them, and their
+        # JPEGs stay out of the batches of the stream's state events
+        self._live_producer: AIOKafkaProducer | None = None
+        self._live_producer_lock = asyncio.Lock()
 
     def topics(self, settings: Settings) -> list[str]:
         return [settings.topic_commands, settings.topic_frames]
@@ -95,6 +100,8 @@ class MLHandler(RecordHandler):
         await self._hand_over(list(self.streams))
         if self.engines is not None:
             await self.engines.close()
+        if self._live_producer is not None:
+            await close_client(self._live_producer, "live producer")
         if self._preparing is not None and self._preparing.is_alive():
             self._preparing.terminate()  # an export cut short leaves nothing: the next start makes it
             await asyncio.to_thread(self._preparing.join, 5.0)
@@ -308,7 +315,8 @@ class MLHandler(RecordHandler):
 
     async def _publish_live(self, stream_id: str, headers: FrameHeaders, jpeg: bytes) -> None:
         try:
-            await self.shell.producer.send_and_wait(
+            producer = await self._live_sender()
+            await producer.send_and_wait(
                 self.settings.topic_live, jpeg, key=stream_id.encode(), headers=headers.to_kafka()
             )
             LIVE_FRAMES_PUBLISHED.inc()
@@ -321,6 +329,18 @@ class MLHandler(RecordHandler):
                 self._live_in_flight[stream_id] = left
             else:
                 self._live_in_flight.pop(stream_id, None)
+
+    async def _live_sender(self) -> AIOKafkaProducer:
+        async with self._live_producer_lock:
+            if self._live_producer is None:
+                producer = create_producer(self.settings, client_id="lookout-ml-live", idempotent=False)
+                try:
+                    await producer.start()
+                except BaseException:
+                    await close_client(producer, "live producer")
+                    raise
+                self._live_producer = producer
+            return self._live_producer
 
     def _engine_failed(self, stream_ids: list[str], reason: str) -> None:
         """The model of an engine does not load: its streams fail (no restart can help them)."""
