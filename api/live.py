@@ -125,10 +125,15 @@ class LiveHub:
     def viewer_count(self) -> int:
         return sum(len(v) for v in self.viewers.values())
 
+    @property
+    def full(self) -> bool:
+        """This instance serves ``live_max_viewers`` views already."""
+        return self.viewer_count >= self.settings.live_max_viewers
+
     @asynccontextmanager
     async def watching(self, stream_id: str) -> AsyncIterator[Viewer]:
         """A viewer of ``stream_id`` for the block; raises ``TooManyViewers`` at the instance's limit."""
-        if self.viewer_count >= self.settings.live_max_viewers:
+        if self.full:
             raise TooManyViewers(
                 f"this API instance serves {self.settings.live_max_viewers} live views already"
             )

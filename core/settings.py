@@ -43,9 +43,8 @@ class Settings(BaseSettings):
     topic_states: str = "lookout.states"
     topic_dead_letter: str = "lookout.dead-letter"
     topic_events: str = "lookout.events"  # zone, line and health events (core/analytics.py, core/health_events.py), via the outbox
-    topic_live: str = (
-        "lookout.live"  # annotated frames of watched streams, for their live views (api/live.py)
-    )
+    # annotated frames of watched streams, for their live views (api/live.py)
+    topic_live: str = "lookout.live"
     # consumer groups are <prefix>-runner, <prefix>-ml and <prefix>-state-manager: two deployments
     # (or two test runs) sharing a broker use different prefixes
     kafka_group_prefix: str = "lookout"

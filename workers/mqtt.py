@@ -37,6 +37,7 @@ from core.health_events import EVENT_COLUMNS, stored_event
 from core.metrics import MQTT_CONNECTED, MQTT_PENDING, MQTT_PUBLISHED
 from core.retry import wait_any
 from core.settings import Settings
+from core.states import StreamState
 from core.storage import create_s3_client, presigned_get
 from workers.entrypoint import run_service
 from workers.mqtt_topics import OFFLINE, ONLINE, Layout, StreamShapes, discovery, layout_of
@@ -46,8 +47,8 @@ log = logging.getLogger(__name__)
 RECONNECT_MAX_S = 5.0
 NOTIFY_CHANNEL = "lookout_mqtt"  # the migration's trigger notifies it on every queued event
 ENDED_KEPT_S = 86_400  # a stream that ended this recently still has its topics cleared after a restart
-PUBLISHED_KEPT_S = 3600
-ENDED = ("inactive", "inactive_error")  # published deliveries kept this long (for the replay), then deleted
+PUBLISHED_KEPT_S = 3600  # published deliveries kept this long (for the replay), then deleted
+ENDED = frozenset(state.value for state in StreamState if state.is_terminal)
 _EVENT_COLUMNS = ", ".join(f"e.{name.strip()}" for name in EVENT_COLUMNS.split(","))
 CLAIM = f"""
 SELECT d.id AS delivery_id, {_EVENT_COLUMNS}

@@ -150,7 +150,7 @@ async def live_view(
             status.HTTP_401_UNAUTHORIZED, detail="the key this ticket was issued to is revoked"
         )
     await _running_or_error(db, stream_id)
-    if hub.viewer_count >= hub.settings.live_max_viewers:
+    if hub.full:
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE, detail="too many live views on this instance"
         )
