@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Callable
 
+import httpx
 from aiokafka import ConsumerRecord
 from prometheus_client import REGISTRY
 
@@ -70,3 +71,28 @@ def sample(name: str, **labels: str) -> float:
     """The value of a sample in this process's Prometheus registry; 0 when it has none yet."""
     value = REGISTRY.get_sample_value(name, labels)
     return 0.0 if value is None else value
+
+
+MJPEG_BOUNDARY = b"--lookout-frame\r\n"
+
+
+async def read_mjpeg(client: httpx.AsyncClient, url: str, into: list[bytes], stop: asyncio.Event) -> None:
+    """The JPEGs of an MJPEG response, as a browser's ``<img>`` reads them, until ``stop``."""
+    async with client.stream("GET", url) as response:
+        assert response.status_code == 200, await response.aread()
+        assert response.headers["content-type"] == "multipart/x-mixed-replace; boundary=lookout-frame"
+        buffer = b""
+        async for chunk in response.aiter_raw():
+            buffer += chunk
+            while True:
+                start = buffer.find(MJPEG_BOUNDARY)
+                head_end = buffer.find(b"\r\n\r\n", start)
+                if start < 0 or head_end < 0:
+                    break
+                length = int(buffer[start:head_end].split(b"Content-Length: ")[1])
+                if len(buffer) < head_end + 4 + length:
+                    break
+                into.append(buffer[head_end + 4 : head_end + 4 + length])
+                buffer = buffer[head_end + 4 + length :]
+            if stop.is_set():
+                return

@@ -99,6 +99,7 @@ export function clockTime(iso) {
 }
 
 export function safeHttpUrl(url) {
+  if (!url) return null; // new URL(null) would be this page's "/null"
   try {
     const parsed = new URL(url, location.href);
     return parsed.protocol === "http:" || parsed.protocol === "https:" ? parsed.href : null;

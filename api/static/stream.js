@@ -235,6 +235,7 @@ export async function watchLive() {
 
 export function stopLive(why) {
   live = null;
+  $("live-status").classList.remove("warn");
   const img = $("live-view");
   img.onerror = null;
   img.removeAttribute("src"); // ends the MJPEG response: the detector stops encoding for it
@@ -242,6 +243,25 @@ export function stopLive(why) {
   $("live-toggle").textContent = "Watch live";
   $("live-toggle").setAttribute("aria-pressed", "false");
   setText($("live-status"), why);
+}
+
+// A live view whose frames stopped keeps its last picture: say so, from the stream's health, rather
+// than let an old frame pass for live.
+const STALE_AFTER_S = 10;
+
+const STOPPED_STATUSES = new Set(["camera_unreachable", "lost"]);
+
+function showLiveFreshness(services) {
+  const troubled = Object.keys(services).sort()
+    .filter((name) => STOPPED_STATUSES.has(services[name].status))
+    .map((name) => `${name} ${services[name].status.replace("_", " ")}`);
+  const age = services.ml && services.ml.figures ? services.ml.figures.newest_frame_age_s : null;
+  if (age != null && age > STALE_AFTER_S) troubled.push(`newest frame ${Math.round(age)} s old`);
+  const status = $("live-status");
+  status.classList.toggle("warn", troubled.length > 0);
+  setText(status, troubled.length
+    ? `Paused: ${troubled.join(", ")}. The picture is the last frame, not live.`
+    : "Live: the annotated frames as the detector makes them.");
 }
 
 function fact(term, value, title) {
@@ -263,13 +283,15 @@ export function renderStreamCard(stream) {
   if (workflowUrl !== null && $("stream-workflow").href !== workflowUrl) $("stream-workflow").href = workflowUrl;
   const running = ACTIVE_STATES.has(stream.state);
   $("live-toggle").hidden = !running;
-  if (!running && live !== null) stopLive("The stream has ended: nothing to watch.");
-  else if (!running && live === null) setText($("live-status"), "The stream is not running: no live view.");
+  if (!running) stopLive("The stream is stopping or has ended: no live view.");
 
   const services = (stream.health && stream.health.services) || {};
   const runner = (services.runner && services.runner.figures) || {};
   const ml = (services.ml && services.ml.figures) || {};
   const restarts = Object.entries(services).filter(([, s]) => s.restarts);
+  // a service that lost the camera or the stream makes no frames, whatever its last heartbeat said
+  const fps = (name) => (STOPPED_STATUSES.has(services[name]?.status) ? 0 : services[name]?.figures?.fps ?? 0);
+  if (live !== null && running) showLiveFreshness(services);
   const kept = stream.storage;
   const backend = ml.backend
     ? `${ml.backend}${ml.engine === "shared" ? " · shared engine" : ml.threads ? ` · ${ml.threads} threads` : ""}`
@@ -277,7 +299,7 @@ export function renderStreamCard(stream) {
   const facts = [
     ...fact("URL", stream.url_redacted),
     ...fact("Services", Object.keys(services).sort().map((n) => `${n} ${services[n].status.replace("_", " ")}`).join(" · ") || stream.health_unavailable || "–"),
-    ...fact("Frames per second", Object.keys(services).length ? `${runner.fps ?? 0} read · ${ml.fps ?? 0} detected` : "–"),
+    ...fact("Frames per second", Object.keys(services).length ? `${fps("runner")} read · ${fps("ml")} detected` : "–"),
     ...fact("Frames dropped", `${runner.frames_dropped || 0} runner · ${ml.frames_dropped || 0} ML`),
     ...fact("Newest frame", ml.newest_frame_age_s != null ? `${ml.newest_frame_age_s} s old` : "–"),
     ...fact("Restarts", restarts.length

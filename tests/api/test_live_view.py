@@ -24,12 +24,9 @@ from core.metrics import LIVE_FRAMES_DROPPED, LIVE_VIEWERS, LIVE_VIEWERS_STALLED
 from core.settings import Settings
 from tests.conftest import TEST_SECRET_KEY, make_settings
 from tests.e2e.pipeline import served_api
-from tests.observing import consume, eventually
+from tests.observing import consume, eventually, read_mjpeg
 from tests.running_services import isolated_settings, new_api_key, running_api
 from tests.stream_rows import add_streams
-
-BOUNDARY = b"--lookout-frame\r\n"
-
 
 # --- fast: tickets and the viewer's queue --------------------------------------------------------
 
@@ -132,28 +129,6 @@ class StalledViewer:
         self.sock.close()
 
 
-async def read_parts(client: httpx.AsyncClient, url: str, into: list[bytes], stop: asyncio.Event) -> None:
-    """The JPEGs of an MJPEG response, as a browser's ``<img>`` reads them, until ``stop``."""
-    async with client.stream("GET", url) as response:
-        assert response.status_code == 200, await response.aread()
-        assert response.headers["content-type"] == "multipart/x-mixed-replace; boundary=lookout-frame"
-        buffer = b""
-        async for chunk in response.aiter_raw():
-            buffer += chunk
-            while True:
-                start = buffer.find(BOUNDARY)
-                head_end = buffer.find(b"\r\n\r\n", start)
-                if start < 0 or head_end < 0:
-                    break
-                length = int(buffer[start:head_end].split(b"Content-Length: ")[1])
-                if len(buffer) < head_end + 4 + length:
-                    break
-                into.append(buffer[head_end + 4 : head_end + 4 + length])
-                buffer = buffer[head_end + 4 + length :]
-            if stop.is_set():
-                return
-
-
 async def watch_commands(settings: Settings, stream_id: str) -> list[float]:
     """When each watch command for ``stream_id`` was written (its record's timestamp, seconds)."""
     records = await consume(settings, settings.topic_commands, until=lambda got: True, linger_s=1.0)
@@ -185,7 +160,7 @@ async def test_watched_streams_are_asked_for_frames_that_reach_every_viewer_and_
         url = (await client.post(f"/streams/{stream_id}/live", headers=headers)).json()["url"]
         got: list[bytes] = []
         stop = asyncio.Event()
-        reader = asyncio.create_task(read_parts(client, url, got, stop))
+        reader = asyncio.create_task(read_mjpeg(client, url, got, stop))
         stalled = StalledViewer(base_url, url)
         stalled_before = LIVE_VIEWERS_STALLED._value.get()
         dropped_before = LIVE_FRAMES_DROPPED.labels("viewer")._value.get()

@@ -12,22 +12,27 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 import shutil
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
-from playwright.async_api import Browser, ConsoleMessage, Page, Request, async_playwright, expect
+from playwright.async_api import Browser, ConsoleMessage, Page, Request, Response, async_playwright, expect
 
 from core.metrics import FRAMES_PROCESSED, LIVE_FRAMES_PUBLISHED
 from core.settings import Settings
+from core.timeouts import within
 from deploy.camera.control import TestCamera, free_port
 from tests.conftest import make_settings
-from tests.e2e.pipeline import pipeline_settings, running_pipeline, served_api
+from tests.e2e.pipeline import TERMINAL, pipeline_settings, running_pipeline, served_api
+from tests.observing import eventually, read_mjpeg
 from tests.running_services import new_api_key, running_api, wait_for_state
 from tests.stream_rows import add_streams
 
@@ -79,13 +84,19 @@ class PageWatch:
     def __init__(self, page: Page) -> None:
         self.errors: list[str] = []
         self.foreign_requests: list[str] = []
+        self.failed: list[str] = []
         page.on("console", self._on_console)
         page.on("pageerror", lambda error: self.errors.append(f"page error: {error}"))
         page.on("request", self._on_request)
+        page.on("response", self._on_response)
 
     def _on_console(self, message: ConsoleMessage) -> None:
         if message.type == "error":
             self.errors.append(f"console: {message.text}")
+
+    def _on_response(self, response: Response) -> None:
+        if response.status >= 400:
+            self.failed.append(f"{response.status} {response.request.resource_type} {response.url}")
 
     def _on_request(self, request: Request) -> None:
         host = urlsplit(request.url).hostname
@@ -266,7 +277,7 @@ async def test_three_hundred_streams_page_and_filter_and_no_value_widens_the_pag
         width, viewport, wide = await page_width(page)
         await page.screenshot(path=tmp_path / "streams-390.png", full_page=True)
         assert width <= viewport, f"the page is {width} px wide on a {viewport} px phone: {wide}"
-    assert watch.errors == [] and watch.foreign_requests == []
+    assert watch.errors == [] and watch.foreign_requests == [], watch.failed
 
 
 # --- end to end: the real pipeline behind the page --------------------------------------------
@@ -470,3 +481,90 @@ async def test_stream_started_from_the_page_runs_shows_annotated_frames_and_stop
     log.info("ml_started %.1fs after Start; inactive %.1fs after Stop", running_after, stopped_after)
     assert watch.errors == []
     assert watch.foreign_requests == []
+
+
+@pytest.mark.e2e
+async def test_a_watched_stream_through_kill_9_of_its_detection_process_and_of_its_camera(
+    browser: Browser, settings: Settings, own_camera: TestCamera, tmp_path: Path
+) -> None:
+    """What the live view, /state and the page say stays true: the view goes on through a restart of
+    the detection process, says it is paused while the camera is dead, and ends with the stream."""
+    own = await pipeline_settings(settings, live_watch_every_s=0.5, live_watch_for_s=2.0)
+    token = await new_api_key(own)
+    async with (
+        running_pipeline(own) as pipeline,
+        served_api(own) as base_url,
+        open_page(browser, base_url, token) as (page, watch),
+        httpx.AsyncClient(base_url=base_url, timeout=30) as client,
+    ):
+        options = {"fps": 5, "imgsz": 320}
+        started = await pipeline.api.post("/init", json={"url": own_camera.url("cam1"), "options": options})
+        stream_id, short = started.json()["id"], started.json()["id"][:8]
+        view = await wait_for_state(pipeline.api, stream_id, {"ml_started", *TERMINAL}, timeout_s=90)
+        assert view["state"] == "ml_started", view
+        await page.get_by_role("button", name=f"Show frames of stream {short}").click()
+        await page.get_by_role("button", name="Watch live").click()
+        await page.wait_for_function("() => document.getElementById('live-view').naturalWidth > 0")
+        status = page.locator("#live-status")
+        await expect(status).to_have_text(re.compile("^Live:"))
+        # a second viewer over HTTP counts the frames
+        url = (
+            await client.post(f"/streams/{stream_id}/live", headers={"Authorization": f"Bearer {token}"})
+        ).json()
+        got: list[bytes] = []
+        stop = asyncio.Event()
+        viewer = asyncio.create_task(read_mjpeg(client, url["url"], got, stop))
+        try:
+            await eventually(lambda: len(got) >= 5, what=lambda: f"{len(got)} live frames")
+
+            # kill -9 of the detection process: both views stay open and show the new process's frames
+            old_pid = pipeline.stream_pids(stream_id)["ml"]
+            os.kill(old_pid, signal.SIGKILL)
+            await eventually(
+                lambda: pipeline.stream_pids(stream_id).get("ml") not in (None, old_pid),
+                timeout_s=60,
+                what=lambda: pipeline.stream_pids(stream_id),
+            )
+            shown_at_restart = len(got)
+            await eventually(lambda: len(got) >= shown_at_restart + 5, timeout_s=60, what=lambda: len(got))
+            assert not viewer.done(), "the view stayed open through the restart"
+
+            async def restart_told() -> bool:
+                state = (await pipeline.api.get(f"/state/{stream_id}")).json()
+                ml = ((state.get("health") or {}).get("services") or {}).get("ml") or {}
+                return state["state"] == "ml_started" and ml.get("restarts", 0) >= 1
+
+            await eventually(restart_told, timeout_s=30, what=lambda: "ml_started with an ml restart")
+            await expect(page.locator("#stream-health")).to_contain_text(re.compile(r"Restarts\s*ml 1"))
+            await expect(status).to_have_text(re.compile("^Live:"))
+
+            # kill -9 of the camera: the stream keeps retrying it; the page says the view is paused
+            # and shows the last frame, rather than passing it off as live
+            own_camera.kill()
+
+            async def camera_unreachable() -> bool:
+                state = (await pipeline.api.get(f"/state/{stream_id}")).json()
+                runner = ((state.get("health") or {}).get("services") or {}).get("runner") or {}
+                return runner.get("status") == "camera_unreachable"
+
+            await eventually(camera_unreachable, timeout_s=60, what=lambda: "runner camera_unreachable")
+            await expect(status).to_contain_text("Paused: runner camera unreachable", timeout=15_000)
+            await expect(page.locator("#stream-health")).to_contain_text(
+                re.compile(r"Frames per second\s*0 read")
+            )
+            await page.screenshot(path=tmp_path / "live-paused.png", full_page=False)
+            frozen = len(got)
+            await asyncio.sleep(2.0)
+            assert len(got) == frozen, "no frame while the camera is dead"
+
+            # the stream stopped: its views end
+            assert (await pipeline.api.post("/shutdown", json={"id": stream_id})).status_code == 202
+            await wait_for_state(pipeline.api, stream_id, {"inactive"}, timeout_s=60)
+            await within(viewer, 15)  # the MJPEG response ended with the stream
+            await expect(status).to_have_text("The stream is stopping or has ended: no live view.")
+            await expect(page.get_by_role("button", name="Watch live")).to_be_hidden()
+        finally:
+            stop.set()
+            viewer.cancel()
+            await asyncio.gather(viewer, return_exceptions=True)
+    assert watch.errors == [] and watch.foreign_requests == [], watch.failed
